@@ -1,0 +1,189 @@
+"""The normalizer registry: ``norm_layer``, ``make_norm`` and ``convert_norm``.
+
+The single place where ``nas`` and ``stylize`` get their normalizers, by kind:
+
+=====  =============================================  ====================================
+kind   module                                         notes
+=====  =============================================  ====================================
+sn     SwitchNorm{1,2,3}d                             options: candidates, momentum, ...
+ssn    SparseSwitchNorm{1,2,3}d                       radius via ``snexp.set_sparsity``
+bn     nn.BatchNorm{1,2,3}d
+in     nn.InstanceNorm{1,2,3}d(affine=True)           per-sample, per-channel
+ln     nn.GroupNorm(1, C)                             over C and space, as in the SN paper
+gn     nn.GroupNorm(groups, C), ``groups=32``         ``groups`` must divide C
+none   nn.Identity
+=====  =============================================  ====================================
+
+Models take a ``norm`` argument (a kind string, a callable or ``None``), resolve it once with
+:func:`norm_layer`, and call the result as ``norm_layer(channels)`` (torchvision's
+``norm_layer`` convention; timm's ``get_norm_layer``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from snexp.norm.sparse import SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d
+from snexp.norm.switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _SwitchNorm
+
+__all__ = ["NORM_KINDS", "norm_layer", "make_norm", "convert_norm"]
+
+
+def _group_norm(num_features: int, groups: int = 32, **options) -> nn.GroupNorm:
+    if num_features % groups:
+        raise ValueError(f"gn: groups={groups} does not divide num_features={num_features}; "
+                         f"pass groups=G with G dividing {num_features}")
+    return nn.GroupNorm(groups, num_features, **options)
+
+
+def _layer_norm(num_features: int, **options) -> nn.GroupNorm:
+    return nn.GroupNorm(1, num_features, **options)
+
+
+def _instance_norm(cls):
+    def build(num_features: int, affine: bool = True, **options) -> nn.Module:
+        return cls(num_features, affine=affine, **options)
+    return build
+
+
+def _identity(num_features: int, **options) -> nn.Identity:
+    return nn.Identity()
+
+
+# kind -> builders for dims 1, 2, 3 (one entry when the layer does not depend on dims)
+_REGISTRY: dict[str, tuple[Callable[..., nn.Module], ...]] = {
+    "sn": (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d),
+    "ssn": (SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d),
+    "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    "in": tuple(_instance_norm(c) for c in
+                (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)),
+    "ln": (_layer_norm,),
+    "gn": (_group_norm,),
+    "none": (_identity,),
+}
+NORM_KINDS: tuple[str, ...] = tuple(_REGISTRY)
+
+
+def _resolve_kind(kind: str) -> str:
+    name = str(kind).strip().lower().replace("-", "").replace("_", "")
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown norm kind {kind!r}; valid kinds: {', '.join(NORM_KINDS)}")
+    return name
+
+
+def norm_layer(norm: str | Callable[..., nn.Module] | None = "sn", dims: int = 2,
+               **options) -> Callable[[int], nn.Module]:
+    """Resolve ``norm`` once into a callable ``norm_layer(num_features) -> nn.Module``.
+
+    Args:
+        norm: a kind (see module docstring), a class or callable taking the channel count
+            first (options are bound with ``functools.partial``), or ``None`` for no norm.
+        dims: spatial rank of the input: 1 for (N, C, L) or (N, C), 2 for images, 3 for video.
+        **options: keyword options of the layer (e.g. ``candidates``, ``groups``, ``momentum``).
+
+    Returns:
+        A callable taking ``num_features``.
+
+    Example:
+        >>> layer = norm_layer("gn", groups=8)
+        >>> layer(64)
+        GroupNorm(8, 64, eps=1e-05, affine=True)
+    """
+    if dims not in (1, 2, 3):
+        raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+    if norm is None:
+        builder = _identity
+    elif isinstance(norm, str):
+        builders = _REGISTRY[_resolve_kind(norm)]
+        builder = builders[dims - 1] if len(builders) == 3 else builders[0]
+    elif callable(norm):
+        builder = norm
+    else:
+        raise TypeError(f"norm must be a kind string, a callable or None, got {norm!r}")
+    return functools.partial(builder, **options) if options else builder
+
+
+def make_norm(kind: str | Callable[..., nn.Module] | None, num_features: int, dims: int = 2,
+              **options) -> nn.Module:
+    """Build one normalization layer by kind.
+
+    Args:
+        kind: "sn", "ssn", "bn", "in", "ln", "gn" or "none" (or a callable, or ``None``).
+        num_features: channel count C.
+        dims: 1, 2 or 3 (see :func:`norm_layer`).
+        **options: layer options, e.g. ``groups=8`` for "gn" or ``candidates=("ln", "bn")``.
+
+    Returns:
+        The layer.
+
+    Example:
+        >>> make_norm("sn", 64)
+        SwitchNorm2d(64, eps=1e-05, momentum=0.1, candidates=('in', 'ln', 'bn'))
+    """
+    return norm_layer(kind, dims, **options)(num_features)
+
+
+_BN_DIMS = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3,
+            nn.InstanceNorm1d: 1, nn.InstanceNorm2d: 2, nn.InstanceNorm3d: 3,
+            SwitchNorm1d: 1, SwitchNorm2d: 2, SwitchNorm3d: 3}
+
+
+def _dims_of(module: nn.Module, default: int) -> int | None:
+    for cls, d in _BN_DIMS.items():
+        if isinstance(module, cls):
+            return d
+    if isinstance(module, (nn.GroupNorm, nn.SyncBatchNorm, _SwitchNorm)):
+        return default
+    return None
+
+
+def convert_norm(model: nn.Module, to: str = "sn", *, dims: int = 2, **options) -> nn.Module:
+    """Replace every BatchNorm/InstanceNorm/GroupNorm/SN layer of ``model`` by kind ``to``.
+
+    Weight and bias are copied when both layers have them; running statistics are copied from
+    layers that track them to layers that have them (e.g. BN -> SN with a BN candidate).
+
+    Args:
+        model: any module, e.g. ``torchvision.models.resnet50()``; changed in place.
+        to: the target kind (see :func:`make_norm`).
+        dims: the spatial rank used for layers that do not tell theirs (GroupNorm).
+        **options: options of the new layers, e.g. ``compat="official"``.
+
+    Returns:
+        The converted model (a new object only when ``model`` itself is a norm layer).
+
+    Example:
+        >>> net = convert_norm(torchvision.models.resnet18(), "sn")
+    """
+    _resolve_kind(to)
+    d = _dims_of(model, dims)
+    if d is not None:
+        return _convert_one(model, to, d, options)
+    for name, child in model.named_children():
+        new = convert_norm(child, to, dims=dims, **options)
+        if new is not child:
+            setattr(model, name, new)
+    return model
+
+
+def _convert_one(old: nn.Module, to: str, dims: int, options: dict) -> nn.Module:
+    channels = old.num_channels if isinstance(old, nn.GroupNorm) else old.num_features
+    ref = next(iter(old.parameters()), None)
+    if ref is None:
+        ref = next(iter(old.buffers()), torch.zeros(()))
+    new = make_norm(to, channels, dims, **options).to(device=ref.device)
+    with torch.no_grad():
+        for name in ("weight", "bias"):
+            src, dst = getattr(old, name, None), getattr(new, name, None)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                dst.copy_(src.reshape(dst.shape))
+        for name in ("running_mean", "running_var"):
+            src, dst = getattr(old, name, None), getattr(new, name, None)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor):
+                dst.copy_(src.reshape(dst.shape))
+    new.train(old.training)
+    return new

@@ -1,0 +1,268 @@
+"""Switchable Normalization modules: SwitchNorm1d, SwitchNorm2d, SwitchNorm3d.
+
+Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization" (arXiv
+1806.10779). Each layer normalizes with a softmax-weighted mix of candidate statistics (IN, LN,
+BN and optionally GN) and learns the weights with the network. The arithmetic lives in
+``snexp.norm.functional``; this file holds parameters, buffers and options.
+
+Momentum follows PyTorch (``new = (1 - m) * old + m * batch``). The authors' code uses the
+opposite convention: their ``momentum=0.9`` is our ``0.1`` and their ``0.997`` is our ``0.003``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from snexp.norm import functional as F
+
+__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "recompute_batch_stats"]
+
+_COMPAT = ("paper", "official")
+
+
+class _SwitchNorm(nn.Module):
+    """Common base of all Switchable Normalization layers (see :class:`SwitchNorm2d`)."""
+
+    _ranks: tuple[int, ...] = (4,)
+    _layout = "(N, C, H, W)"
+    _sync = False
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        candidates: tuple[str, ...] = ("in", "ln", "bn"),
+        moving_average: bool = True,
+        last_gamma: bool = False,
+        affine: bool = True,
+        compat: str = "paper",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (PyTorch convention: the authors' "
+                             f"0.9 is our 0.1) or None, got {momentum!r}")
+        if compat not in _COMPAT:
+            raise ValueError(f"compat must be one of {_COMPAT}, got {compat!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.candidates = F.parse_candidates(candidates, num_features)
+        self.moving_average = moving_average
+        self.last_gamma = last_gamma
+        self.affine = affine
+        self.compat = compat
+        k = len(self.candidates)
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.mean_weight = nn.Parameter(torch.empty(k, device=device))
+        self.var_weight = nn.Parameter(torch.empty(k, device=device))
+        if "bn" in self.candidates:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self._warned_batch1 = False
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Zero the running mean, set the running variance to one, reset the batch counter."""
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Equal importance weights; ``weight`` ones (zeros with ``last_gamma``), ``bias`` 0."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
+            nn.init.zeros_(self.bias)
+        nn.init.zeros_(self.mean_weight)
+        nn.init.zeros_(self.var_weight)
+
+    def importance_weights(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance weights over ``self.candidates`` (softmax of the logits)."""
+        return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
+
+    def _spec(self, x: Tensor) -> F.NormSpec:
+        official = self.compat == "official"
+        sync = False
+        group = None
+        if self._sync and self.training:
+            dist = torch.distributed
+            group = self.process_group
+            sync = dist.is_available() and dist.is_initialized() and (
+                dist.get_world_size(group) > 1)
+        return F.NormSpec(self.candidates, self.eps, unbiased_in=official,
+                          official_2d=official and x.dim() == 2, sync=sync,
+                          process_group=group if sync else None)
+
+    def _check_input(self, x: Tensor) -> None:
+        if x.dim() not in self._ranks or x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) expects input of shape "
+                f"{self._layout.replace('C', str(self.num_features))}, got "
+                f"{tuple(x.shape)}; check the channel count of the layer before it")
+        if x.dim() == 2 and "in" in self.candidates:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) with candidate 'in' needs input "
+                f"of shape (N, C, L) (instance statistics are over L), got {tuple(x.shape)}; "
+                f"use candidates=('ln', 'bn') for (N, C) input")
+        if not x.is_floating_point():
+            raise TypeError(f"{type(self).__name__} expects a floating-point input, got "
+                            f"{x.dtype}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        has_bn = self.running_mean is not None
+        if self.training and has_bn and x.shape[0] == 1 and not self._warned_batch1:
+            warnings.warn(f"{type(self).__name__}({self.num_features}) is training with batch "
+                          f"size 1: its BN candidate sees a single sample", stacklevel=2)
+            self._warned_batch1 = True
+        update = self.training and has_bn and self.moving_average
+        if update:
+            self.num_batches_tracked.add_(1)
+        mean_p, var_p = self.importance_weights()
+        return F.switch_norm(
+            x, self.weight, self.bias, mean_p, var_p, self.running_mean, self.running_var,
+            spec=self._spec(x), training=self.training, momentum=self.momentum,
+            update_running=update, num_batches_tracked=self.num_batches_tracked,
+            compat=self.compat)
+
+    def get_extra_state(self) -> dict:
+        # Saved in the state dict so that a checkpoint names its candidates (snexp.inspect).
+        return {"candidates": list(self.candidates), "compat": self.compat}
+
+    def set_extra_state(self, state: dict) -> None:
+        saved = tuple(state.get("candidates", self.candidates))
+        if saved != self.candidates:
+            raise ValueError(f"{type(self).__name__}({self.num_features}): checkpoint was saved "
+                             f"with candidates {saved}, this layer has {self.candidates}; "
+                             f"build the layer with candidates={saved}")
+
+    def extra_repr(self) -> str:
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+             f"candidates={self.candidates}")
+        if not self.moving_average:
+            s += ", moving_average=False"
+        if not self.affine:
+            s += ", affine=False"
+        if self.compat != "paper":
+            s += f", compat={self.compat!r}"
+        return s
+
+
+class SwitchNorm2d(_SwitchNorm):
+    """Switchable Normalization over (N, C, H, W) input.
+
+    Args:
+        num_features: channel count C.
+        eps: added to the mixed variance. Default 1e-5.
+        momentum: running-average factor, PyTorch convention (the authors' 0.9 is our 0.1);
+            ``None`` for a cumulative average. Default 0.1.
+        candidates: ordered subset of "in", "ln", "bn", "gn<G>". Default ("in", "ln", "bn").
+        moving_average: ``True`` blends batch statistics into the running buffers while
+            training; ``False`` is the paper's batch-average mode: call
+            :func:`recompute_batch_stats` before evaluation.
+        last_gamma: zero-initialize ``weight`` (last norm of a residual block).
+        affine: learn ``weight`` and ``bias`` of shape (C,).
+        compat: "paper" (exact equations, biased normalizing variance, running variance
+            unbiased like ``nn.BatchNorm2d``) or "official" (the authors' released code:
+            unbiased per-(n, c) variance inside every derivation).
+        device, dtype: factory keywords for parameters and buffers.
+
+    Example:
+        >>> norm = SwitchNorm2d(64)
+        >>> norm(torch.randn(8, 64, 32, 32)).shape
+        torch.Size([8, 64, 32, 32])
+    """
+
+
+class SwitchNorm1d(_SwitchNorm):
+    """Switchable Normalization over (N, C) or (N, C, L) input.
+
+    Same arguments as :class:`SwitchNorm2d`, but the default candidates are ("ln", "bn"), the
+    only ones defined for (N, C) input (the authors' 1d layer); pass ("in", "ln", "bn") for
+    (N, C, L) sequences.
+    """
+
+    _ranks = (2, 3)
+    _layout = "(N, C) or (N, C, L)"
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 candidates: tuple[str, ...] = ("ln", "bn"), *args, **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, candidates, *args, **kwargs)
+
+
+class SwitchNorm3d(_SwitchNorm):
+    """Switchable Normalization over (N, C, D, H, W) input; arguments as SwitchNorm2d."""
+
+    _ranks = (5,)
+    _layout = "(N, C, D, H, W)"
+
+
+def recompute_batch_stats(model: nn.Module, loader, num_batches: int = 200) -> nn.Module:
+    """Set every SN (and BN) layer's running statistics to the average over batches.
+
+    The paper's batch-average mode (``moving_average=False``): after training, run
+    ``num_batches`` batches through the model in training mode without gradients and store the
+    mean of the batch means and of the (unbiased) batch variances, as the authors did before
+    evaluation. Works like ``torch.optim.swa_utils.update_bn`` for SN layers.
+
+    Args:
+        model: any module containing SN layers.
+        loader: iterable of batches; a batch is a tensor or a tuple/list whose first item is the
+            input.
+        num_batches: how many batches to average (fewer if the loader ends first).
+
+    Returns:
+        The model, in the training mode it had before.
+    """
+    norms = [m for m in model.modules()
+             if isinstance(m, (_SwitchNorm, nn.modules.batchnorm._BatchNorm))
+             and m.running_mean is not None]
+    if not norms:
+        return model
+    saved = [(m, m.momentum, getattr(m, "moving_average", None)) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        if isinstance(m, _SwitchNorm):
+            m.moving_average = True
+    was_training = model.training
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.train()
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(loader):
+                if i >= num_batches:
+                    break
+                inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(inputs.to(device, non_blocking=True))
+    finally:
+        for m, momentum, moving in saved:
+            m.momentum = momentum
+            if moving is not None:
+                m.moving_average = moving
+        model.train(was_training)
+    return model

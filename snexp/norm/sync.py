@@ -1,0 +1,62 @@
+"""SyncSwitchNorm: Switchable Normalization whose BN branch pools statistics across ranks.
+
+The SN counterpart of ``nn.SyncBatchNorm`` for DistributedDataParallel. Only the BN candidate
+needs other ranks: its per-channel sum, sum of squares and count (derived from the local
+per-(n, c) statistics) are all-reduced in one collective, so unequal per-rank batch sizes are
+fine; gradients flow back through the collective (``torch.distributed.nn.functional``). IN, LN
+and GN statistics are per sample and stay local. Outside training, without an initialized
+process group, or with one rank, it computes exactly what :class:`SwitchNorm2d` does.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from snexp.norm.sparse import _Sparse
+from snexp.norm.switchable import _SwitchNorm
+
+__all__ = ["SyncSwitchNorm"]
+
+
+class SyncSwitchNorm(_SwitchNorm):
+    """Switchable Normalization with cross-process BN statistics, for (N, C, *) input.
+
+    Args:
+        num_features: channel count C.
+        *args, **kwargs: as :class:`snexp.SwitchNorm2d`.
+        process_group: the ranks to pool over; ``None`` is the default (world) group.
+
+    Example:
+        >>> model = SyncSwitchNorm.convert_sync_switchnorm(model)  # before wrapping in DDP
+    """
+
+    _ranks = (2, 3, 4, 5)
+    _layout = "(N, C, *)"
+    _sync = True
+
+    def __init__(self, num_features: int, *args, process_group=None, **kwargs) -> None:
+        super().__init__(num_features, *args, **kwargs)
+        self.process_group = process_group
+
+    @classmethod
+    def convert_sync_switchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """Replace every (dense) SN layer in ``module`` with a SyncSwitchNorm.
+
+        Parameters, buffers and options are carried over. Returns the converted module (a new
+        object when ``module`` itself is an SN layer). Sparse SN layers are refused: their
+        synchronized variant does not exist yet.
+        """
+        if isinstance(module, _Sparse):
+            raise TypeError(f"{type(module).__name__} cannot be synchronized yet; use dense SN "
+                            f"('sn') with --sync-norm")
+        out = module
+        if isinstance(module, _SwitchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.candidates,
+                      module.moving_average, module.last_gamma, module.affine, module.compat,
+                      process_group=process_group,
+                      device=module.mean_weight.device)
+            out.load_state_dict(module.state_dict())
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_switchnorm(child, process_group))
+        return out
