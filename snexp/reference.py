@@ -43,8 +43,13 @@ def _official(x: Tensor, cand: str) -> tuple[Tensor, Tensor]:
     n, c = x.shape[:2]
     spatial = tuple(range(2, x.dim()))
     if not spatial:  # (N, C): their 1d layer, unbiased over C (LN) or over N (BN)
-        dim = 1 if cand == "ln" else 0
-        var, mean = torch.var_mean(x, dim=dim, keepdim=True, correction=1)
+        if cand.startswith("gn"):  # (not in their code) unbiased over each group's C/G
+            g = int(cand[2:])
+            var, mean = torch.var_mean(x.reshape(n, g, c // g), dim=2, keepdim=True,
+                                       correction=1)
+            return (mean.expand(n, g, c // g).reshape(n, c),
+                    var.expand(n, g, c // g).reshape(n, c))
+        var, mean = torch.var_mean(x, dim=1 if cand == "ln" else 0, keepdim=True, correction=1)
         return mean, var
     var_in, mean_in = torch.var_mean(x, dim=spatial, keepdim=True, correction=1)
     if cand == "in":

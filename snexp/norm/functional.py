@@ -11,9 +11,15 @@ every other candidate (LN, GN, BN) is derived from them on small (N, C) tensors:
 
 (the centered form of ``var_ln = mean_c(var_in + mu_in^2) - mu_ln^2``; the same value without
 the cancellation). The forward pass reads the input in one statistics pass and writes the output
-in one pass ``y = A * x + B`` with per-(n, c) coefficients. The backward pass reads ``dy`` and
-``x`` once to get the two per-(n, c) sums it needs, back-propagates through the small (N, C)
-graph with autograd, and writes ``dx`` in one elementwise pass. ``snexp.reference`` holds the
+in one pass ``y = A * (x - mu_in) + B`` with per-(n, c) coefficients. The backward pass reads
+``dy`` and ``x`` once to get the two per-(n, c) sums it needs, differentiates the small (N, C)
+mixing by hand (closed form below), and writes ``dx`` in one elementwise pass.
+
+Backward, with ``G = sum_hw dy * (x - mu)``, ``S = sum_hw dy`` and ``A = weight * rstd``:
+``dmu = -A S``, ``dvar = -rstd^2 A G / 2``, ``dweight = sum_n G rstd``, ``dbias = sum_n S``;
+for a pooled candidate k with pooling P (mean over its set, broadcast back, self-adjoint):
+``dmu_in += P(p_k dmu) + 2 (mu_in - mu_k) P(q_k dvar)`` and ``dvar_in += P(q_k dvar)``; then
+``dx = A dy + dmu_in / M + 2 dvar_in (x - mu_in) / M'``. ``snexp.reference`` holds the
 plain-autograd equations that the tests compare against.
 """
 
@@ -108,71 +114,75 @@ def _bessel(cand: str, n: int, c: int) -> float:
     return k / (k - 1) if k > 1 else 1.0
 
 
+def _sync_sums(t: Tensor, spec: NormSpec) -> Tensor:
+    """All-reduce (sum) a small tensor across ``spec.process_group`` (no autograd)."""
+    torch.distributed.all_reduce(t, group=spec.process_group)
+    return t
+
+
 def _batch_stats(mu_in: Tensor, var_in: Tensor, m: int, spec: NormSpec):
     """BN-branch mean/var (1, C) from IN statistics, and the number of values pooled."""
+    n = mu_in.shape[0]
     if not spec.sync:
         mu_bn = mu_in.mean(0, keepdim=True)
         var_bn = var_in.mean(0, keepdim=True) + (mu_in - mu_bn).pow(2).mean(0, keepdim=True)
-        return mu_bn, var_bn, mu_in.shape[0] * m
-    from torch.distributed.nn.functional import all_reduce
-
-    n = mu_in.shape[0]
-    count = torch.full((1, 1), float(n), dtype=mu_in.dtype, device=mu_in.device)
-    sums = torch.cat([mu_in.sum(0, keepdim=True),
-                      (var_in + mu_in * mu_in).sum(0, keepdim=True),
-                      count.expand(1, mu_in.shape[1])], 0)  # (3, C): sum, sum of squares, count
-    sums = all_reduce(sums, group=spec.process_group)
+        return mu_bn, var_bn, n * m
+    count = torch.full((1, mu_in.shape[1]), float(n), dtype=mu_in.dtype, device=mu_in.device)
+    # (3, C): sum of means, sum of second moments, sample count -- one collective
+    sums = _sync_sums(torch.cat([mu_in.sum(0, keepdim=True),
+                                 (var_in + mu_in * mu_in).sum(0, keepdim=True), count]), spec)
     total = sums[2:3]
     mu_bn = sums[0:1] / total
     var_bn = (sums[1:2] / total - mu_bn * mu_bn).clamp_min(0)
     return mu_bn, var_bn, int(round(total[0, 0].item())) * m
 
 
-def _coefficients(mu_in, var_in, weight, bias, mean_p, var_p, bn_mean, bn_var, m, spec):
-    """Per-(n, c) scale ``A`` and centered shift ``Bc``: ``y = A * (x - mu_in) + Bc``.
-
-    Returns (A, Bc, mu_bn, var_bn, count): the BN-branch batch statistics (or ``None`` when
-    running statistics were given) for the running-average update.
-    """
+def _candidate_stats(mu_in, var_in, bn_mean, bn_var, m, spec):
+    """Each candidate's (mean, var), broadcastable to (N, C), and the BN batch statistics."""
     n, c = mu_in.shape
-    mu = var = None
-    mu_bn = var_bn = None
-    count = 0
-    for k, cand in enumerate(spec.candidates):
+    stats = []
+    batch = (None, None, 0)
+    for cand in spec.candidates:
         if cand == "in":
             mk, vk = mu_in, var_in
         elif cand == "bn" and bn_mean is not None:
-            mk, vk = bn_mean.view(1, c), bn_var.view(1, c)
+            mk, vk = bn_mean.view(1, c).to(mu_in.dtype), bn_var.view(1, c).to(mu_in.dtype)
         elif cand == "bn":
-            mu_bn, var_bn, count = _batch_stats(mu_in, var_in, m, spec)
-            mk, vk = mu_bn, var_bn
+            mk, vk, count = _batch_stats(mu_in, var_in, m, spec)
+            if spec.official_2d:
+                vk = vk * _bessel(cand, n, c)
+            batch = (mk, vk, count)
         else:
             mk = _pool(mu_in, cand)
             vk = _pool(var_in, cand) + _pool((mu_in - mk).pow(2), cand)
-        if spec.official_2d and not (cand == "bn" and bn_mean is not None):
-            vk = vk * _bessel(cand, n, c)
-            if cand == "bn":
-                var_bn = vk
-        mu = mean_p[k] * mk if mu is None else mu + mean_p[k] * mk
-        var = var_p[k] * vk if var is None else var + var_p[k] * vk
-    rstd = torch.rsqrt(var + spec.eps)  # (N, C)
-    a = rstd if weight is None else weight.view(1, c) * rstd
-    a = a.expand(n, c)
-    bc = (mu_in - mu) * a  # (N, C)
-    if bias is not None:
-        bc = bc + bias.view(1, c)
-    return a, bc, mu_bn, var_bn, count
+            if spec.official_2d:
+                vk = vk * _bessel(cand, n, c)
+        stats.append((mk, vk))
+    return stats, batch
+
+
+def _pool_grad(g: Tensor, cand: str, spec: NormSpec, n_total: int | None) -> Tensor:
+    """Adjoint of "pool over the candidate's set, broadcast back" applied to g (N, C)."""
+    if cand == "bn" and spec.sync:
+        s = _sync_sums(g.sum(0, keepdim=True), spec)
+        return s / n_total
+    return _pool(g, cand)
 
 
 def _instance_stats(x: Tensor, dims: tuple[int, ...], m: int, unbiased: bool):
-    """One statistics pass: per-(n, c) mean and variance in float32 (or float64)."""
+    """Statistics pass: per-(n, c) mean and variance, plus the centered input.
+
+    Returns (mu (N, C), var (N, C), xc): ``xc = x - mu`` in the statistics dtype (float32, or
+    float64 for float64 input), a fresh buffer that the normalize pass then overwrites.
+    """
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     mu = x.mean(dims, keepdim=True, dtype=stat_dtype)  # (N, C, 1, ...)
     # NOTE: a centered second read (x - mu) instead of a one-pass sum of squares, which loses
     # all digits when |mean| >> std; ATen's one-pass Welford var_mean is ~10x slower on CPU.
+    xc = torch.sub(x, mu)  # (N, C, *S), same layout as x
     denom = m - 1 if (unbiased and m > 1) else m
-    var = torch.linalg.vector_norm(x - mu, 2, dims).pow(2) / denom  # (N, C)
-    return mu.flatten(1), var
+    var = torch.linalg.vector_norm(xc, 2, dims).pow(2) / denom  # (N, C)
+    return mu.flatten(1), var, xc
 
 
 def _grad_sums(dy: Tensor, x: Tensor, mu_in: Tensor, dims: tuple[int, ...]):
@@ -186,7 +196,7 @@ def _grad_sums(dy: Tensor, x: Tensor, mu_in: Tensor, dims: tuple[int, ...]):
         rows = n * c
         _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
             dy.view(1, rows, -1), x.view(1, rows, -1), None, None, None,
-            mu_in.reshape(rows), torch.ones_like(mu_in).reshape(rows), True, 0.0,
+            mu_in.reshape(rows), torch.ones(rows, dtype=x.dtype, device=x.device), True, 0.0,
             [False, True, True])
         return s1.view(n, c), s2.view(n, c)
     shape = mu_in.shape + (1,) * len(dims)
@@ -196,18 +206,33 @@ def _grad_sums(dy: Tensor, x: Tensor, mu_in: Tensor, dims: tuple[int, ...]):
 
 
 class _SwitchNormFunction(torch.autograd.Function):
+    """x -> y with the (N, C) mixing differentiated by hand (no autograd graph inside)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, mean_p, var_p, bn_mean, bn_var, spec):
         dims = tuple(range(2, x.dim()))
         m = math.prod(x.shape[2:])
-        mu_in, var_in = _instance_stats(x, dims, m, spec.unbiased_in)
-        a, bc, mu_bn, var_bn, count = _coefficients(
-            mu_in, var_in, weight, bias, mean_p, var_p, bn_mean, bn_var, m, spec)
-        shape = a.shape + (1,) * len(dims)
-        b = bc - a * mu_in  # (N, C): y = A * x + B
-        y = torch.addcmul(b.view(shape), x, a.view(shape)).to(x.dtype)
-        ctx.save_for_backward(x, weight, bias, mean_p, var_p, bn_mean, bn_var, mu_in, var_in)
-        ctx.spec, ctx.m = spec, m
+        n, c = x.shape[:2]
+        mu_in, var_in, buf = _instance_stats(x, dims, m, spec.unbiased_in)
+        stats, (mu_bn, var_bn, count) = _candidate_stats(mu_in, var_in, bn_mean, bn_var, m,
+                                                         spec)
+        mus = torch.stack([mk.expand(n, c) for mk, _ in stats])  # (K, N, C)
+        vars_ = torch.stack([vk.expand(n, c) for _, vk in stats])  # (K, N, C)
+        mu = torch.tensordot(mean_p.to(mus.dtype), mus, 1)  # (N, C)
+        var = torch.tensordot(var_p.to(vars_.dtype), vars_, 1)  # (N, C)
+        rstd = torch.rsqrt(var + spec.eps)
+        a = rstd if weight is None else rstd * weight.to(rstd.dtype)
+        bc = (mu_in - mu) * a
+        if bias is not None:
+            bc = bc + bias.to(bc.dtype)
+        shape = (n, c) + (1,) * len(dims)
+        # y = A * (x - mu_in) + Bc, written over the centered buffer: no new tensor
+        # NOTE: two in-place binary passes; ATen's ternary addcmul with two broadcast operands
+        # takes a scalar loop on CPU and is ~10x slower than mul_ + add_.
+        y = buf.mul_(a.view(shape)).add_(bc.view(shape)).to(x.dtype)
+        ctx.save_for_backward(x, weight, mean_p, var_p)
+        ctx.small = (mu_in, mu, rstd, a, stats, mus, vars_)
+        ctx.spec, ctx.m, ctx.n_total = spec, m, (count // m if count else None)
         if mu_bn is None:
             return y, None, None, count
         mu_bn, var_bn = mu_bn.flatten(), var_bn.flatten()
@@ -216,39 +241,47 @@ class _SwitchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmu_bn, _dvar_bn, _dcount):
-        x, weight, bias, mean_p, var_p, bn_mean, bn_var, mu_in, var_in = ctx.saved_tensors
+        x, weight, mean_p, var_p = ctx.saved_tensors
+        mu_in, mu, rstd, a, stats, mus, vars_ = ctx.small
         spec, m = ctx.spec, ctx.m
         dims = tuple(range(2, x.dim()))
         s1, s2 = _grad_sums(dy, x, mu_in, dims)  # (N, C) each
+        g = s2 + (mu_in - mu) * s1  # sum dy * (x - mu): the gradient of A
+        dmu = -a * s1  # (N, C)
+        dvar = (-0.5 * rstd * rstd) * a * g  # (N, C)
         need = ctx.needs_input_grad
-        leaves = {"mu_in": mu_in, "var_in": var_in, "weight": weight, "bias": bias,
-                  "mean_p": mean_p, "var_p": var_p}
-        wanted = {"mu_in": need[0], "var_in": need[0], "weight": need[1], "bias": need[2],
-                  "mean_p": need[3], "var_p": need[4]}
-        with torch.enable_grad():
-            req = {k: (v.detach().requires_grad_() if (v is not None and wanted[k]) else v)
-                   for k, v in leaves.items()}
-            a, bc, *_ = _coefficients(req["mu_in"], req["var_in"], req["weight"], req["bias"],
-                                      req["mean_p"], req["var_p"], bn_mean, bn_var, m, spec)
-            inputs = [k for k in leaves if wanted[k] and leaves[k] is not None]
-            grads = dict(zip(inputs, torch.autograd.grad(
-                (a, bc), [req[k] for k in inputs], (s2, s1), allow_unused=True)))
+        dweight = (g * rstd).sum(0).to(weight.dtype) if need[1] else None
+        dbias = s1.sum(0).to(weight.dtype if weight is not None else s1.dtype) if need[2] \
+            else None
+        dmean_p = torch.tensordot(mus, dmu, 2).to(mean_p.dtype) if need[3] else None
+        dvar_p = torch.tensordot(vars_, dvar, 2).to(var_p.dtype) if need[4] else None
         dx = None
         if need[0]:
-            a = a.detach()
-            shape = a.shape + (1,) * len(dims)
-            dmu = -a * s1  # y = A * (x - mu_in) + Bc depends on mu_in directly too
-            if grads.get("mu_in") is not None:
-                dmu = dmu + grads["mu_in"]
-            dvar = grads.get("var_in")
+            n, c = mu_in.shape
+            dmu_in = torch.zeros_like(mu_in)
+            dvar_in = torch.zeros_like(mu_in)
+            bn_fixed = ctx.n_total is None
+            for k, (cand, (mk, _)) in enumerate(zip(spec.candidates, stats)):
+                dmk, dvk = mean_p[k] * dmu, var_p[k] * dvar
+                if cand == "in":
+                    dmu_in += dmk
+                    dvar_in += dvk
+                    continue
+                if cand == "bn" and bn_fixed:
+                    continue  # running statistics are constants
+                if spec.official_2d:
+                    dvk = dvk * _bessel(cand, n, c)
+                pdv = _pool_grad(dvk, cand, spec, ctx.n_total)
+                dmu_in += _pool_grad(dmk, cand, spec, ctx.n_total) + 2 * (mu_in - mk) * pdv
+                dvar_in += pdv
             denom = m - 1 if (spec.unbiased_in and m > 1) else m
-            p = torch.zeros_like(dmu) if dvar is None else dvar * (2.0 / denom)
-            q = dmu / m - p * mu_in
-            dx = torch.addcmul(q.view(shape), x, p.view(shape))  # (N, C, *S)
+            p = dvar_in * (2.0 / denom)
+            q = dmu_in / m - p * mu_in
+            shape = (n, c) + (1,) * len(dims)
+            dx = torch.mul(x, p.view(shape)).add_(q.view(shape))  # (N, C, *S)
             dx.addcmul_(dy, a.view(shape))
             dx = dx.to(x.dtype)
-        return (dx, grads.get("weight"), grads.get("bias"), grads.get("mean_p"),
-                grads.get("var_p"), None, None, None)
+        return dx, dweight, dbias, dmean_p, dvar_p, None, None, None
 
 
 def switch_norm(

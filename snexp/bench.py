@@ -1,0 +1,182 @@
+"""Speed of SN against native normalizers: ``python -m snexp.bench``.
+
+For each input shape, times forward+backward (training mode) and forward (eval mode, no grad)
+of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d and the plain-autograd reference SN, and
+prints each as a ratio to BatchNorm2d measured in the same process. Implementations are timed
+round-robin (one repetition of each in turn) and summarized by the median, so that a noisy
+shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from snexp import reference
+from snexp.norm.factory import make_norm
+
+__all__ = ["DEFAULT_SHAPES", "run_benchmark", "format_table"]
+
+DEFAULT_SHAPES = ((32, 64, 32, 32), (8, 64, 56, 56), (128, 16, 32, 32), (4, 256, 14, 14))
+LAYERS = ("SN", "SSN", "BN", "GN32", "IN", "reference")
+
+
+class _ReferenceSN(nn.Module):
+    """The plain-autograd equations as a module, with the parameters of an SN layer."""
+
+    def __init__(self, sn: nn.Module) -> None:
+        super().__init__()
+        self.sn = sn
+
+    def forward(self, x):
+        s = self.sn
+        mean_p, var_p = s.importance_weights()
+        return reference.switch_norm(x, s.weight, s.bias, mean_p, var_p, s.running_mean,
+                                     s.running_var, candidates=s.candidates,
+                                     training=self.training, momentum=s.momentum, eps=s.eps)
+
+
+def _build(name: str, channels: int) -> nn.Module:
+    if name == "SN":
+        return make_norm("sn", channels)
+    if name == "SSN":
+        return make_norm("ssn", channels)
+    if name == "BN":
+        return make_norm("bn", channels)
+    if name == "GN32":
+        return make_norm("gn", channels, groups=min(32, channels))
+    if name == "IN":
+        return make_norm("in", channels)
+    return _ReferenceSN(make_norm("sn", channels))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    t = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.float32,
+                  repeats: int = 25, layers=LAYERS, channels_last: bool = False) -> list[dict]:
+    """Time every layer on every shape; returns one row per (shape, layer).
+
+    Each row: shape, layer, train_ms and eval_ms (medians), train_ratio and eval_ratio (to
+    BatchNorm2d on the same shape).
+    """
+    dev = torch.device(device)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for shape in shapes:
+        x = torch.randn(shape, generator=gen).to(dev, dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        dy = torch.randn(shape, generator=gen).to(dev, dtype)
+        mods = {name: _build(name, shape[1]).to(dev) for name in layers}
+        xg = x.detach().clone().requires_grad_()
+
+        def train_step(m):
+            m.train()
+            y = m(xg)
+            y.backward(dy)
+            xg.grad = None
+
+        def eval_step(m):
+            m.eval()
+            with torch.no_grad():
+                m(x)
+
+        times = {(n, k): [] for n in layers for k in ("train", "eval")}
+        for m in mods.values():  # warm-up (allocator, thread pools, autotuning)
+            for _ in range(2):
+                train_step(m)
+                eval_step(m)
+        for _ in range(repeats):
+            for n, m in mods.items():
+                times[(n, "train")].append(_timed(lambda: train_step(m), dev))
+                times[(n, "eval")].append(_timed(lambda: eval_step(m), dev))
+        med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
+        for n in layers:
+            rows.append({"shape": shape, "layer": n,
+                         "train_ms": med[(n, "train")], "eval_ms": med[(n, "eval")],
+                         "train_ratio": med[(n, "train")] / med[("BN", "train")],
+                         "eval_ratio": med[(n, "eval")] / med[("BN", "eval")]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of ratios to BatchNorm2d, plus the median SN ratio over shapes."""
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    by = {(r["shape"], r["layer"]): r for r in rows}
+    head = "| shape | BN fwd+bwd ms | " + " | ".join(f"{n} fwd+bwd" for n in layers if n != "BN")
+    head += " | " + " | ".join(f"{n} eval" for n in layers if n != "BN") + " |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for s in shapes:
+        cells = [f"{by[(s, n)]['train_ratio']:.2f}" for n in layers if n != "BN"]
+        cells += [f"{by[(s, n)]['eval_ratio']:.2f}" for n in layers if n != "BN"]
+        lines.append(f"| {tuple(s)} | {by[(s, 'BN')]['train_ms']:.2f} | " + " | ".join(cells)
+                     + " |")
+    summary = []
+    for n in layers:
+        if n == "BN":
+            continue
+        tr = statistics.median(by[(s, n)]["train_ratio"] for s in shapes)
+        ev = statistics.median(by[(s, n)]["eval_ratio"] for s in shapes)
+        summary.append(f"{n}: median fwd+bwd ratio {tr:.2f}, eval ratio {ev:.2f}")
+    return "\n".join(lines) + "\n\n" + "\n".join(summary)
+
+
+def _parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().replace("x", ",").split(",") if v)
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or min(shape) <= 0:
+        raise argparse.ArgumentTypeError(f"a shape is N,C,H,W with positive sizes, got {text!r}")
+    return shape
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m snexp.bench", description=__doc__.split(
+        "\n\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--shape", action="append", type=_parse_shape, metavar="N,C,H,W",
+                        help="benchmark this shape (repeatable; default: the standard suite)")
+    parser.add_argument("--repeats", type=int, default=25, help="timed repetitions (default 25)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last inputs")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+    rows = run_benchmark(args.shape or DEFAULT_SHAPES, device=args.device, dtype=dtype,
+                         repeats=args.repeats, channels_last=args.channels_last)
+    name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+            else f"CPU, {torch.get_num_threads()} threads")
+    print(f"# snexp.bench: torch {torch.__version__}, {name}, {args.dtype}"
+          f"{', channels_last' if args.channels_last else ''}; ratios to BatchNorm2d "
+          f"(lower is faster)\n")
+    print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
