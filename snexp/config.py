@@ -568,10 +568,15 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         match = re.match(r"unrecognized arguments: (.*)", message)
         if match:
-            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            known = [
+                o
+                for a in self._actions
+                for o in a.option_strings
+                if o.startswith("--") and o != "--help"
+            ]
             for arg in match.group(1).split():
                 flag = arg.split("=", 1)[0]
-                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+                close = difflib.get_close_matches(flag, known, n=1, cutoff=0.7)
                 if flag.startswith("-") and close:
                     message += f" (did you mean {close[0]}?)"
                     break
