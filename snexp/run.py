@@ -1,0 +1,896 @@
+"""A training run: its directory, checkpoints and resume, signals, device, precision and seeds.
+
+A run directory holds::
+
+    <out>/config.toml           the fully resolved config, rewritten at every (re)start
+    <out>/run.log               the log lines the console shows
+    <out>/tb/                   TensorBoard events (snexp.track.Tracker)
+    <out>/checkpoints/last.pt   everything needed to continue as if never stopped
+    <out>/checkpoints/best.pt   the same, at the best metric (where an experiment has one)
+
+A checkpoint is one dict of plain containers and tensors (format version, config, counters,
+model/optimizer/scheduler/scaler state dicts, experiment state, RNG states of python, numpy and
+torch CPU/CUDA, the data-order generator), written atomically (temporary file, fsync,
+``os.replace``) and read with ``torch.load(weights_only=True)``: a SIGKILL at any moment leaves
+the previous checkpoint intact, and loading never executes code.
+
+The loop stays in charge; :class:`Run` gives it a few calls::
+
+    with Run(cfg, experiment="stylize", safe_keys=("train.epochs",)) as run:
+        net = run.prepare(model)                    # device, channels-last, torch.compile
+        run.attach(model=model, optimizer=opt)      # what checkpoints hold; loads on --resume
+        loader = run.dataloader(dataset, batch_size=4)
+        for epoch in run.epochs(cfg.train.epochs):  # checkpoint at every epoch end
+            for x in run.batches(loader):           # mid-epoch resume skips used batches
+                with run.autocast():
+                    loss = criterion(net(run.to_device(x)))
+                run.optimizer_step(loss, opt)
+                run.step_done(loss, {"loss/total": loss})  # count, log, checkpoint, stop
+
+With ``--deterministic`` on CPU, a run stopped at any step and resumed ends with the same
+weights and metrics as one never stopped (tests/snexp/test_run.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import logging
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from snexp.config import (
+    CONFIG_FILE,
+    CliError,
+    ConfigError,
+    RuntimeConfig,
+    _prog_name,
+    flatten,
+    override,
+    to_toml,
+)
+from snexp.track import TqdmLoggingHandler, Tracker
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "NonFiniteLoss",
+    "Run",
+    "RunInterrupted",
+    "RunStopped",
+    "load_checkpoint",
+    "save_checkpoint",
+    "seed_everything",
+    "seed_worker",
+    "select_device",
+]
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
+# Keys that may change when resuming: they steer the process, not the computation.
+RUNTIME_SAFE_KEYS: tuple[str, ...] = (
+    "runtime.out",
+    "runtime.resume",
+    "runtime.overwrite",
+    "runtime.checkpoint_every",
+    "runtime.device",
+    "runtime.channels_last",
+    "runtime.compile",
+)
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class RunStopped(CliError):
+    """The run stopped early on purpose; the message says what happened and what to do."""
+
+    label = "stopped"
+
+
+class RunInterrupted(RunStopped):
+    """SIGINT or SIGTERM: the current step finished and a checkpoint was written."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+
+
+class NonFiniteLoss(RunStopped):
+    """A loss became NaN or infinite; nothing was saved after the last good checkpoint."""
+
+    exit_code = 1
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
+    """Write ``obj`` with ``torch.save`` atomically: temporary file, fsync, ``os.replace``.
+
+    If the process dies at any moment, ``path`` holds either the old or the new checkpoint,
+    never a torn one. A leftover ``.tmp`` file from a killed write is simply overwritten.
+
+    Args:
+        obj: Plain containers, numbers, strings and tensors (what ``weights_only`` loads).
+        path: Destination file.
+
+    Returns:
+        ``path`` as a ``Path``.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
+    with contextlib.suppress(OSError, AttributeError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``torch.load(weights_only=True)``: it never executes code.
+
+    Args:
+        path: Checkpoint file.
+        map_location: Where tensors go (default CPU; ``load_state_dict`` moves them on).
+
+    Returns:
+        The checkpoint dict.
+
+    Raises:
+        ConfigError: The file is missing, torn, or holds objects other than plain data and
+            tensors (a pickled object that would run code is refused, not loaded).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint '{path}' not found")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f" ({found.group(1)})" if found else ""
+        raise ConfigError(
+            f"checkpoint '{path}' holds objects other than tensors and plain data{what}, so it "
+            "is refused: loading it could run arbitrary code"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"checkpoint '{path}' is unreadable or truncated ({exc})") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"checkpoint '{path}' is a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def _unwrap(obj: Any) -> Any:
+    """The plain module inside torch.compile and (Distributed)DataParallel wrappers."""
+    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
+    while True:
+        if isinstance(obj, parallel):
+            obj = obj.module
+        elif isinstance(obj, torch.nn.Module) and isinstance(
+            getattr(obj, "_orig_mod", None), torch.nn.Module
+        ):
+            obj = obj._orig_mod
+        else:
+            return obj
+
+
+# ----------------------------------------------------------------------------- RNG, seeds
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's ``random``, numpy's global generator and torch (CPU and all GPUs)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed.
+
+    Torch seeds each worker from the loader's generator; python and numpy would otherwise
+    repeat the parent's state in every worker. Workers also ignore SIGINT, so Ctrl-C reaches
+    only the main process, which stops gracefully.
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    with contextlib.suppress(ValueError):
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np_state,  # bit_generator state; the key as a tensor, which weights_only reads
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device.type == "mps":
+        state["mps"] = torch.mps.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    np_state = dict(state["numpy"])
+    np_state["state"] = dict(np_state["state"])
+    np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(np_state)
+    torch.set_rng_state(state["torch"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    elif cuda is not None:
+        logger.warning("CUDA RNG state not restored: the checkpoint was written on other GPUs")
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """The device asked for: ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda[:N]``, ``mps``.
+
+    Raises:
+        ConfigError: The device does not exist here (the message says what does).
+    """
+    has_mps = torch.backends.mps.is_available()
+    if spec == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "mps":
+        if not has_mps:
+            raise ConfigError("--device mps: MPS (Apple GPU) is not available here; use cpu")
+        return torch.device("mps")
+    if spec == "cuda" or spec.startswith("cuda:") and spec[5:].isdigit():
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"--device {spec}: CUDA is not available (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto"
+            )
+        index = int(spec[5:]) if ":" in spec else torch.cuda.current_device()
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"--device {spec}: there are {count} CUDA device(s) here, cuda:0..cuda:{count - 1}"
+            )
+        return torch.device("cuda", index)
+    raise ConfigError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def _describe_device(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
+    if device.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    return str(device)
+
+
+_AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+class Run:
+    """One run directory and the plumbing of its training loop.
+
+    Creating a ``Run`` validates everything a user can get wrong before any work starts (the
+    directory, ``--resume``, the config diff, the device), then creates ``<out>``, mirrors the
+    console log into ``run.log``, seeds, writes ``config.toml``, opens the TensorBoard tracker
+    and catches SIGINT/SIGTERM. Use it as a context manager: on a clean exit it writes the
+    final checkpoint; always it closes the writers and restores signal handlers.
+
+    Args:
+        config: The experiment's frozen config; it must have a ``runtime: RuntimeConfig`` field.
+        experiment: Name for the default directory ``runs/<experiment>/<YYYYmmdd-HHMMSS>``.
+        safe_keys: Config keys (``fnmatch`` patterns) that may differ on resume besides the
+            runtime's own (``runtime.device``, ``runtime.checkpoint_every``, ...), e.g.
+            ``("train.epochs",)``.
+        prog: Command shown in the resume hint; default: how this process was started.
+        console: Also log to the console (stderr, bar-safe); ``run.log`` always gets the lines.
+
+    Attributes:
+        config: The config with ``runtime.out`` resolved.
+        dir: The run directory.
+        device: The torch device in use.
+        tracker: TensorBoard tracker writing into ``<out>/tb``.
+        generator: Seeded generator of the data order (give it to DataLoaders).
+        scaler: The AMP GradScaler (enabled for ``--amp fp16`` only).
+        step: Optimizer steps done. Log metrics at this step after :meth:`step_done`.
+        epoch: Epochs completed.
+        best: Best metric so far (see :meth:`update_best`), or ``None``.
+        state: Experiment state saved with every checkpoint (plain values and tensors).
+        resumed: Whether this run continues from a checkpoint.
+    """
+
+    def __init__(
+        self,
+        config: Any,
+        *,
+        experiment: str,
+        safe_keys: Sequence[str] = (),
+        prog: str | None = None,
+        console: bool = True,
+    ) -> None:
+        runtime = getattr(config, "runtime", None)
+        if not isinstance(runtime, RuntimeConfig):
+            raise TypeError(f"{type(config).__name__} needs a 'runtime: RuntimeConfig' field")
+        self.experiment = experiment
+        self.safe_keys = RUNTIME_SAFE_KEYS + tuple(safe_keys)
+        self._prog = prog or _prog_name()
+
+        # Everything a user can get wrong is checked before the disk is touched.
+        self.dir = Path(runtime.out) if runtime.out else _new_run_dir(experiment)
+        self.checkpoint_dir = self.dir / "checkpoints"
+        checkpoint = self._check_directory(runtime, config)
+        self.device = select_device(runtime.device)
+        self.amp_dtype = _AMP_DTYPES[runtime.amp]
+        if runtime.amp == "bf16" and self.device.type == "cuda":
+            if not torch.cuda.is_bf16_supported():
+                raise ConfigError(f"--amp bf16: {_describe_device(self.device)} lacks bfloat16")
+        self.config = override(config, {"runtime.out": str(self.dir), "runtime.overwrite": False})
+        self.runtime: RuntimeConfig = self.config.runtime
+
+        self.resumed = checkpoint is not None
+        self.step = int(checkpoint["step"]) if checkpoint else 0
+        self.epoch = int(checkpoint["epoch"]) if checkpoint else 0
+        self.best: float | None = None
+        self.state: dict[str, Any] = {}
+        self.generator = torch.Generator().manual_seed(runtime.seed)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.amp == "fp16")
+        self.tracker = Tracker(None)
+        self._objects: dict[str, Any] = {}
+        self._checkpoint = checkpoint  # loaded into the objects by attach()
+        self._batch_in_epoch = 0  # batches taken from run.batches() in the current epoch
+        self._skip = 0  # batches to skip on the first run.batches() after a mid-epoch resume
+        self._epoch_rng = self.generator.get_state()  # data-order generator at epoch start
+        self._saved_at = (
+            (self.step, self.epoch, int(checkpoint["batch_in_epoch"])) if checkpoint else None
+        )
+        self._stop_signal: int | None = None
+        self._handlers: dict[int, Any] = {}
+        self._log_handlers: list[logging.Handler] = []
+        self._root_level = logging.getLogger().level
+        self._deterministic_before = torch.are_deterministic_algorithms_enabled()
+        self._closed = False
+        try:
+            self._start(console, overwrite=runtime.overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, console: bool, *, overwrite: bool) -> None:
+        """Create the directory and its log, seed, write config.toml, open the tracker."""
+        runtime = self.runtime
+        if overwrite and self.dir.exists():
+            shutil.rmtree(self.dir)
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self._setup_logging(console)
+
+        seed_everything(runtime.seed)
+        if runtime.deterministic:
+            if self.device.type == "cuda":
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+                torch.backends.cudnn.benchmark = False
+            torch.use_deterministic_algorithms(True)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+
+        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        text = to_toml(
+            override(self.config, {"runtime.resume": False}),
+            header=f"{self.experiment} run, resolved config ({stamp})",
+        )
+        _write_text_atomic(self.dir / CONFIG_FILE, text)
+        if self.resumed:
+            _wait_for_later_event_name(self.dir / "tb")
+        self.tracker = Tracker(self.dir / "tb", purge_step=self.step + 1 if self.resumed else None)
+        self.tracker.text("config", "```toml\n" + text + "```", self.step)
+        self._install_signal_handlers()
+        logger.info(
+            "%s run in %s (%s); device %s, amp %s, seed %d%s",
+            self.experiment,
+            self.dir,
+            f"resuming at step {self.step}, epoch {self.epoch}" if self.resumed else "new",
+            _describe_device(self.device),
+            runtime.amp,
+            runtime.seed,
+            ", deterministic" if runtime.deterministic else "",
+        )
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _check_directory(self, runtime: RuntimeConfig, config: Any) -> dict | None:
+        """Refuse unsafe uses of the run directory; on resume, load and check the checkpoint."""
+        folder, last = self.dir, self.checkpoint_dir / "last.pt"
+        if runtime.resume:
+            if not runtime.out:
+                recent = _latest_run(self.experiment)
+                hint = f"; the most recent run is {recent}" if recent else ""
+                raise ConfigError(f"--resume needs --out DIR, the run to continue{hint}")
+            if not last.is_file():
+                what = "does not exist" if not folder.exists() else "has no checkpoints/last.pt"
+                raise ConfigError(f"cannot resume: {folder} {what}")
+            checkpoint = load_checkpoint(last)
+            self._check_resumable(checkpoint, config, last)
+            return checkpoint
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--out {folder} is a file, not a directory")
+        if folder.exists() and any(folder.iterdir()):
+            if not runtime.overwrite:
+                raise ConfigError(
+                    f"run directory {folder} already exists and is not empty; pass --resume to "
+                    "continue it, --overwrite to delete it and start afresh, or choose another "
+                    "--out"
+                )
+            if not (folder / CONFIG_FILE).is_file():
+                raise ConfigError(
+                    f"--overwrite refused: {folder} has no {CONFIG_FILE}, so it does not look "
+                    "like a run directory; delete it yourself or choose another --out"
+                )
+        return None
+
+    def _check_resumable(self, checkpoint: Mapping[str, Any], config: Any, path: Path) -> None:
+        if checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ConfigError(
+                f"cannot resume from {path}: checkpoint format {checkpoint.get('format')!r}, "
+                f"this code reads format {CHECKPOINT_FORMAT}"
+            )
+        saved, now = checkpoint["config"], _plain(flatten(config))
+        differing = []
+        for key in sorted(set(saved) | set(now)):
+            if key not in saved or key not in now:
+                where = "this code" if key not in saved else "the checkpoint"
+                logger.warning("config key %s exists only in %s; ignored for resume", key, where)
+            elif saved[key] != now[key] and not any(fnmatchcase(key, p) for p in self.safe_keys):
+                differing.append(f"{key} ({saved[key]!r} -> {now[key]!r})")
+        if differing:
+            hidden = ("runtime.out", "runtime.resume", "runtime.overwrite")
+            safe = ", ".join(k for k in self.safe_keys if k not in hidden)
+            raise ConfigError(
+                f"cannot resume {self.dir} with a different config: {'; '.join(differing)}. "
+                f"Only these keys may change on resume: {safe}. Resume without those changes, "
+                "or start a new run with another --out."
+            )
+
+    def _setup_logging(self, console: bool) -> None:
+        formatter = logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
+        self._file_handler = logging.FileHandler(self.dir / "run.log", encoding="utf-8")
+        self._log_handlers = [self._file_handler]
+        if console:
+            self._log_handlers.append(TqdmLoggingHandler())
+        root = logging.getLogger()
+        for handler in self._log_handlers:
+            handler.setFormatter(formatter)
+            handler.setLevel(logging.INFO)
+            root.addHandler(handler)
+        if root.level == logging.NOTSET or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("not in the main thread: SIGINT/SIGTERM will not stop gracefully")
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._handlers[signum] = signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        if self._stop_signal is not None:
+            if signum == signal.SIGINT:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                raise KeyboardInterrupt
+            return
+        self._stop_signal = signum
+        logger.warning(
+            "%s received: finishing the current step, then saving a checkpoint%s",
+            name,
+            " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "",
+        )
+
+    # -- objects, device, precision -------------------------------------------------------------
+
+    def attach(self, **objects: Any) -> None:
+        """Register what every checkpoint holds and, on ``--resume``, load it back.
+
+        Pass models (the plain module, or a compiled/DDP one: its inner module is used),
+        optimizers, LR schedulers and anything else with ``state_dict``/``load_state_dict``.
+        The AMP scaler is included automatically. On resume this also restores the counters,
+        :attr:`best`, :attr:`state` and all RNG states, so call it after building everything
+        and right before the loop.
+
+        Raises:
+            ConfigError: On resume, the checkpoint lacks one of the objects or has extra ones.
+        """
+        for name, obj in objects.items():
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise TypeError(f"attach({name}=...): {type(obj).__name__} has no state_dict")
+            self._objects[name] = _unwrap(obj)
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is None:
+            return
+        saved = checkpoint["objects"]
+        if set(saved) != set(self._objects):
+            raise ConfigError(
+                f"cannot resume {self.dir}: the checkpoint holds {sorted(saved)}, this run "
+                f"attaches {sorted(self._objects)}"
+            )
+        for name, obj in self._objects.items():
+            obj.load_state_dict(saved[name])
+        if checkpoint["scaler"]:
+            self.scaler.load_state_dict(checkpoint["scaler"])
+        self.best, self.state = checkpoint["best"], dict(checkpoint["state"])
+        self._batch_in_epoch = self._skip = int(checkpoint["batch_in_epoch"])
+        self._epoch_rng = checkpoint["data_rng"]["epoch_start"]
+        self.generator.set_state(checkpoint["data_rng"]["now"])
+        _set_rng_state(checkpoint["rng"])
+        logger.info("resumed from %s at step %d", self.checkpoint_dir / "last.pt", self.step)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
+
+        Train the returned module; :meth:`attach` the one you built (or either: wrappers are
+        unwrapped), so checkpoints hold plain state dict keys.
+        """
+        model = model.to(self.device)
+        if self.runtime.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        if self.runtime.compile:
+            model = torch.compile(model)
+        return model
+
+    def to_device(self, data: Any) -> Any:
+        """Tensors (also inside lists, tuples and dicts) moved to the device, non-blocking."""
+        if isinstance(data, torch.Tensor):
+            data = data.to(self.device, non_blocking=True)
+            if self.runtime.channels_last and data.dim() == 4 and data.is_floating_point():
+                data = data.contiguous(memory_format=torch.channels_last)
+            return data
+        if isinstance(data, Mapping):
+            return type(data)((k, self.to_device(v)) for k, v in data.items())
+        if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+            return type(data)(*(self.to_device(v) for v in data))
+        if isinstance(data, (list, tuple)):
+            return type(data)(self.to_device(v) for v in data)
+        return data
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for ``--amp bf16|fp16``; a no-op context for ``--amp off``."""
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def optimizer_step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_grad_norm: float | None = None,
+        parameters: Iterable[torch.Tensor] | None = None,
+    ) -> float | None:
+        """Backward (scaled for fp16), optional gradient clipping, step, then zero the grads.
+
+        Args:
+            loss: Scalar loss.
+            optimizer: The optimizer to step.
+            clip_grad_norm: Clip the total gradient norm to this (after unscaling).
+            parameters: Parameters to clip (default: the optimizer's).
+
+        Returns:
+            The gradient norm before clipping, when clipping; else ``None``.
+        """
+        self.scaler.scale(loss).backward()
+        norm = None
+        if clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)
+            params = parameters or [p for g in optimizer.param_groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def dataloader(
+        self,
+        dataset: Dataset,
+        *,
+        batch_size: int,
+        shuffle: bool = True,
+        num_workers: int = 0,
+        drop_last: bool = False,
+        **kwargs: Any,
+    ) -> DataLoader:
+        """A DataLoader whose order comes from :attr:`generator` and whose workers are seeded.
+
+        Memory is pinned when training on CUDA. Workers are not persistent, so a resumed run
+        reseeds them exactly as the uninterrupted run did.
+        """
+        kwargs.setdefault("pin_memory", self.device.type == "cuda")
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=num_workers,
+            drop_last=drop_last,
+            generator=self.generator,
+            worker_init_fn=seed_worker,
+            **kwargs,
+        )
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def epochs(self, total: int) -> Iterator[int]:
+        """Epoch numbers from the current one up to ``total`` (exclusive).
+
+        After each epoch's body, the epoch counts as completed and a checkpoint is written; a
+        pending SIGINT/SIGTERM then stops the run.
+        """
+        self._require_attached()
+        while self.epoch < total:
+            if self._skip == 0:
+                self._epoch_rng = self.generator.get_state()
+            yield self.epoch
+            self.epoch += 1
+            self._batch_in_epoch = 0
+            self.save()
+            self.check_stop()
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The loader's batches for this epoch; after a mid-epoch resume, only the unused ones.
+
+        The skipped batches are loaded again (in the same order, since the loader draws its
+        order from :attr:`generator`) and dropped; the global RNG states are put back after
+        skipping, so random transforms continue exactly where they stopped. Use it for the one
+        loader whose batches drive the steps of an epoch.
+        """
+        self._require_attached()
+        skip, self._skip = self._skip, 0
+        if skip:
+            rng = _rng_state(self.device)
+            self.generator.set_state(self._epoch_rng)
+        for index, batch in enumerate(loader):
+            if index < skip:
+                if index == skip - 1:
+                    _set_rng_state(rng)
+                continue
+            self._batch_in_epoch = index + 1
+            yield batch
+
+    def step_done(
+        self,
+        loss: float | torch.Tensor | None = None,
+        metrics: Mapping[str, float | torch.Tensor] | None = None,
+    ) -> None:
+        """Finish an optimizer step: check the loss, count, log, checkpoint, honour signals.
+
+        Args:
+            loss: The step's loss; NaN or infinity stops the run (:class:`NonFiniteLoss`)
+                without saving, so ``last.pt`` stays the last good checkpoint.
+            metrics: Scalars logged to TensorBoard at the new :attr:`step`, e.g.
+                ``{"loss/total": loss, "lr": lr}``.
+
+        Raises:
+            NonFiniteLoss: The loss is not finite.
+            RunInterrupted: A signal arrived; the checkpoint has been written.
+        """
+        if loss is not None:
+            value = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
+            if not math.isfinite(value):
+                raise NonFiniteLoss(self._non_finite_message(value))
+        self.step += 1
+        if metrics:
+            self.tracker.scalars(metrics, self.step)
+        every = self.runtime.checkpoint_every
+        if every and self.step % every == 0:
+            self.save()
+        self.check_stop()
+
+    def _require_attached(self) -> None:
+        if self._checkpoint is not None:
+            raise RuntimeError(
+                "resuming: call run.attach(model=..., optimizer=...) before the loop"
+            )
+
+    def _non_finite_message(self, value: float) -> str:
+        last = self.checkpoint_dir / "last.pt"
+        kept = (
+            f"the last good checkpoint, {last} (step {self._saved_at[0]}), is kept"
+            if self._saved_at is not None
+            else "no checkpoint had been written yet"
+        )
+        return (
+            f"the loss became {value} at step {self.step + 1} ({self.epoch} epochs completed); "
+            "the run "
+            f"stopped and {kept}. Try a lower learning rate, gradient clipping or --amp off."
+        )
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether SIGINT/SIGTERM asked the run to stop."""
+        return self._stop_signal is not None
+
+    def check_stop(self) -> None:
+        """If a signal asked to stop: write a checkpoint and raise :class:`RunInterrupted`.
+
+        :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
+        (e.g. after a long evaluation).
+        """
+        if self._stop_signal is None:
+            return
+        path = self.save()
+        name = signal.Signals(self._stop_signal).name
+        raise RunInterrupted(
+            f"stopped by {name} after step {self.step} ({self.epoch} epochs completed); "
+            f"checkpoint saved "
+            f"to {path}. Resume with: {self._prog} --out {self.dir} --resume",
+            self._stop_signal,
+        )
+
+    def update_best(self, value: float, *, mode: Literal["max", "min"] = "max") -> bool:
+        """Record a metric; when it beats :attr:`best`, write ``best.pt`` and return True."""
+        better = self.best is None or (value > self.best if mode == "max" else value < self.best)
+        if better:
+            self.best = float(value)
+            save_checkpoint(self._checkpoint_dict(), self.checkpoint_dir / "best.pt")
+        return better
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def _checkpoint_dict(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "experiment": self.experiment,
+            "config": _plain(flatten(self.config)),
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self._batch_in_epoch,
+            "best": self.best,
+            "state": self.state,
+            "objects": {name: obj.state_dict() for name, obj in self._objects.items()},
+            "scaler": self.scaler.state_dict(),
+            "rng": _rng_state(self.device),
+            "data_rng": {"now": self.generator.get_state(), "epoch_start": self._epoch_rng},
+            "torch": str(torch.__version__),
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+
+    def save(self) -> Path:
+        """Write ``checkpoints/last.pt`` now (atomically) and return its path."""
+        path = save_checkpoint(self._checkpoint_dict(), self.checkpoint_dir / "last.pt")
+        self._saved_at = (self.step, self.epoch, self._batch_in_epoch)
+        self.tracker.flush()
+        return path
+
+    # -- closing -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the tracker and log file and restore signal handlers and global settings."""
+        if self._closed:
+            return
+        self._closed = True
+        self.tracker.close()
+        for signum, handler in self._handlers.items():
+            signal.signal(signum, handler)
+        torch.use_deterministic_algorithms(self._deterministic_before)
+        root = logging.getLogger()
+        for handler in self._log_handlers:
+            root.removeHandler(handler)
+            handler.close()
+        root.setLevel(self._root_level)
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
+        if self._closed:
+            return
+        try:
+            if exc is None:
+                if self._saved_at != (self.step, self.epoch, self._batch_in_epoch):
+                    self.save()
+                logger.info(
+                    "run finished at step %d, epoch %d: %s", self.step, self.epoch, self.dir
+                )
+            elif isinstance(exc, RunStopped):
+                self._file_handler.handle(self._record(logging.WARNING, str(exc), None))
+            else:
+                info = (exc_type, exc, tb)
+                self._file_handler.handle(self._record(logging.ERROR, "run failed", info))
+        finally:
+            self.close()
+
+    def _record(self, level: int, message: str, exc_info: Any) -> logging.LogRecord:
+        return logger.makeRecord(logger.name, level, __file__, 0, message, (), exc_info)
+
+
+def _wait_for_later_event_name(folder: Path) -> None:
+    """Sleep until the current second is past every event file's creation second.
+
+    TensorBoard reads a directory's event files in name order, and a name starts with the second
+    it was created in; a resume within the same second could otherwise sort before the events
+    it is meant to purge.
+    """
+    seconds = [p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*")]
+    latest = max((int(s) for s in seconds if s.isdigit()), default=None)
+    if latest is not None and time.time() < latest + 1:
+        time.sleep(latest + 1 - time.time())
+
+
+def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Config values as checkpoint-safe plain data (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _new_run_dir(experiment: str) -> Path:
+    base = Path("runs") / experiment / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder, n = base, 1
+    while folder.exists():
+        n += 1
+        folder = base.with_name(f"{base.name}-{n}")
+    return folder
+
+
+def _latest_run(experiment: str) -> Path | None:
+    root = Path("runs") / experiment
+    runs = sorted(p for p in root.glob("*/checkpoints/last.pt")) if root.is_dir() else []
+    return runs[-1].parent.parent if runs else None
