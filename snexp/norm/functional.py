@@ -216,13 +216,15 @@ class _SwitchNormFunction(torch.autograd.Function):
         mu_in, var_in, buf = _instance_stats(x, dims, m, spec.unbiased_in)
         stats, (mu_bn, var_bn, count) = _candidate_stats(mu_in, var_in, bn_mean, bn_var, m,
                                                          spec)
-        mus = torch.stack([mk.expand(n, c) for mk, _ in stats])  # (K, N, C)
+        # Means are mixed as offsets from mu_in (sum_k p_k = 1): a constant input then gives
+        # exactly mu = mu_in instead of a rounding error amplified by 1/sqrt(eps).
+        mus = torch.stack([(mk - mu_in).expand(n, c) for mk, _ in stats])  # (K, N, C)
         vars_ = torch.stack([vk.expand(n, c) for _, vk in stats])  # (K, N, C)
-        mu = torch.tensordot(mean_p.to(mus.dtype), mus, 1)  # (N, C)
+        shift = torch.tensordot(mean_p.to(mus.dtype), mus, 1)  # (N, C): mu - mu_in
         var = torch.tensordot(var_p.to(vars_.dtype), vars_, 1)  # (N, C)
         rstd = torch.rsqrt(var + spec.eps)
         a = rstd if weight is None else rstd * weight.to(rstd.dtype)
-        bc = (mu_in - mu) * a
+        bc = -shift * a
         if bias is not None:
             bc = bc + bias.to(bc.dtype)
         shape = (n, c) + (1,) * len(dims)
@@ -231,7 +233,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         # takes a scalar loop on CPU and is ~10x slower than mul_ + add_.
         y = buf.mul_(a.view(shape)).add_(bc.view(shape)).to(x.dtype)
         ctx.save_for_backward(x, weight, mean_p, var_p)
-        ctx.small = (mu_in, mu, rstd, a, stats, mus, vars_)
+        ctx.small = (mu_in, shift, rstd, a, stats, mus, vars_)
         ctx.spec, ctx.m, ctx.n_total = spec, m, (count // m if count else None)
         if mu_bn is None:
             return y, None, None, count
@@ -242,11 +244,11 @@ class _SwitchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmu_bn, _dvar_bn, _dcount):
         x, weight, mean_p, var_p = ctx.saved_tensors
-        mu_in, mu, rstd, a, stats, mus, vars_ = ctx.small
+        mu_in, shift, rstd, a, stats, mus, vars_ = ctx.small
         spec, m = ctx.spec, ctx.m
         dims = tuple(range(2, x.dim()))
         s1, s2 = _grad_sums(dy, x, mu_in, dims)  # (N, C) each
-        g = s2 + (mu_in - mu) * s1  # sum dy * (x - mu): the gradient of A
+        g = s2 - shift * s1  # sum dy * (x - mu): the gradient of A
         dmu = -a * s1  # (N, C)
         dvar = (-0.5 * rstd * rstd) * a * g  # (N, C)
         need = ctx.needs_input_grad
@@ -305,8 +307,9 @@ def switch_norm(
     Args:
         x: input of shape (N, C) or (N, C, *spatial), any float dtype and memory layout.
         weight, bias: affine parameters (C,) or ``None`` for none.
-        mean_p, var_p: importance weights (K,) over ``spec.candidates`` (already passed
-            through softmax or sparsestmax).
+        mean_p, var_p: importance weights (K,) over ``spec.candidates``: points of the
+            probability simplex (softmax or sparsestmax outputs). Their gradients are returned
+            up to a constant shift, which the softmax/sparsemax Jacobians remove.
         running_mean, running_var: BN-branch running statistics (C,), or ``None`` when "bn" is
             not a candidate.
         spec: the static options (:class:`NormSpec`).

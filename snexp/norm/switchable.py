@@ -70,8 +70,8 @@ class _SwitchNorm(nn.Module):
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.mean_weight = nn.Parameter(torch.empty(k, device=device))
-        self.var_weight = nn.Parameter(torch.empty(k, device=device))
+        self.mean_weight = nn.Parameter(torch.empty(k, **factory))
+        self.var_weight = nn.Parameter(torch.empty(k, **factory))
         if "bn" in self.candidates:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
             self.register_buffer("running_var", torch.ones(num_features, **factory))

@@ -54,7 +54,7 @@ class SyncSwitchNorm(_SwitchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.candidates,
                       module.moving_average, module.last_gamma, module.affine, module.compat,
                       process_group=process_group,
-                      device=module.mean_weight.device)
+                      device=module.mean_weight.device, dtype=module.mean_weight.dtype)
             out.load_state_dict(module.state_dict())
             out.train(module.training)
         for name, child in module.named_children():

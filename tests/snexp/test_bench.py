@@ -1,0 +1,21 @@
+"""python -m snexp.bench: rows, ratios and the table (speed targets are not tested here)."""
+
+from __future__ import annotations
+
+from snexp import bench
+
+
+def test_run_benchmark_rows_and_table(capsys):
+    rows = bench.run_benchmark([(2, 8, 4, 4)], repeats=2)
+    assert {r["layer"] for r in rows} == set(bench.LAYERS)
+    bn = next(r for r in rows if r["layer"] == "BN")
+    assert bn["train_ratio"] == 1.0 and bn["eval_ratio"] == 1.0
+    assert all(r["train_ms"] > 0 and r["eval_ms"] > 0 for r in rows)
+    table = bench.format_table(rows)
+    assert "| (2, 8, 4, 4) |" in table and "SN: median fwd+bwd ratio" in table
+
+
+def test_cli(capsys):
+    assert bench.main(["--shape", "2,8,4,4", "--repeats", "1", "--channels-last"]) == 0
+    out = capsys.readouterr().out
+    assert "ratios to BatchNorm2d" in out and "(2, 8, 4, 4)" in out

@@ -1,0 +1,80 @@
+"""SyncSwitchNorm on 2 CPU processes (gloo) equals SwitchNorm on the concatenated batch."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import snexp
+
+SIZES = (3, 5)  # unequal per-rank batches
+
+
+def _data():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(SIZES), 6, 4, 4, generator=g, dtype=torch.float64) * 2 + 1
+    dy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    return x, dy
+
+
+def _layer():
+    m = snexp.SwitchNorm2d(6).double()
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.2, -0.3, 0.5]))
+        m.var_weight.copy_(torch.tensor([-0.1, 0.4, 0.2]))
+        m.weight.copy_(torch.linspace(0.5, 1.5, 6))
+    return m
+
+
+def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        x, dy = _data()
+        start = sum(SIZES[:rank])
+        xs = x[start:start + SIZES[rank]].clone().requires_grad_()
+        m = snexp.SyncSwitchNorm.convert_sync_switchnorm(_layer())
+        y = m(xs)
+        y.backward(dy[start:start + SIZES[rank]])
+        grads = [p.grad.clone() for p in (m.weight, m.bias, m.mean_weight, m.var_weight)]
+        for g in grads:  # what DDP does to parameter gradients (sum; DDP divides by world)
+            dist.all_reduce(g)
+        torch.save({"y": y.detach(), "dx": xs.grad, "grads": grads,
+                    "running_mean": m.running_mean, "running_var": m.running_var},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_switchnorm_two_processes_equal_one_process(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    x, dy = _data()
+    ref = _layer()
+    xr = x.clone().requires_grad_()
+    y = ref(xr)
+    y.backward(dy)
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    torch.testing.assert_close(torch.cat([g["y"] for g in got]), y.detach(), atol=1e-10,
+                               rtol=0)
+    torch.testing.assert_close(torch.cat([g["dx"] for g in got]), xr.grad, atol=1e-10, rtol=0)
+    for g in got:
+        for a, b in zip(g["grads"], (ref.weight, ref.bias, ref.mean_weight, ref.var_weight)):
+            torch.testing.assert_close(a, b.grad, atol=1e-10, rtol=0)
+        torch.testing.assert_close(g["running_mean"], ref.running_mean, atol=1e-12, rtol=0)
+        torch.testing.assert_close(g["running_var"], ref.running_var, atol=1e-12, rtol=0)
+
+
+def test_sync_without_process_group_equals_switchnorm():
+    x, _ = _data()
+    sync = snexp.SyncSwitchNorm.convert_sync_switchnorm(torch.nn.Sequential(_layer()))
+    assert isinstance(sync[0], snexp.SyncSwitchNorm)
+    torch.testing.assert_close(sync(x), _layer()(x))
+
+
+def test_convert_refuses_sparse_layers():
+    with pytest.raises(TypeError, match="cannot be synchronized"):
+        snexp.SyncSwitchNorm.convert_sync_switchnorm(snexp.SparseSwitchNorm2d(4))
