@@ -45,7 +45,6 @@ import shutil
 import signal
 import tempfile
 import threading
-import time
 import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
@@ -442,8 +441,6 @@ class Run:
             header=f"{self.experiment} run, resolved config ({stamp})",
         )
         _write_text_atomic(self.dir / CONFIG_FILE, text)
-        if self.resumed:
-            _wait_for_later_event_name(self.dir / "tb")
         self.tracker = Tracker(self.dir / "tb", purge_step=self.step + 1 if self.resumed else None)
         self.tracker.text("config", "```toml\n" + text + "```", self.step)
         self._install_signal_handlers()
@@ -861,19 +858,6 @@ class Run:
 
     def _record(self, level: int, message: str, exc_info: Any) -> logging.LogRecord:
         return logger.makeRecord(logger.name, level, __file__, 0, message, (), exc_info)
-
-
-def _wait_for_later_event_name(folder: Path) -> None:
-    """Sleep until the current second is past every event file's creation second.
-
-    TensorBoard reads a directory's event files in name order, and a name starts with the second
-    it was created in; a resume within the same second could otherwise sort before the events
-    it is meant to purge.
-    """
-    seconds = [p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*")]
-    latest = max((int(s) for s in seconds if s.isdigit()), default=None)
-    if latest is not None and time.time() < latest + 1:
-        time.sleep(latest + 1 - time.time())
 
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:

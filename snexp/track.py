@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -76,6 +77,8 @@ class Tracker:
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
 
+            if purge_step is not None:
+                _wait_for_later_event_name(Path(log_dir))
             self.writer = SummaryWriter(str(log_dir), purge_step=purge_step, flush_secs=flush_secs)
 
     @property
@@ -119,13 +122,17 @@ class Tracker:
         if self.writer is not None:
             self.writer.add_histogram(tag, values.detach().float().cpu(), step)
 
-    def importance(self, model: torch.nn.Module, step: int) -> None:
-        """Log the SN importance weights of every switchable layer of ``model``."""
+    def importance(self, model: torch.nn.Module, step: int, **kwargs: Any) -> None:
+        """Log the SN importance weights of every switchable layer of ``model``.
+
+        Delegates to :func:`snexp.inspect.log_importance`; ``kwargs`` (e.g. ``figure=False``)
+        are passed on.
+        """
         if self.writer is None:
             return
         from snexp.inspect import log_importance  # lazy: the core's inspection module
 
-        log_importance(self.writer, getattr(model, "_orig_mod", model), step)
+        log_importance(self.writer, getattr(model, "_orig_mod", model), step, **kwargs)
 
     def hparams(
         self, hparams: Mapping[str, Any] | Any, metrics: Mapping[str, float], *, step: int = 0
@@ -170,6 +177,19 @@ class Tracker:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _wait_for_later_event_name(folder: Path) -> None:
+    """Sleep until the clock is past the creation second of every event file in ``folder``.
+
+    TensorBoard reads a directory's event files in name order, and a name starts with the second
+    it was created in: a resumed writer opened within that second could sort before the events
+    its ``purge_step`` is meant to hide.
+    """
+    seconds = [p.name.split(".")[3] for p in folder.glob("events.out.tfevents.*")]
+    latest = max((int(s) for s in seconds if s.isdigit()), default=None)
+    if latest is not None and time.time() < latest + 1:
+        time.sleep(latest + 1 - time.time())
 
 
 def _hparam_value(value: Any) -> float | int | str:
