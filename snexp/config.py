@@ -715,7 +715,8 @@ def parse_args(
         default_config: Preset name or file used when no ``--config`` is given.
 
     Returns:
-        The config. With ``--resume --out DIR``, ``DIR/config.toml`` is the base layer.
+        The config. With ``--resume --out DIR``, ``DIR/config.toml`` is the base layer (in
+        place of ``default_config``).
 
     Raises:
         ConfigError: For any mistake; wrap the call in :func:`cli_errors`.
@@ -727,22 +728,24 @@ def parse_args(
     parser = build_parser(cls, prog=prog, description=description, flags=flags)
     namespace = vars(parser.parse_args(argv))
     preset_dir = Path(presets) if presets is not None else None
-    names = namespace.pop("__config") or ([default_config] if default_config else [])
-    settings = [s for n in names for s in _file_settings(_find_config(n, preset_dir))]
+    explicit = [_find_config(n, preset_dir) for n in namespace.pop("__config")]
+    files = explicit or ([_find_config(default_config, preset_dir)] if default_config else [])
     sets = [_set_setting(s) for s in namespace.pop("__set")]
     option = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
-    settings += [
+    flags_given = [
         _Setting(key, value, option[key], not isinstance(value, bool))
         for key, value in namespace.items()
         if value is not None
     ]
-    settings += sets
-    config = _resolve(cls, settings)
+    config = _resolve(cls, [s for f in files for s in _file_settings(f)] + flags_given + sets)
     runtime = getattr(config, "runtime", None)
     if isinstance(runtime, RuntimeConfig) and runtime.resume and runtime.out:
         saved = Path(runtime.out) / CONFIG_FILE
-        if saved.is_file():
-            config = _resolve(cls, _file_settings(saved) + settings)
+        if saved.is_file():  # the run's own settings replace the default preset
+            layers = [saved, *explicit]
+            config = _resolve(
+                cls, [s for f in layers for s in _file_settings(f)] + flags_given + sets
+            )
     return config
 
 

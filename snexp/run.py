@@ -194,13 +194,19 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        what = f" ({found.group(1)})" if found else ""
+        if found is None:  # no forbidden object: a file that is not a checkpoint at all
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            reason = detail.group(1) if detail else str(exc).splitlines()[0]
+            raise ConfigError(
+                f"checkpoint '{path}' is unreadable or truncated ({reason})"
+            ) from None
         raise ConfigError(
-            f"checkpoint '{path}' holds objects other than tensors and plain data{what}, so it "
-            "is refused: loading it could run arbitrary code"
+            f"checkpoint '{path}' holds objects other than tensors and plain data "
+            f"({found.group(1)}), so it is refused: loading it could run arbitrary code"
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as exc:
-        raise ConfigError(f"checkpoint '{path}' is unreadable or truncated ({exc})") from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise ConfigError(f"checkpoint '{path}' is unreadable or truncated ({reason})") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint '{path}' is a {type(obj).__name__}, not a dict")
     return obj
@@ -827,7 +833,7 @@ class Run:
         self._closed = True
         self.tracker.close()
         for signum, handler in self._handlers.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         torch.use_deterministic_algorithms(self._deterministic_before)
         root = logging.getLogger()
         for handler in self._log_handlers:
@@ -843,7 +849,8 @@ class Run:
             return
         try:
             if exc is None:
-                if self._saved_at != (self.step, self.epoch, self._batch_in_epoch):
+                done = (self.step, self.epoch, self._batch_in_epoch)
+                if self._objects and self._saved_at != done:
                     self.save()
                 logger.info(
                     "run finished at step %d, epoch %d: %s", self.step, self.epoch, self.dir

@@ -156,6 +156,18 @@ def test_resume_starts_from_the_saved_config(tmp_path):
     assert cfg.runtime.resume is True
 
 
+def test_resume_does_not_apply_the_default_preset(tmp_path, preset):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / CONFIG_FILE).write_text(to_toml(Cfg(train=Train(lr=0.25), norm="in")))
+    argv = ["--out", str(out), "--resume"]
+    cfg = parse(argv, presets=preset.parent, default_config="quick")
+    # The run's saved settings stand in for the default preset (which sets norm = "bn").
+    assert (cfg.train.lr, cfg.train.epochs, cfg.norm) == (0.25, 3, "in")
+    # An explicit --config still applies on top (and Run then judges the difference).
+    assert parse([*argv, "--config", "quick"], presets=preset.parent).norm == "bn"
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -257,6 +257,8 @@ def test_run_log_mirrors_the_console(tmp_path, capsys):
     log = (run.dir / "run.log").read_text().splitlines()
     # The same lines, in the same format, on the console and in run.log.
     assert err == log and len(log) == 3 and log[1].endswith("WARNING toy: watch out")
+    # Nothing was attached, so there is no empty checkpoint to trip over later.
+    assert not (run.dir / "checkpoints/last.pt").exists()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -350,6 +352,9 @@ def test_load_explains_missing_and_torn_files(tmp_path):
     (tmp_path / "torn.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ConfigError, match="is unreadable or truncated"):
         load_checkpoint(tmp_path / "torn.pt")
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    with pytest.raises(ConfigError, match="is unreadable or truncated"):
+        load_checkpoint(tmp_path / "notes.pt")
 
 
 def test_checkpoint_holds_rng_and_counters(tmp_path):
