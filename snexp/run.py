@@ -558,9 +558,9 @@ class Run:
 
         Pass models (the plain module, or a compiled/DDP one: its inner module is used),
         optimizers, LR schedulers and anything else with ``state_dict``/``load_state_dict``.
-        The AMP scaler is included automatically. On resume this also restores the counters,
-        :attr:`best`, :attr:`state` and all RNG states, so call it after building everything
-        and right before the loop.
+        Attach everything in one call. The AMP scaler is included automatically. On resume
+        this also restores the counters, :attr:`best`, :attr:`state` and all RNG states, so
+        call it after building everything and right before the loop.
 
         Raises:
             ConfigError: On resume, the checkpoint lacks one of the objects or has extra ones.
