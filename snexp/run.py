@@ -783,9 +783,9 @@ class Run:
         path = self.save()
         name = signal.Signals(self._stop_signal).name
         raise RunInterrupted(
-            f"stopped by {name} after step {self.step} ({self.epoch} epochs completed); "
-            f"checkpoint saved "
-            f"to {path}. Resume with: {self._prog} --out {self.dir} --resume",
+            f"received {name}, so the run stopped after step {self.step} ({self.epoch} epochs "
+            f"completed); checkpoint saved to {path}. Resume with: {self._prog} --out {self.dir} "
+            "--resume",
             self._stop_signal,
         )
 

@@ -16,7 +16,14 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import snexp.run as run_module
-from snexp.config import CONFIG_FILE, ConfigError, load_config, override, parse_args
+from snexp.config import (
+    CONFIG_FILE,
+    ConfigError,
+    cli_errors,
+    load_config,
+    override,
+    parse_args,
+)
 from snexp.run import (
     NonFiniteLoss,
     Run,
@@ -123,13 +130,25 @@ def test_sigterm_finishes_the_step_checkpoints_and_stops(tmp_path):
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 4
     assert info.value.exit_code == 128 + signal.SIGTERM
     assert str(info.value) == (
-        f"stopped by SIGTERM after step 4 (0 epochs completed); checkpoint saved to "
-        f"{tmp_path / 'checkpoints/last.pt'}. Resume with: toy --out {tmp_path} --resume"
+        "received SIGTERM, so the run stopped after step 4 (0 epochs completed); checkpoint "
+        f"saved to {tmp_path / 'checkpoints/last.pt'}. Resume with: toy --out {tmp_path} --resume"
     )
     # The writers are closed, the handler restored and the message is in run.log.
     assert run.tracker.writer is None
     assert signal.getsignal(signal.SIGTERM) is before
-    assert "stopped by SIGTERM after step 4" in (tmp_path / "run.log").read_text()
+    assert (
+        "received SIGTERM, so the run stopped after step 4" in (tmp_path / "run.log").read_text()
+    )
+
+
+def test_cli_reports_a_stop_with_the_signal_exit_status(capsys):
+    with pytest.raises(SystemExit) as info, cli_errors("toy"):
+        raise RunInterrupted("received SIGTERM after step 4; resume with: toy --resume", 15)
+    # 128 + signal number, as a shell expects, and the resume hint without a traceback.
+    assert info.value.code == 143
+    assert capsys.readouterr().err == (
+        "toy: stopped: received SIGTERM after step 4; resume with: toy --resume\n"
+    )
 
 
 def test_second_ctrl_c_aborts_without_saving(tmp_path):
