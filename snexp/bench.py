@@ -5,11 +5,18 @@ of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d and the plain-autograd re
 prints each as a ratio to BatchNorm2d measured in the same process. Implementations are timed
 round-robin (one repetition of each in turn) and summarized by the median, so that a noisy
 shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
+
+On Linux/glibc the benchmark first turns off heap trimming and mmap for buffers up to 32 MiB
+(``mallopt``; ``--no-malloc-tune`` keeps the defaults). Without it, whichever op happens to get
+a fresh, never-touched buffer pays thousands of page faults (measured here: the same 8 MB
+subtraction took 0.1 ms or 8 ms depending on heap state), which swamps the kernels being
+compared. PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 import time
@@ -54,6 +61,17 @@ def _build(name: str, channels: int) -> nn.Module:
     if name == "IN":
         return make_norm("in", channels)
     return _ReferenceSN(make_norm("sn", channels))
+
+
+def tune_glibc_malloc() -> bool:
+    """Keep freed heap memory for reuse (no trimming, no mmap below 32 MiB); glibc only."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_trim_threshold, 2**31 - 1)) and bool(
+            libc.mallopt(m_mmap_threshold, 32 * 2**20))
+    except (OSError, AttributeError):
+        return False
 
 
 def _sync(device: torch.device) -> None:
@@ -159,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=25, help="timed repetitions (default 25)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--no-malloc-tune", action="store_true",
+                        help="keep glibc's default heap trimming (noisier CPU timings)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
@@ -167,12 +187,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
+    tuned = False if args.no_malloc_tune else tune_glibc_malloc()
     rows = run_benchmark(args.shape or DEFAULT_SHAPES, device=args.device, dtype=dtype,
                          repeats=args.repeats, channels_last=args.channels_last)
     name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
             else f"CPU, {torch.get_num_threads()} threads")
     print(f"# snexp.bench: torch {torch.__version__}, {name}, {args.dtype}"
-          f"{', channels_last' if args.channels_last else ''}; ratios to BatchNorm2d "
+          f"{', channels_last' if args.channels_last else ''}"
+          f"{', glibc malloc tuned' if tuned else ''}; ratios to BatchNorm2d "
           f"(lower is faster)\n")
     print(format_table(rows))
     return 0
