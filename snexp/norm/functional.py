@@ -108,6 +108,19 @@ def _pool(t: Tensor, cand: str) -> Tensor:
     return t.view(n, g, c // g).mean(2, keepdim=True).expand(n, g, c // g).reshape(n, c)
 
 
+def _pooled_moments(mu_in: Tensor, var_in: Tensor, cand: str) -> tuple[Tensor, Tensor]:
+    """A pooled candidate's mean and variance: mean of mu_in, mean of var_in + var of mu_in."""
+    if cand in ("ln", "bn"):
+        dim = 1 if cand == "ln" else 0
+        var_of_means, mk = torch.var_mean(mu_in, dim, keepdim=True, correction=0)
+        return mk, var_in.mean(dim, keepdim=True) + var_of_means  # (N, 1) or (1, C)
+    n, c = mu_in.shape
+    g = int(cand[2:])
+    var_of_means, mk = torch.var_mean(mu_in.view(n, g, c // g), 2, keepdim=True, correction=0)
+    vk = var_in.view(n, g, c // g).mean(2, keepdim=True) + var_of_means  # (N, G, 1)
+    return (mk.expand(n, g, c // g).reshape(n, c), vk.expand(n, g, c // g).reshape(n, c))
+
+
 def _bessel(cand: str, n: int, c: int) -> float:
     """Unbiased-variance factor for official-mode (N, C) input (pooled count k -> k/(k-1))."""
     k = {"ln": c, "bn": n}.get(cand, c // int(cand[2:]) if cand.startswith("gn") else 1)
@@ -124,8 +137,7 @@ def _batch_stats(mu_in: Tensor, var_in: Tensor, m: int, spec: NormSpec):
     """BN-branch mean/var (1, C) from IN statistics, and the number of values pooled."""
     n = mu_in.shape[0]
     if not spec.sync:
-        mu_bn = mu_in.mean(0, keepdim=True)
-        var_bn = var_in.mean(0, keepdim=True) + (mu_in - mu_bn).pow(2).mean(0, keepdim=True)
+        mu_bn, var_bn = _pooled_moments(mu_in, var_in, "bn")
         return mu_bn, var_bn, n * m
     count = torch.full((1, mu_in.shape[1]), float(n), dtype=mu_in.dtype, device=mu_in.device)
     # (3, C): sum of means, sum of second moments, sample count -- one collective
@@ -153,8 +165,7 @@ def _candidate_stats(mu_in, var_in, bn_mean, bn_var, m, spec):
                 vk = vk * _bessel(cand, n, c)
             batch = (mk, vk, count)
         else:
-            mk = _pool(mu_in, cand)
-            vk = _pool(var_in, cand) + _pool((mu_in - mk).pow(2), cand)
+            mk, vk = _pooled_moments(mu_in, var_in, cand)
             if spec.official_2d:
                 vk = vk * _bessel(cand, n, c)
         stats.append((mk, vk))
@@ -218,10 +229,11 @@ class _SwitchNormFunction(torch.autograd.Function):
                                                          spec)
         # Means are mixed as offsets from mu_in (sum_k p_k = 1): a constant input then gives
         # exactly mu = mu_in instead of a rounding error amplified by 1/sqrt(eps).
+        k = len(stats)
         mus = torch.stack([(mk - mu_in).expand(n, c) for mk, _ in stats])  # (K, N, C)
         vars_ = torch.stack([vk.expand(n, c) for _, vk in stats])  # (K, N, C)
-        shift = torch.tensordot(mean_p.to(mus.dtype), mus, 1)  # (N, C): mu - mu_in
-        var = torch.tensordot(var_p.to(vars_.dtype), vars_, 1)  # (N, C)
+        shift = (mean_p.to(mus.dtype) @ mus.view(k, -1)).view(n, c)  # mu - mu_in
+        var = (var_p.to(vars_.dtype) @ vars_.view(k, -1)).view(n, c)
         rstd = torch.rsqrt(var + spec.eps)
         a = rstd if weight is None else rstd * weight.to(rstd.dtype)
         bc = -shift * a
@@ -255,16 +267,18 @@ class _SwitchNormFunction(torch.autograd.Function):
         dweight = (g * rstd).sum(0).to(weight.dtype) if need[1] else None
         dbias = s1.sum(0).to(weight.dtype if weight is not None else s1.dtype) if need[2] \
             else None
-        dmean_p = torch.tensordot(mus, dmu, 2).to(mean_p.dtype) if need[3] else None
-        dvar_p = torch.tensordot(vars_, dvar, 2).to(var_p.dtype) if need[4] else None
+        k = mus.shape[0]
+        dmean_p = (mus.view(k, -1) @ dmu.view(-1)).to(mean_p.dtype) if need[3] else None
+        dvar_p = (vars_.view(k, -1) @ dvar.view(-1)).to(var_p.dtype) if need[4] else None
         dx = None
         if need[0]:
             n, c = mu_in.shape
             dmu_in = torch.zeros_like(mu_in)
             dvar_in = torch.zeros_like(mu_in)
             bn_fixed = ctx.n_total is None
-            for k, (cand, (mk, _)) in enumerate(zip(spec.candidates, stats)):
-                dmk, dvk = mean_p[k] * dmu, var_p[k] * dvar
+            for cand, (mk, _), p_k, q_k in zip(spec.candidates, stats, mean_p.unbind(),
+                                               var_p.unbind()):
+                dmk, dvk = p_k * dmu, q_k * dvar
                 if cand == "in":
                     dmu_in += dmk
                     dvar_in += dvk
