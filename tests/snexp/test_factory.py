@@ -50,15 +50,21 @@ def test_norm_layer_accepts_callables_and_none():
     assert build(8).candidates == ("in", "ln")
 
 
-def test_convert_resnet_bn_to_sn_copies_parameters_and_statistics():
+def _resnet18_with_trained_bn() -> nn.Module:
+    """A ResNet-18 whose BN layers have non-trivial weights and running statistics."""
     torch.manual_seed(0)
     net = torchvision.models.resnet18(num_classes=10)
     with torch.no_grad():
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
-                m.running_mean.normal_()
+                m.running_mean.normal_(0, 0.1)
                 m.running_var.uniform_(0.5, 2)
+    return net
+
+
+def test_convert_resnet_bn_to_sn_copies_parameters_and_statistics():
+    net = _resnet18_with_trained_bn()
     bns = {n: m for n, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)}
     saved = {n: (m.weight.clone(), m.running_mean.clone()) for n, m in bns.items()}
     out = snexp.convert_norm(net, "sn")
@@ -72,14 +78,7 @@ def test_convert_resnet_bn_to_sn_copies_parameters_and_statistics():
 
 def test_convert_bn_to_bn_only_sn_keeps_eval_outputs():
     # BN -> SN(candidates=("bn",)) is the same function in eval mode.
-    torch.manual_seed(0)
-    net = torchvision.models.resnet18(num_classes=10)
-    with torch.no_grad():
-        for m in net.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 2)
-    net.eval()
+    net = _resnet18_with_trained_bn().eval()
     x = torch.randn(2, 3, 64, 64)
     want = net(x)
     got = snexp.convert_norm(net, "sn", candidates=("bn",))(x)
