@@ -1,0 +1,158 @@
+"""Style-conditional normalization: one set of norm parameters per style, shared convolutions.
+
+Dumoulin et al., "A Learned Representation for Artistic Style" (ICLR 2017), eq. 5: conditional
+instance norm keeps one (gamma_s, beta_s) per style s and shares everything else. Here the same
+idea wraps any ``snexp`` normalizer, and for Switchable Normalization each style also gets its
+own importance logits, so every style can pick its own IN/LN/BN mix.
+
+A style is given as a weight vector ``w`` of shape (S,): one-hot for one style, any convex
+combination to blend styles at inference (``gamma = w @ gamma_s``, and for SN the importance
+probabilities ``p = w @ softmax(logits_s)``, still a point of the simplex).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from snexp import norm_layer as resolve_norm
+from snexp.norm.functional import NormSpec, parse_candidates, switch_norm
+
+__all__ = ["StyleNorm", "ConditionalAffine", "ConditionalSwitchNorm2d", "style_norm_layer"]
+
+
+class StyleNorm(nn.Module):
+    """Base of the style-conditional norms: ``forward(x, style)`` with ``style`` (S,) weights."""
+
+    num_styles: int
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class ConditionalAffine(StyleNorm):
+    """A parameter-free normalizer followed by a per-style affine map (conditional IN for IN).
+
+    Args:
+        base: The normalizer without affine parameters (e.g. ``InstanceNorm2d(C)``).
+        num_features: Channel count C.
+        num_styles: Number of styles S.
+
+    # NOTE: a BN base keeps one set of running statistics shared by all styles (Dumoulin et
+    # al. used IN, which has none); ConditionalSwitchNorm2d keeps one set per style.
+    """
+
+    def __init__(self, base: nn.Module, num_features: int, num_styles: int) -> None:
+        super().__init__()
+        self.base = base
+        self.num_styles = num_styles
+        self.weight = nn.Parameter(torch.ones(num_styles, num_features))  # (S, C)
+        self.bias = nn.Parameter(torch.zeros(num_styles, num_features))  # (S, C)
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        style = style.to(self.weight.dtype)
+        gamma = (style @ self.weight).view(1, -1, 1, 1)  # (1, C, 1, 1)
+        beta = (style @ self.bias).view(1, -1, 1, 1)
+        return self.base(x) * gamma + beta
+
+
+class ConditionalSwitchNorm2d(StyleNorm):
+    """Switchable Normalization with per-style affine parameters and importance logits.
+
+    The arithmetic is :func:`snexp.norm.functional.switch_norm`; this module only chooses its
+    arguments from the style weights. The BN branch keeps running statistics per style
+    (``running_mean[s]``), because each style shifts the activations differently.
+
+    Args:
+        num_features: Channel count C.
+        num_styles: Number of styles S.
+        eps, momentum, candidates, compat: As :class:`snexp.SwitchNorm2d`.
+
+    Example:
+        >>> norm = ConditionalSwitchNorm2d(16, num_styles=2)
+        >>> norm(torch.randn(4, 16, 8, 8), torch.tensor([1.0, 0.0])).shape
+        torch.Size([4, 16, 8, 8])
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_styles: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        candidates: tuple[str, ...] = ("in", "ln", "bn"),
+        compat: str = "paper",
+    ) -> None:
+        super().__init__()
+        self.num_features, self.num_styles = num_features, num_styles
+        self.eps, self.momentum, self.compat = float(eps), momentum, compat
+        self.candidates = parse_candidates(candidates, num_features)
+        k = len(self.candidates)
+        self.weight = nn.Parameter(torch.ones(num_styles, num_features))  # (S, C)
+        self.bias = nn.Parameter(torch.zeros(num_styles, num_features))  # (S, C)
+        # NOTE: named *_logits, not mean_weight/var_weight, so that snexp.inspect does not
+        # read these (S, K) tensors as one layer's (K,) logits.
+        self.mean_logits = nn.Parameter(torch.zeros(num_styles, k))  # (S, K)
+        self.var_logits = nn.Parameter(torch.zeros(num_styles, k))  # (S, K)
+        has_bn = "bn" in self.candidates
+        self.register_buffer("running_mean", torch.zeros(num_styles, num_features)
+                             if has_bn else None)
+        self.register_buffer("running_var", torch.ones(num_styles, num_features)
+                             if has_bn else None)
+        self.register_buffer("num_batches_tracked", torch.zeros(num_styles, dtype=torch.long)
+                             if has_bn else None)
+
+    def importance_weights(self) -> tuple[Tensor, Tensor]:
+        """Per-style mean and variance weights, each (S, K) (softmax of the logits)."""
+        return torch.softmax(self.mean_logits, 1), torch.softmax(self.var_logits, 1)
+
+    def forward(self, x: Tensor, style: Tensor) -> Tensor:
+        style = style.to(self.weight.dtype)
+        mean_p, var_p = (style @ p for p in self.importance_weights())  # (K,) each
+        weight, bias = style @ self.weight, style @ self.bias  # (C,) each
+        running_mean = running_var = tracked = None
+        update = False
+        if self.running_mean is not None:
+            if self.training:
+                index = int(style.argmax())
+                if float(style[index]) != 1.0:
+                    raise ValueError("ConditionalSwitchNorm2d trains on one style at a time; "
+                                     f"got style weights {style.tolist()}")
+                running_mean, running_var = self.running_mean[index], self.running_var[index]
+                tracked = self.num_batches_tracked[index]
+                tracked.add_(1)
+                update = True
+            else:  # a blend of styles evaluates with the blend of their statistics
+                running_mean, running_var = style @ self.running_mean, style @ self.running_var
+        spec = NormSpec(self.candidates, self.eps, unbiased_in=self.compat == "official")
+        return switch_norm(x, weight, bias, mean_p, var_p, running_mean, running_var,
+                           spec=spec, training=self.training, momentum=self.momentum,
+                           update_running=update, num_batches_tracked=tracked,
+                           compat=self.compat)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_features}, num_styles={self.num_styles}, "
+                f"candidates={self.candidates}")
+
+
+def style_norm_layer(kind: str, num_styles: int, **options) -> Callable[[int], nn.Module]:
+    """Resolve a norm kind once into ``layer(channels)``; conditional when ``num_styles > 1``.
+
+    Args:
+        kind: An ``snexp`` kind: "sn", "ssn", "bn", "in", "ln", "gn" or "none".
+        num_styles: Styles of the network; 1 gives the plain ``snexp`` layer.
+        **options: Layer options (``candidates`` for SN/SSN, ``groups`` for GN, ...).
+
+    Returns:
+        A callable taking the channel count.
+    """
+    if num_styles < 1:
+        raise ValueError(f"num_styles must be >= 1, got {num_styles}")
+    if num_styles == 1 or kind == "none":
+        return resolve_norm(kind, **options)
+    if kind == "sn":
+        return lambda c: ConditionalSwitchNorm2d(c, num_styles, **options)
+    base = resolve_norm(kind, affine=False, **options)
+    return lambda c: ConditionalAffine(base(c), c, num_styles)

@@ -1,0 +1,71 @@
+"""``python -m stylize.train``: train a feed-forward style-transfer network with SN.
+
+Johnson et al. (2016) with the normalizers of ``snexp`` (SN by default, as in the SN paper's
+style-transfer experiment). Thin: parse the config, check the inputs (style files, VGG16
+weights) before anything is written, then run :func:`stylize.loop.train`.
+
+Example::
+
+    python -m stylize.train --style starry.jpg                       # quick preset, CPU-sized
+    python -m stylize.train --config johnson --style starry.jpg --content-dir coco/train2014
+    python -m stylize.train --style a.jpg --style b.jpg --norm in    # a 2-style network
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from snexp.config import ConfigError, cli_errors, parse_args
+from snexp.run import Run
+from stylize.config import PRESETS, StylizeConfig
+from stylize.loop import train
+from stylize.loss import load_vgg16
+
+__all__ = ["FLAGS", "SAFE_KEYS", "check_inputs", "main"]
+
+PROG = "python -m stylize.train"
+FLAGS = {
+    "--style": "data.styles",
+    "--content-dir": "data.content_dir",
+    "--image-size": "data.image_size",
+    "--style-size": "data.style_size",
+    "--norm": "model.norm",
+    "--width": "model.width",
+    "--epochs": "train.epochs",
+    "--steps": "train.steps",
+    "--batch-size": "train.batch_size",
+    "--lr": "train.lr",
+    "--content-weight": "loss.content_weight",
+    "--style-weight": "loss.style_weight",
+    "--tv-weight": "loss.tv_weight",
+    "--vgg-weights": "loss.vgg_weights",
+    "--preview-every": "log.preview_every",
+}
+# Keys that may change on --resume: how long to train, how often to log, where weights live.
+SAFE_KEYS = ("train.epochs", "train.steps", "log.*", "loss.vgg_weights", "data.workers")
+
+
+def check_inputs(cfg: StylizeConfig) -> None:
+    """Refuse a run without styles or with missing style files, before anything is written."""
+    if not cfg.data.styles:
+        raise ConfigError("no style image: pass --style FILE (repeat it to train one network "
+                          "on several styles)")
+    missing = [p for p in cfg.data.styles if not Path(p).expanduser().is_file()]
+    if missing:
+        raise ConfigError(f"style image(s) not found: {', '.join(missing)}")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv``, check the inputs, train, write ``<out>/model.pt``."""
+    with cli_errors(PROG):
+        cfg = parse_args(StylizeConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
+                         flags=FLAGS, presets=PRESETS, default_config="quick")
+        check_inputs(cfg)
+        loss_net = load_vgg16(cfg.loss.vgg_weights)
+        with Run(cfg, experiment="stylize", safe_keys=SAFE_KEYS, prog=PROG) as run:
+            train(run, loss_net)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Gram matrices, normalization and the perceptual losses on known tensors; VGG16 loading."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from snexp.config import ConfigError
+from stylize.loss import (
+    VGG16_FILE,
+    PerceptualLoss,
+    VGG16Features,
+    VGGOutputs,
+    gram_matrix,
+    imagenet_normalize,
+    load_vgg16,
+    total_variation,
+)
+
+
+class Identity4(nn.Module):
+    """A 'loss network' whose four features are its input: losses become pixel formulas."""
+
+    def forward(self, x):
+        return VGGOutputs(x, x, x, x)
+
+
+def test_gram_matrix_of_known_features_is_normalized_by_chw():
+    f = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[0.0, 1.0], [0.0, 1.0]]]])  # (1, 2, 2, 2)
+    g = gram_matrix(f)
+    # <f0,f0> = 30, <f0,f1> = 6, <f1,f1> = 2, divided by C*H*W = 8
+    torch.testing.assert_close(g, torch.tensor([[[30.0, 6.0], [6.0, 2.0]]]) / 8)
+
+
+def test_imagenet_normalize_leaves_its_input_untouched():
+    x = torch.full((1, 3, 2, 2), 0.5)
+    y = imagenet_normalize(x)
+    assert torch.equal(x, torch.full((1, 3, 2, 2), 0.5))
+    torch.testing.assert_close(y[0, :, 0, 0], torch.tensor(
+        [(0.5 - 0.485) / 0.229, (0.5 - 0.456) / 0.224, (0.5 - 0.406) / 0.225]))
+
+
+def test_total_variation_of_a_ramp():
+    y = torch.arange(4.0).view(1, 1, 1, 4).expand(1, 1, 3, 4)  # +1 per column, rows equal
+    assert total_variation(y).item() == pytest.approx(1.0)
+
+
+def test_loss_values_on_known_tensors():
+    style = torch.zeros(3, 4, 4)
+    criterion = PerceptualLoss(Identity4(), [style], content_weight=2.0, style_weight=3.0,
+                               tv_weight=0.5)
+    content = torch.zeros(1, 3, 4, 4)
+    output = content + 0.229 * torch.tensor([1.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    losses = criterion(output, content, 0)
+    # the red channel differs by exactly 1 std after normalization: content MSE = 1/3
+    assert losses.content.item() == pytest.approx(2.0 * (1 / 3), rel=1e-5)
+    # style: 4 layers, each the MSE between Gram matrices of output and of the black style
+    g_out = gram_matrix(imagenet_normalize(output))
+    g_sty = gram_matrix(imagenet_normalize(style[None]))
+    expected = 4 * 3.0 * ((g_out - g_sty) ** 2).mean().item()
+    assert losses.style.item() == pytest.approx(expected, rel=1e-5)
+    assert losses.tv.item() == 0.0  # a flat image has no variation
+    assert losses.total.item() == pytest.approx(losses.content.item() + losses.style.item())
+
+
+def test_output_equal_to_style_and_content_has_zero_loss():
+    image = torch.rand(1, 3, 8, 8)
+    losses = PerceptualLoss(Identity4(), [image[0]])(image.clone(), image, 0)
+    assert losses.content.item() == 0.0 and losses.style.item() == pytest.approx(0.0, abs=1e-9)
+
+
+def test_missing_vgg_weights_say_which_file_to_put_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    with pytest.raises(ConfigError) as info:
+        load_vgg16()
+    text = str(info.value)
+    # the message names the exact cache path, the file, where it comes from and the flag
+    assert str(tmp_path / "th" / "hub" / "checkpoints" / VGG16_FILE) in text
+    assert "https://download.pytorch.org/models/vgg16-397923af.pth" in text
+    assert "--vgg-weights FILE" in text
+    with pytest.raises(ConfigError, match="--vgg-weights nope.pth does not exist"):
+        load_vgg16("nope.pth")
+
+
+def test_a_file_that_is_not_vgg16_is_refused(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save({"weight": torch.zeros(3)}, path)
+    with pytest.raises(ConfigError, match="cannot use .* as VGG16 weights"):
+        load_vgg16(path)
+
+
+def test_vgg16_weights_load_from_a_file(random_vgg_file):
+    net = load_vgg16(random_vgg_file)
+    saved = torch.load(random_vgg_file, weights_only=True)
+    # the first conv holds the file's weights, the net is frozen and stays in eval mode
+    torch.testing.assert_close(net.slices[0][0].weight, saved["features.0.weight"])
+    assert not any(p.requires_grad for p in net.parameters())
+    net.train()
+    assert not net.training
+    out = net(torch.rand(1, 3, 32, 32))
+    assert [tuple(t.shape[1:]) for t in out] == [(64, 32, 32), (128, 16, 16), (256, 8, 8),
+                                                  (512, 4, 4)]
+
+
+def test_vgg16_features_take_torchvisions_layer_slices():
+    net = VGG16Features()
+    # relu1_2, relu2_2, relu3_3 and relu4_3 end the four slices
+    assert [type(s[-1]).__name__ for s in net.slices] == ["ReLU"] * 4
+    assert [len(s) for s in net.slices] == [4, 5, 7, 7]

@@ -1,0 +1,105 @@
+"""The loop and ``python -m stylize.train``: losses fall, TensorBoard, model.pt, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from stylize_helpers import read_events, tiny_config
+
+from snexp.run import Run
+from stylize.loop import train
+from stylize.saved import load_model
+from stylize.train import main
+
+
+def test_losses_fall_and_tensorboard_has_every_tag(tmp_path, style_files, tiny_loss_net):
+    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=24, preview_every=12,
+                      synthetic_count=16)
+    with Run(cfg, experiment="stylize", console=False) as run:
+        train(run, tiny_loss_net)
+    scalars, images = read_events(tmp_path / "run" / "tb")
+    total = scalars["loss/total"]
+    # 24 steps on the embedded scenes: the last steps' loss is well below the first steps'
+    assert len(total) == 24
+    assert sum(total[-4:]) / 4 < 0.7 * sum(total[:4]) / 4
+    for tag in ("loss/content", "loss/style", "loss/tv", "lr"):
+        assert len(scalars[tag]) == 24
+    assert scalars["lr"][0] == pytest.approx(1e-2)
+    assert any(t.startswith("sn_importance/res.0.block1.norm/mean_") for t in scalars)
+    # a preview grid at steps 12 and 24: 2 rows (content, style) x 2 held-out images of 32 px
+    assert images["preview"] == [(2 * 34 + 2, 2 * 34 + 2)] * 2
+    net, meta = load_model(tmp_path / "run" / "model.pt")
+    assert meta["styles"] == ["waves"] and meta["norm"] == "sn"
+    assert meta["config"]["train.steps"] == 24
+
+
+def test_model_file_loads_with_weights_only_and_holds_metadata(tmp_path, style_files,
+                                                                tiny_loss_net):
+    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=2, norm="gn")
+    with Run(cfg, experiment="stylize", console=False) as run:
+        trained = train(run, tiny_loss_net)
+    raw = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
+    assert raw["norm"] == "gn" and raw["norm_options"] == {"groups": 2}
+    assert raw["width"] == 0.125 and raw["blocks"] == 2 and raw["styles"] == ["waves"]
+    net, _ = load_model(tmp_path / "run" / "model.pt")
+    x = torch.rand(1, 3, 20, 20)
+    trained.eval()
+    # the rebuilt network computes exactly what the trained one does
+    torch.testing.assert_close(net(x), trained(x))
+
+
+def test_two_styles_train_one_conditional_network(tmp_path, style_files, tiny_loss_net):
+    cfg = tiny_config(tmp_path / "run", style_files, steps=8, preview_every=8)
+    with Run(cfg, experiment="stylize", console=False) as run:
+        net = train(run, tiny_loss_net)
+    # each style got its own steps, so its own affine parameters and importance logits moved
+    norm = net.res[0].block1.norm
+    assert norm.weight.shape == (2, 16) and norm.mean_logits.shape == (2, 3)
+    assert not torch.allclose(norm.weight[0], norm.weight[1])
+    assert not torch.allclose(norm.mean_logits[0], norm.mean_logits[1])
+    assert norm.num_batches_tracked.tolist() == [4, 4]
+    scalars, images = read_events(tmp_path / "run" / "tb")
+    # the preview shows content + both styles (3 rows); importance is logged per style
+    assert images["preview"] == [(2 * 34 + 2, 3 * 34 + 2)]
+    assert any(t.startswith("sn_importance/waves/") for t in scalars)
+    assert any(t.startswith("sn_importance/dots/") for t in scalars)
+    _, meta = load_model(tmp_path / "run" / "model.pt")
+    assert meta["styles"] == ["waves", "dots"]
+
+
+def test_missing_vgg_weights_stop_the_cli_before_anything_is_written(tmp_path, style_files,
+                                                                     monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    with pytest.raises(SystemExit) as info:
+        main(["--style", style_files[0], "--out", str(tmp_path / "run")])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "vgg16-397923af.pth" in " ".join(err.split()) and "--vgg-weights" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_run_without_style(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "run")])
+    assert "pass --style FILE" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_resume_through_the_cli_ends_where_an_uninterrupted_run_ends(tmp_path, style_files,
+                                                                     random_vgg_file):
+    common = ["--style", style_files[0], "--vgg-weights", str(random_vgg_file),
+              "--image-size", "24", "--style-size", "24", "--width", "0.125",
+              "--batch-size", "2", "--set", "model.blocks=1", "--set", "data.synthetic_count=8",
+              "--deterministic", "--device", "cpu", "--preview-every", "100",
+              "--set", "log.every=1", "--epochs", "3"]
+    main(common + ["--steps", "5", "--out", str(tmp_path / "a")])
+    main(common + ["--steps", "2", "--out", str(tmp_path / "b")])
+    main(["--out", str(tmp_path / "b"), "--resume", "--steps", "5"])
+    a = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "model.pt", weights_only=True)
+    # stopped at step 2 (mid-epoch) and resumed: the same weights as never stopped
+    for key, value in a["state_dict"].items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)
+    scalars, _ = read_events(tmp_path / "b" / "tb")
+    assert len(scalars["loss/total"]) == 5
