@@ -51,9 +51,12 @@ class _ConvBlock(nn.Module):
     def forward(self, x: Tensor, style: Tensor | None = None,
                 size: tuple[int, int] | None = None) -> Tensor:
         if self.upsample:
-            x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, 2h, 2w)
-            if size is not None:
-                x = x[:, :, : size[0], : size[1]]
+            # Nearest to (2h or 2h-1, 2w or 2w-1) is exactly "repeat x2, crop the last row or
+            # column"; asking for the size keeps torch.export free of shape guards.
+            if size is None:
+                x = F.interpolate(x, scale_factor=2.0, mode="nearest")  # (N, C, 2h, 2w)
+            else:
+                x = F.interpolate(x, size=size, mode="nearest")  # (N, C, *size)
         x = self.conv(self.pad(x))
         if self.norm is not None:
             x = _norm(self.norm, x, style)

@@ -1,0 +1,160 @@
+"""Stylizing images with a trained network: whole, or in tiles; optional colour preservation.
+
+Tiling (for images too large to stylize at once): every normalizer of the network, in eval
+mode, is a per-(sample, channel) affine map ``y = a x + b`` whose coefficients depend on the
+whole image's statistics (IN/LN terms) or on running statistics (BN terms). One pass over the
+image (downscaled to ``stats_size`` if larger) records ``a`` and ``b`` of every norm; each tile
+then reuses them, so tiles agree with each other and with the untiled result except within the
+network's receptive field (about 55 px at 5 blocks) of a tile's inner edges, which the linear
+blending of overlaps hides. Tiles start at multiples of 4 to keep the stride-2 grids aligned.
+
+Colour preservation follows Gatys et al., "Preserving Color in Neural Artistic Style Transfer"
+(2016), luminance-only transfer: the stylized image's luminance with the content's chroma
+(YCbCr, ITU-R BT.601).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stylize.net import TransformerNet
+
+__all__ = ["preserve_color", "stylize", "tile_starts"]
+
+# RGB -> YCbCr (BT.601, no offsets)
+_YCC = torch.tensor([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5],
+                     [0.5, -0.418688, -0.081312]])
+
+
+def preserve_color(content: Tensor, stylized: Tensor) -> Tensor:
+    """The stylized luminance with the content's chroma, both (N, 3, H, W) in [0, 1].
+
+    Example:
+        >>> out = preserve_color(photo, net(photo).clamp(0, 1))  # doctest: +SKIP
+    """
+    m = _YCC.to(content.device, torch.float32)
+    ycc_c = torch.einsum("ij,njhw->nihw", m, content.float())  # (N, 3, H, W)
+    ycc_s = torch.einsum("ij,njhw->nihw", m, stylized.float())
+    ycc = torch.cat([ycc_s[:, :1], ycc_c[:, 1:]], 1)
+    rgb = torch.einsum("ij,njhw->nihw", torch.linalg.inv(m), ycc)
+    return rgb.clamp(0, 1).to(stylized.dtype)
+
+
+def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Start offsets (multiples of 4) of tiles covering ``length`` pixels.
+
+    The last tile runs to the end (it may be up to 3 pixels longer than ``tile``).
+    """
+    if length <= tile:
+        return [0]
+    step = max(4, (tile - overlap) // 4 * 4)
+    last = (length - tile) // 4 * 4
+    starts = list(range(0, last, step))
+    return starts + [last]
+
+
+def _ramp(length: int, start: int, end: int, total: int, overlap: int, device) -> Tensor:
+    """Blend weights (length,) of a tile: linear ramps of ``overlap`` px at inner edges."""
+    w = torch.ones(length, device=device)
+    k = min(overlap, length // 2)
+    if k > 0:
+        ramp = torch.arange(1, k + 1, device=device, dtype=torch.float32) / (k + 1)
+        if start > 0:
+            w[:k] = ramp
+        if end < total:
+            w[-k:] = torch.minimum(w[-k:], ramp.flip(0))
+    return w
+
+
+def _norms(net: nn.Module) -> list[nn.Module]:
+    return [m.norm for m in net.modules()
+            if isinstance(getattr(m, "norm", None), nn.Module)
+            and not isinstance(m.norm, nn.Identity)]
+
+
+@contextlib.contextmanager
+def _recorded(net: nn.Module, maps: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Record each norm's per-(n, c) affine map (a, b) by least squares on its input/output."""
+
+    def hook(module, args, out):
+        x, y = args[0].double(), out.double()
+        xc = x - x.mean((2, 3), keepdim=True)
+        yc = y - y.mean((2, 3), keepdim=True)
+        var = xc.pow(2).mean((2, 3), keepdim=True)  # (N, C, 1, 1)
+        a = torch.where(var > 0, (xc * yc).mean((2, 3), keepdim=True) / var.clamp_min(1e-300),
+                        torch.zeros_like(var))
+        b = y.mean((2, 3), keepdim=True) - a * x.mean((2, 3), keepdim=True)
+        maps[id(module)] = (a.float(), b.float())
+
+    handles = [m.register_forward_hook(hook) for m in _norms(net)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def _replayed(net: nn.Module, maps: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
+    """Replace each norm's output by its recorded affine map of the (tile's) input."""
+
+    def hook(module, args, out):
+        a, b = maps[id(module)]
+        return (args[0] * a.to(args[0].dtype) + b.to(args[0].dtype)).to(out.dtype)
+
+    handles = [m.register_forward_hook(hook) for m in _norms(net)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def stylize(net: TransformerNet, image: Tensor, style: int | Tensor | None = None, *,
+            tile: int | None = None, overlap: int = 32, stats_size: int = 1024) -> Tensor:
+    """Stylize ``image`` (N, 3, H, W) in [0, 1]; the result has the same size, in [0, 1].
+
+    Args:
+        net: The trained network (put in eval mode here).
+        image: The content images.
+        style: Style index or weights (S,) for a multi-style network; ``None``: style 0.
+        tile: Tile side in pixels; ``None`` stylizes the whole image at once.
+        overlap: Pixels by which neighbouring tiles overlap and are blended.
+        stats_size: With tiles, the longest side at which the normalization statistics are
+            measured (the image is downscaled to it when larger).
+    """
+    net.eval()
+    n, _, h, w = image.shape
+    if tile is None or (h <= tile and w <= tile):
+        return net(image, style).clamp(0, 1)
+    if tile < 16 or not 0 <= overlap < tile:
+        raise ValueError(f"tile must be >= 16 and overlap in [0, tile), got {tile}, {overlap}")
+    small = image
+    if max(h, w) > stats_size:
+        scale = stats_size / max(h, w)
+        small = F.interpolate(image, size=(max(16, round(h * scale)), max(16, round(w * scale))),
+                              mode="bilinear", antialias=True, align_corners=False)
+    maps: dict[int, tuple[Tensor, Tensor]] = {}
+    with _recorded(net, maps):
+        net(small, style)
+    out = torch.zeros(n, 3, h, w, device=image.device)
+    weight = torch.zeros(1, 1, h, w, device=image.device)
+    rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
+    with _replayed(net, maps):
+        for i, y0 in enumerate(rows):
+            y1 = h if i == len(rows) - 1 else y0 + tile
+            wy = _ramp(y1 - y0, y0, y1, h, overlap, image.device)
+            for j, x0 in enumerate(cols):
+                x1 = w if j == len(cols) - 1 else x0 + tile
+                wx = _ramp(x1 - x0, x0, x1, w, overlap, image.device)
+                blend = (wy[:, None] * wx[None, :])[None, None]  # (1, 1, th, tw)
+                piece = net(image[:, :, y0:y1, x0:x1], style).float()
+                out[:, :, y0:y1, x0:x1] += piece * blend
+                weight[:, :, y0:y1, x0:x1] += blend
+    return (out / weight).clamp(0, 1).to(image.dtype)

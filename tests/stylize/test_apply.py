@@ -1,0 +1,157 @@
+"""``python -m stylize.apply``: round trip, folders, style blends, colour, tiling, export."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import to_tensor
+
+from stylize.apply import main
+from stylize.data import SyntheticScenes, load_image
+from stylize.export import missing_onnx_packages
+from stylize.infer import _YCC, preserve_color, stylize
+from stylize.net import TransformerNet
+from stylize.saved import save_model
+
+
+def _trained_like(norm="sn", num_styles=1):
+    """A small network with non-trivial norm parameters and running statistics."""
+    torch.manual_seed(0)
+    net = TransformerNet(norm, width=0.125, blocks=1, num_styles=num_styles)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    net.train()
+    for s in range(num_styles):
+        net(torch.rand(2, 3, 24, 24), s if num_styles > 1 else None)
+    return net.eval()
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    net = _trained_like()
+    return save_model(tmp_path / "model.pt", net, styles=["waves"]), net
+
+
+@pytest.fixture
+def photo(tmp_path):
+    path = tmp_path / "photo.png"
+    SyntheticScenes(1, 64, seed=3).render(0).crop((0, 0, 50, 37)).save(path)  # 50x37, odd
+    return path
+
+
+def test_round_trip_save_load_apply(tmp_path, model_file, photo, capsys):
+    path, net = model_file
+    out = tmp_path / "out.png"
+    main(["--model", str(path), "--input", str(photo), "--output", str(out), "--device", "cpu"])
+    result = to_tensor(Image.open(out))
+    # the output has the input's size and is the network's output up to 8-bit rounding
+    assert result.shape == (3, 37, 50)
+    expected = net(load_image(photo)[None]).clamp(0, 1)[0]
+    assert (result - expected).abs().max() <= 0.5 / 255 + 1e-6
+    assert "stylized 1 image(s)" in capsys.readouterr().out
+
+
+def test_existing_output_is_not_overwritten_without_asking(tmp_path, model_file, photo, capsys):
+    out = tmp_path / "out.png"
+    out.write_bytes(b"mine")
+    args = ["--model", str(model_file[0]), "--input", str(photo), "--output", str(out)]
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"mine"
+    main(args + ["--overwrite"])
+    assert Image.open(out).size == (50, 37)
+
+
+def test_folder_input_mirrors_the_tree_and_size_keeps_the_output_size(tmp_path, model_file):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    SyntheticScenes(1, 40, seed=4).render(0).save(src / "a.jpg")
+    SyntheticScenes(1, 30, seed=5).render(0).resize((30, 21)).save(src / "sub" / "b.png")
+    (src / "junk.png").write_bytes(b"broken")
+    main(["--model", str(model_file[0]), "--input", str(src), "--output", str(tmp_path / "o"),
+          "--size", "24"])
+    # every readable image is stylized at 24 px and written back at its own size
+    assert Image.open(tmp_path / "o" / "a.jpg").size == (40, 40)
+    assert Image.open(tmp_path / "o" / "sub" / "b.png").size == (30, 21)
+    assert not (tmp_path / "o" / "junk.png").exists()
+
+
+def test_style_mix_and_index_of_a_two_style_model(tmp_path, photo):
+    net = _trained_like("sn", num_styles=2)
+    path = save_model(tmp_path / "m.pt", net, styles=["a", "b"])
+    x = load_image(photo)[None]
+    outs = {}
+    for name, flags in {"one": ["--style-index", "1"], "mix": ["--style-mix", "1,3"]}.items():
+        main(["--model", str(path), "--input", str(photo), "--output",
+              str(tmp_path / f"{name}.png")] + flags)
+        outs[name] = to_tensor(Image.open(tmp_path / f"{name}.png"))
+    tol = 0.5 / 255 + 1e-6
+    assert (outs["one"] - net(x, 1).clamp(0, 1)[0]).abs().max() <= tol
+    # 1,3 is normalized to a 25/75 blend of the two styles
+    mixed = net(x, torch.tensor([0.25, 0.75])).clamp(0, 1)[0]
+    assert (outs["mix"] - mixed).abs().max() <= tol
+    assert (outs["mix"] - outs["one"]).abs().max() > 5 / 255
+    with pytest.raises(SystemExit):
+        main(["--model", str(path), "--input", str(photo), "--output",
+              str(tmp_path / "x.png"), "--style-index", "2"])
+
+
+def test_preserve_color_keeps_content_chroma_and_stylized_luminance():
+    torch.manual_seed(0)
+    content, stylized = 0.25 + 0.5 * torch.rand(2, 1, 3, 8, 8)
+    out = preserve_color(content, stylized)
+    ycc = lambda t: torch.einsum("ij,njhw->nihw", _YCC, t)  # noqa: E731
+    torch.testing.assert_close(ycc(out)[:, 0], ycc(stylized)[:, 0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ycc(out)[:, 1:], ycc(content)[:, 1:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("norm", ["sn", "in", "bn"])
+def test_tiling_equals_untiled_output_away_from_seams(norm):
+    net = _trained_like(norm)
+    x = torch.rand(1, 3, 96, 96)
+    full = stylize(net, x)
+    tiled = stylize(net, x, tile=64, overlap=16)  # tiles [0, 64) and [32, 96) per axis
+    assert tiled.shape == full.shape
+    # pixels seen by one tile only, farther than the receptive field from its inner edge
+    away = torch.cat([torch.arange(0, 32), torch.arange(64, 96)])
+    torch.testing.assert_close(tiled[..., away, :][..., away], full[..., away, :][..., away],
+                               atol=1e-5, rtol=0)
+
+
+def test_torch_export_program_matches_pytorch(tmp_path, model_file):
+    path = tmp_path / "model.pt2"
+    main(["--model", str(model_file[0]), "--export", str(path)])
+    program = torch.export.load(path)
+    for size in [(64, 64), (37, 50)]:  # height and width are dynamic
+        x = torch.rand(1, 3, *size)
+        torch.testing.assert_close(program.module()(x), model_file[1](x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None or bool(
+    missing_onnx_packages()), reason="ONNX extra not installed (pip install onnx onnxscript "
+                                     "onnxruntime)")
+def test_onnx_model_matches_pytorch(tmp_path, model_file):
+    import onnxruntime
+
+    path = tmp_path / "model.onnx"
+    main(["--model", str(model_file[0]), "--export", str(path)])
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in [(64, 64), (37, 50)]:
+        x = torch.rand(1, 3, *size)
+        (y,) = session.run(None, {"x": x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(y), model_file[1](x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.skipif(not missing_onnx_packages(), reason="the ONNX extra is installed")
+def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, model_file, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(model_file[0]), "--export", str(tmp_path / "m.onnx")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "pip install" in err and "onnx" in err
+    assert not (tmp_path / "m.onnx").exists()
