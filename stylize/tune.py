@@ -1,0 +1,48 @@
+"""``python -m stylize.tune``: search style weight, learning rate and norm kind with Optuna.
+
+Example::
+
+    python -m stylize.tune --style starry.jpg --trials 30 --steps 200
+    python -m stylize.tune --style starry.jpg --storage study.db --out runs/tune-w2  # 2nd worker
+    optuna-dashboard sqlite:///runs/stylize-tune/<run>/optuna.db               # Pareto front
+
+Thin: parse, check the inputs before anything is written, run :func:`stylize.tuning.tune`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from snexp.config import cli_errors, parse_args
+from snexp.run import Run
+from stylize.config import PRESETS
+from stylize.loss import load_vgg16
+from stylize.train import FLAGS as TRAIN_FLAGS
+from stylize.train import check_inputs
+from stylize.tuning import TuneConfig, tune
+
+__all__ = ["FLAGS", "main"]
+
+PROG = "python -m stylize.tune"
+FLAGS = {
+    **{k: v for k, v in TRAIN_FLAGS.items() if not k.startswith("--preview")},
+    "--trials": "tune.trials",
+    "--trial-steps": "tune.steps",
+    "--study": "tune.study",
+    "--storage": "tune.storage",
+}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse ``argv``, check the inputs, run this worker's trials."""
+    with cli_errors(PROG):
+        cfg = parse_args(TuneConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
+                         flags=FLAGS, presets=PRESETS, default_config="tune")
+        check_inputs(cfg)
+        loss_net = load_vgg16(cfg.loss.vgg_weights)
+        with Run(cfg, experiment="stylize-tune", prog=PROG) as run:
+            tune(run, loss_net)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,144 @@
+"""Hyperparameter search for style transfer: an Optuna multi-objective study.
+
+Each trial trains the transformation network for a few steps with a sampled style weight,
+learning rate and norm kind (same initialization seed and data order in every trial), then
+measures the unweighted content and style losses on held-out images: the two objectives, both
+minimized, whose Pareto front ``optuna-dashboard`` shows. The study lives in a storage (SQLite
+in the run directory by default, or any URL), so several workers can share it.
+
+# NOTE: Optuna does not accept ``trial.report`` in multi-objective studies (so no pruning);
+# the intermediate held-out losses are stored as trial user attributes (``curve``) and logged
+# to TensorBoard (``trial<N>/content``, ``trial<N>/style``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+
+import optuna
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from snexp.config import RuntimeConfig, flatten
+from snexp.run import Run
+from snexp.track import open_study
+from stylize.config import DataConfig, LossConfig, ModelConfig, NormKind, TrainConfig
+from stylize.data import load_image
+from stylize.loop import build_content, build_network, train_step
+from stylize.loss import PerceptualLoss
+
+__all__ = ["SearchConfig", "TuneConfig", "evaluate", "tune"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """The study: what is searched, how long each trial trains, where results live."""
+
+    trials: int = 20  # trials this worker runs
+    steps: int = 60  # training steps per trial
+    report_every: int = 20  # held-out losses every N steps (the trial's curve)
+    study: str = "stylize"  # study name (workers sharing a storage share it by name)
+    storage: str | None = None  # Optuna storage URL or file; none: <out>/optuna.db
+    norms: tuple[NormKind, ...] = ("sn", "in", "bn")  # norm kinds to choose from
+    style_weight_min: float = 1e9  # log-uniform range of the style weight
+    style_weight_max: float = 1e11
+    lr_min: float = 1e-4  # log-uniform range of the Adam learning rate
+    lr_max: float = 1e-2
+
+    def __post_init__(self) -> None:
+        if self.trials < 1 or self.steps < 1 or self.report_every < 1 or not self.norms:
+            raise ValueError("trials, steps and report_every must be >= 1, norms not empty")
+        if not (0 < self.style_weight_min <= self.style_weight_max
+                and 0 < self.lr_min <= self.lr_max):
+            raise ValueError("ranges must be positive with min <= max")
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """python -m stylize.tune."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tune: SearchConfig = field(default_factory=SearchConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@torch.no_grad()
+def evaluate(net: nn.Module, criterion: PerceptualLoss, images: torch.Tensor
+             ) -> tuple[float, float]:
+    """Unweighted content and style losses on held-out images, averaged over the styles."""
+    was = net.training
+    net.eval()
+    content = style = 0.0
+    for s in range(criterion.num_styles):
+        weights = None if criterion.num_styles == 1 else torch.nn.functional.one_hot(
+            torch.tensor(s, device=images.device), criterion.num_styles).float()
+        c, st = criterion.terms(net(images, weights), images, s)
+        content, style = content + float(c), style + float(st)
+    net.train(was)
+    return content / criterion.num_styles, style / criterion.num_styles
+
+
+def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
+    """Run ``cfg.tune.trials`` trials of the study; returns the study."""
+    cfg: TuneConfig = run.config
+    search = cfg.tune
+    styles = [run.to_device(load_image(p, cfg.data.style_size)) for p in cfg.data.styles]
+    train_set, held_out = build_content(cfg.data)
+    held_out = run.to_device(held_out)
+    loss_net = loss_net.to(run.device)
+    study = open_study(search.study, storage=search.storage, run_dir=run.dir,
+                       directions=["minimize", "minimize"],
+                       sampler=optuna.samplers.TPESampler(seed=cfg.runtime.seed),
+                       user_attrs={"config": {k: str(v) for k, v in flatten(cfg).items()}})
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        style_weight = trial.suggest_float("style_weight", search.style_weight_min,
+                                           search.style_weight_max, log=True)
+        lr = trial.suggest_float("lr", search.lr_min, search.lr_max, log=True)
+        norm = trial.suggest_categorical("norm", list(search.norms))
+        torch.manual_seed(cfg.runtime.seed)  # every trial: the same initialization ...
+        net = build_network(dataclasses.replace(cfg.model, norm=norm), len(styles))
+        model = run.prepare(net)
+        criterion = PerceptualLoss(loss_net, styles, content_weight=cfg.loss.content_weight,
+                                   style_weight=style_weight, tv_weight=cfg.loss.tv_weight)
+        optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+        order = torch.Generator().manual_seed(cfg.runtime.seed)  # ... and the same batches
+        loader = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True,
+                            drop_last=len(train_set) >= cfg.train.batch_size, generator=order,
+                            num_workers=cfg.data.workers)
+        curve, step, batches = [], 0, iter(loader)
+        model.train()
+        while step < search.steps:
+            content = next(batches, None)
+            if content is None:
+                batches = iter(loader)
+                continue
+            losses = train_step(model, criterion, run.to_device(content), step % len(styles),
+                                optimizer, run)
+            step += 1
+            if not torch.isfinite(losses.total):
+                raise optuna.TrialPruned(f"loss became {float(losses.total)} at step {step}")
+            if step % search.report_every == 0 or step == search.steps:
+                c, s = evaluate(model, criterion, held_out)
+                curve.append([step, c, s])
+                run.tracker.scalars({f"trial{trial.number}/content": c,
+                                     f"trial{trial.number}/style": s}, step)
+        trial.set_user_attr("curve", curve)
+        logger.info("trial %d: norm %s, style weight %.3g, lr %.3g -> content %.4g, style %.4g",
+                    trial.number, norm, style_weight, lr, curve[-1][1], curve[-1][2])
+        return curve[-1][1], curve[-1][2]
+
+    study.optimize(objective, n_trials=search.trials, catch=())
+    front = sorted(study.best_trials, key=lambda t: t.values[0])
+    for t in front:
+        logger.info("Pareto front: trial %d %s -> content %.4g, style %.4g", t.number,
+                    t.params, *t.values)
+    return study
