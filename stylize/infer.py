@@ -78,8 +78,18 @@ def _norms(net: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def _recorded(net: nn.Module, maps: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Record each norm's per-(n, c) affine map (a, b) by least squares on its input/output."""
+def _hooked(net: nn.Module, hook) -> Iterator[None]:
+    """``hook`` as a forward hook on every norm of ``net`` while the block runs."""
+    handles = [m.register_forward_hook(hook) for m in _norms(net)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _recorder(maps: dict[int, tuple[Tensor, Tensor]]):
+    """A hook recording each norm's per-(n, c) affine map (a, b): least squares, input->output."""
 
     def hook(module, args, out):
         x, y = args[0].double(), out.double()
@@ -91,28 +101,17 @@ def _recorded(net: nn.Module, maps: dict[int, tuple[Tensor, Tensor]]) -> Iterato
         b = y.mean((2, 3), keepdim=True) - a * x.mean((2, 3), keepdim=True)
         maps[id(module)] = (a.float(), b.float())
 
-    handles = [m.register_forward_hook(hook) for m in _norms(net)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return hook
 
 
-@contextlib.contextmanager
-def _replayed(net: nn.Module, maps: dict[int, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Replace each norm's output by its recorded affine map of the (tile's) input."""
+def _replayer(maps: dict[int, tuple[Tensor, Tensor]]):
+    """A hook replacing each norm's output by its recorded affine map of the tile's input."""
 
     def hook(module, args, out):
         a, b = maps[id(module)]
         return (args[0] * a.to(args[0].dtype) + b.to(args[0].dtype)).to(out.dtype)
 
-    handles = [m.register_forward_hook(hook) for m in _norms(net)]
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return hook
 
 
 @torch.no_grad()
@@ -141,12 +140,12 @@ def stylize(net: TransformerNet, image: Tensor, style: int | Tensor | None = Non
         small = F.interpolate(image, size=(max(16, round(h * scale)), max(16, round(w * scale))),
                               mode="bilinear", antialias=True, align_corners=False)
     maps: dict[int, tuple[Tensor, Tensor]] = {}
-    with _recorded(net, maps):
+    with _hooked(net, _recorder(maps)):
         net(small, style)
     out = torch.zeros(n, 3, h, w, device=image.device)
     weight = torch.zeros(1, 1, h, w, device=image.device)
     rows, cols = tile_starts(h, tile, overlap), tile_starts(w, tile, overlap)
-    with _replayed(net, maps):
+    with _hooked(net, _replayer(maps)):
         for i, y0 in enumerate(rows):
             y1 = h if i == len(rows) - 1 else y0 + tile
             wy = _ramp(y1 - y0, y0, y1, h, overlap, image.device)
