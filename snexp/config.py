@@ -733,7 +733,7 @@ def parse_args(
     sets = [_set_setting(s) for s in namespace.pop("__set")]
     option = {a.dest: a.option_strings[0] for a in parser._actions if a.option_strings}
     flags_given = [
-        _Setting(key, value, option[key], not isinstance(value, bool))
+        _Setting(key, _split_items(cls, key, value), option[key], not isinstance(value, bool))
         for key, value in namespace.items()
         if value is not None
     ]
@@ -747,6 +747,19 @@ def parse_args(
                 cls, [s for f in layers for s in _file_settings(f)] + flags_given + sets
             )
     return config
+
+
+def _split_items(cls: type, key: str, value: Any) -> Any:
+    """A repeatable flag of numbers also takes comma lists: ``--mix 0.3,0.7`` or ``--mix 0.3
+    --mix 0.7``. Items of text (e.g. file names, which may hold commas) are kept whole."""
+    if not isinstance(value, list):
+        return value
+    tp = _lookup(cls, key, key)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is not tuple or typing.get_args(tp)[0] is str:
+        return value
+    return [part.strip() for v in value for part in v.split(",") if part.strip()]
 
 
 def _prog_name() -> str:

@@ -374,3 +374,17 @@ def test_help_lists_every_flag_with_default_and_set_key():
     assert "--amp {off,bf16,fp16}" in text and "--no-compile" in text
     # The epilog lists every key for --set.
     assert '  train.limit = "none"\n' in text and "  runtime.seed = 0\n" in text
+
+
+@dataclass(frozen=True)
+class _Mix:
+    mix: tuple[float, ...] = ()  # weights
+    files: tuple[str, ...] = ()  # names that may hold commas
+
+
+def test_repeatable_number_flags_take_comma_lists():
+    # --mix 0.3,0.7 and --mix 0.3 --mix 0.7 are the same; text items are never split.
+    flags = {"--mix": "mix", "--file": "files"}
+    assert parse_args(_Mix, ["--mix", "0.3,0.7"], flags=flags).mix == (0.3, 0.7)
+    assert parse_args(_Mix, ["--mix", "0.3", "--mix", "0.7"], flags=flags).mix == (0.3, 0.7)
+    assert parse_args(_Mix, ["--file", "a,b.jpg"], flags=flags).files == ("a,b.jpg",)
