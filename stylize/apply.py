@@ -43,7 +43,7 @@ class ApplyConfig:
     output: str | None = None  # the output file, or folder when --input is a folder
     size: int | None = None  # longest side the network works at; none: the input's own
     style_index: int | None = None  # which style of a multi-style model (none: style 0)
-    style_mix: str | None = None  # weights blending the styles, e.g. 0.5,0.5
+    style_mix: tuple[float, ...] = ()  # weights blending the styles, e.g. 0.5,0.5
     preserve_color: bool = False  # keep the content's colours (luminance-only transfer)
     tile: int | None = None  # stylize in tiles of this many pixels (large images)
     overlap: int = 32  # pixels by which tiles overlap and are blended
@@ -56,7 +56,7 @@ FLAGS = {f"--{name.replace('_', '-')}": name for name in ApplyConfig.__dataclass
 
 
 def resolve_style(num_styles: int, names: Sequence[str], index: int | None,
-                  mix: str | None) -> int | torch.Tensor | None:
+                  mix: Sequence[float]) -> int | torch.Tensor | None:
     """The style argument of the network from ``--style-index`` / ``--style-mix`` (``a,b``)."""
     if index is not None and mix:
         raise ConfigError("give --style-index or --style-mix, not both")
@@ -65,10 +65,6 @@ def resolve_style(num_styles: int, names: Sequence[str], index: int | None,
                           + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
     if not mix:
         return index
-    try:
-        mix = [float(v) for v in mix.split(",")]
-    except ValueError:
-        raise ConfigError(f"--style-mix {mix!r}: expected numbers such as 0.5,0.5") from None
     if len(mix) != num_styles or min(mix) < 0 or sum(mix) <= 0:
         raise ConfigError(f"--style-mix needs {num_styles} non-negative weights with a "
                           f"positive sum (styles: {', '.join(names)}), got {list(mix)}")
