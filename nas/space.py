@@ -206,7 +206,9 @@ class Architecture:
         return json.dumps({**self.to_dict(), **extra}, indent=2) + "\n"
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], primitives: Sequence[str] = PRIMITIVES) -> Architecture:
+    def from_dict(
+        cls, data: dict[str, Any], primitives: Sequence[str] = PRIMITIVES
+    ) -> Architecture:
         """Inverse of :meth:`to_dict`; ops are matched by name against ``primitives``."""
         if not isinstance(data, dict) or "normal" not in data or "reduce" not in data:
             raise ValueError("architecture JSON needs 'normal' and 'reduce' keys")

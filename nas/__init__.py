@@ -1,0 +1,45 @@
+"""nas: ENAS-style architecture search with snexp normalizers inside the searched cells.
+
+Pham et al., "Efficient Neural Architecture Search via Parameter Sharing" (ICML 2018, arXiv
+1802.03268), micro search space. The searched cells' norms come from ``snexp.make_norm`` (SN by
+default), so a search can compare SN against BN and inspect what each layer learned to use.
+
+``python -m nas.search`` searches, ``python -m nas.train --arch best_arch.json`` retrains,
+``python -m nas.draw ARCH`` draws cells.
+"""
+
+from nas.child import Cell, ChildNet, ChildOutput
+from nas.config import (
+    ChildConfig,
+    OptimConfig,
+    RetrainConfig,
+    RetrainSettings,
+    SearchConfig,
+    SearchSettings,
+)
+from nas.controller import Controller, ControllerConfig, Policy
+from nas.data import DataConfig, Splits, build_splits, make_shapes
+from nas.draw import draw_cells, save_cells
+from nas.ops import OPS
+from nas.proposers import (
+    Proposer,
+    RandomProposer,
+    Reinforce,
+    TPEProposer,
+    arch_distributions,
+    arch_params,
+    build_proposer,
+)
+from nas.search_loop import SearchResult, evaluate, search
+from nas.space import PRIMITIVES, Architecture, parse_arch
+from nas.train_loop import RetrainResult, count_flops, count_params, load_arch, retrain
+
+__all__ = [
+    "OPS", "PRIMITIVES", "Architecture", "Cell", "ChildConfig", "ChildNet", "ChildOutput",
+    "Controller", "ControllerConfig", "DataConfig", "OptimConfig", "Policy", "Proposer",
+    "RandomProposer", "Reinforce", "RetrainConfig", "RetrainResult", "RetrainSettings",
+    "SearchConfig", "SearchResult", "SearchSettings", "Splits", "TPEProposer",
+    "arch_distributions", "arch_params", "build_proposer", "build_splits", "count_flops",
+    "count_params", "draw_cells", "evaluate", "load_arch", "make_shapes", "parse_arch",
+    "retrain", "save_cells", "search",
+]

@@ -1,0 +1,126 @@
+"""Configs of ``python -m nas.search`` and ``python -m nas.train``: frozen dataclasses.
+
+Defaults are ENAS's CIFAR-10 micro settings (Pham et al. 2018, official
+``scripts/cifar10_micro_search.sh`` and ``cifar10_micro_final.sh``); presets in
+``configs/nas/`` override what differs (``quick`` is the default of both commands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from nas.controller import ControllerConfig
+from nas.data import DataConfig
+from snexp.config import RuntimeConfig
+
+__all__ = ["ChildConfig", "OptimConfig", "RetrainConfig", "RetrainSettings", "SearchConfig",
+           "SearchSettings", "norm_options"]
+
+
+@dataclass(frozen=True)
+class ChildConfig:
+    """The child network (search: 6 layers x 20 filters; retraining: 15 x 36)."""
+
+    norm: Literal["sn", "ssn", "bn", "in", "ln", "gn"] = "sn"  # every norm of the child
+    layers: int = 6  # normal cells; two reduction cells are added between the stages
+    filters: int = 20  # channels of the first stage (doubled at each reduction)
+    num_nodes: int = 5  # computed nodes per cell (B)
+    gn_groups: int = 4  # groups of --norm gn (must divide filters)
+    dropout: float = 0.0  # dropout before the classifier
+
+    def __post_init__(self) -> None:
+        if self.layers < 1 or self.filters < 1 or self.num_nodes < 1:
+            raise ValueError("layers, filters and num_nodes must be >= 1")
+        if self.norm == "gn" and self.filters % self.gn_groups:
+            raise ValueError(
+                f"--norm gn: gn_groups={self.gn_groups} must divide filters={self.filters} "
+                "(set child.gn_groups or child.filters)"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+
+def norm_options(child: ChildConfig) -> dict[str, object]:
+    """Options of every norm of the child (the groups of ``gn``)."""
+    return {"groups": child.gn_groups} if child.norm == "gn" else {}
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """SGD with Nesterov momentum and cosine annealing with warm restarts (ENAS)."""
+
+    epochs: int = 150  # passes over the training split
+    batch_size: int = 160  # images per step
+    steps_per_epoch: int | None = None  # cap on steps per epoch (none: the whole split)
+    lr_max: float = 0.05  # learning rate at each (re)start
+    lr_min: float = 0.0005  # learning rate at the end of each cosine period
+    t0: int = 10  # epochs of the first cosine period
+    t_mul: int = 2  # each period is t_mul times longer than the one before
+    momentum: float = 0.9  # Nesterov momentum
+    weight_decay: float = 1e-4  # L2 weight decay
+    grad_clip: float = 5.0  # clip the gradient norm to this
+    eval_batch_size: int = 500  # images per evaluation batch
+
+    def __post_init__(self) -> None:
+        if min(self.epochs, self.batch_size, self.t0, self.t_mul, self.eval_batch_size) < 1:
+            raise ValueError("epochs, batch_size, t0, t_mul and eval_batch_size must be >= 1")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1 or none, got {self.steps_per_epoch}")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The derive step and where the search is recorded."""
+
+    derive_samples: int = 10  # architectures evaluated on the valid split after each epoch
+    derive_final: int = 100  # architectures evaluated after the last epoch
+    reward_batch_size: int = 160  # valid images of one reward (ENAS: one minibatch)
+    study: str = "nas-search"  # Optuna study of the derived architectures
+    storage: str | None = None  # Optuna storage (none: sqlite <out>/optuna.db)
+    importance_every: int = 5  # log the SN importance of every child layer every N epochs
+
+    def __post_init__(self) -> None:
+        if min(self.derive_samples, self.derive_final, self.reward_batch_size) < 1:
+            raise ValueError("derive_samples, derive_final and reward_batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """``python -m nas.search``."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    child: ChildConfig = field(default_factory=ChildConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+
+@dataclass(frozen=True)
+class RetrainSettings:
+    """What is retrained and the regularizers of the final training (ENAS final)."""
+
+    arch: str | None = None  # best_arch.json, the architecture string or a flat list
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss (0: no head)
+    drop_path_keep: float = 0.6  # keep probability of drop path at the end (1: off)
+    eval_every: int = 1  # evaluate on the test split every N epochs (and at the end)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.drop_path_keep <= 1.0:
+            raise ValueError(f"drop_path_keep must be in (0, 1], got {self.drop_path_keep}")
+        if self.aux_weight < 0 or self.eval_every < 1:
+            raise ValueError("aux_weight must be >= 0 and eval_every >= 1")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    """``python -m nas.train``: the fixed network from scratch on train + valid."""
+
+    data: DataConfig = field(default_factory=lambda: DataConfig(cutout=16))
+    child: ChildConfig = field(default_factory=lambda: ChildConfig(layers=15, filters=36))
+    train: OptimConfig = field(
+        default_factory=lambda: OptimConfig(epochs=630, batch_size=144, weight_decay=2e-4)
+    )
+    retrain: RetrainSettings = field(default_factory=RetrainSettings)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

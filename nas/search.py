@@ -1,0 +1,42 @@
+"""``python -m nas.search``: ENAS micro search with snexp norms in the cells (thin entry point).
+
+Parses the config (defaults < ``--config`` presets from ``configs/nas`` < flags < ``--set``),
+opens the run directory and calls :func:`nas.search_loop.search`. ``--help`` lists every key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from nas.config import SearchConfig
+from nas.search_loop import search
+from snexp.config import cli_errors, parse_args
+from snexp.run import Run
+
+PROG = "python -m nas.search"
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "nas"
+FLAGS = {
+    "--dataset": "data.dataset",
+    "--data-root": "data.root",
+    "--norm": "child.norm",
+    "--controller": "controller.kind",
+    "--epochs": "train.epochs",
+    "--storage": "search.storage",
+    "--study": "search.study",
+}
+# May change on --resume: a longer search, a different derive budget or logging.
+SAFE_KEYS = ("train.epochs", "search.derive_final", "search.importance_every", "data.workers")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run a search from the command line."""
+    with cli_errors(PROG):
+        cfg = parse_args(SearchConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
+                         flags=FLAGS, presets=PRESETS, default_config="quick")
+        with Run(cfg, experiment="nas-search", safe_keys=SAFE_KEYS, prog=PROG) as run:
+            search(run)
+
+
+if __name__ == "__main__":
+    main()

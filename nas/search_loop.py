@@ -1,0 +1,235 @@
+"""The ENAS search loop (Pham et al. 2018, Sec. 2.2 and 3.2): shared weights, controller, derive.
+
+Per epoch:
+
+1. train the shared child on the train split, one architecture from the proposer per minibatch
+   (SGD, Nesterov momentum 0.9, weight decay 1e-4, gradient norm clipped to 5, lr cosine with
+   warm restarts 0.05 -> 5e-4, T0 = 10, Tmul = 2, stepped per epoch);
+2. train the proposer on the valid split: ``train_steps`` updates of ``num_aggregate``
+   architectures, each rewarded with its accuracy on one valid minibatch;
+3. derive: evaluate ``derive_samples`` proposals (``derive_final`` after the last epoch) on the
+   whole valid split; each becomes a trial of the Optuna study; the best so far is written to
+   ``<out>/best_arch.json`` and drawn into ``<out>/cells.png``.
+
+All norms of the child run in training mode throughout (the BN branch uses batch statistics,
+also while rewards are measured). NOTE: their running averages are still updated (and never
+read): ``SwitchNorm2d(moving_average=False)`` would skip that but runs about 2x slower on CPU.
+Everything lives in the :class:`snexp.run.Run`; the loop hands numbers to its tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import torch
+from torch import nn
+
+from nas.child import ChildNet
+from nas.config import SearchConfig, norm_options
+from nas.data import build_splits
+from nas.draw import save_cells
+from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
+from nas.space import Architecture
+from snexp.run import Run
+from snexp.track import open_study, progress
+
+__all__ = ["SearchResult", "epoch_loader", "evaluate", "search"]
+
+logger = logging.getLogger(__name__)
+BEST_FILE, CELLS_FILE = "best_arch.json", "cells.png"
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The best derived architecture and its accuracy on the valid split (shared weights)."""
+
+    arch: Architecture
+    valid_acc: float
+
+
+def evaluate(net: nn.Module, arch: Architecture, batches: list[tuple[torch.Tensor, ...]]) -> float:
+    """Top-1 accuracy of ``arch`` with the shared weights over ``batches`` (no gradients)."""
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches:
+            correct += int((net(x, arch).logits.argmax(1) == y).sum())
+            total += len(y)
+    return correct / max(1, total)
+
+
+def _valid_tensors(run: Run, dataset: torch.utils.data.Dataset, batch_size: int) -> list:
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    return [run.to_device(batch) for batch in loader]
+
+
+def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataLoader:
+    """Shuffled batches of one epoch, at most ``opt.steps_per_epoch`` of them (full ones)."""
+    n = len(dataset)
+    if opt.steps_per_epoch is not None:
+        n = min(n, opt.steps_per_epoch * opt.batch_size)
+    sampler = torch.utils.data.RandomSampler(dataset, num_samples=n, generator=run.generator)
+    return run.dataloader(dataset, batch_size=opt.batch_size, shuffle=False, sampler=sampler,
+                          drop_last=n > opt.batch_size, num_workers=workers)
+
+
+def _train_child(run: Run, net: nn.Module, proposer: Proposer, optimizer, loader, cfg,
+                 epoch: int, reward: float | None) -> dict[str, float]:
+    bar = progress(run.batches(loader), total=len(loader),
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+    lr = optimizer.param_groups[0]["lr"]
+    loss_sum = acc_sum = 0.0
+    count = 0
+    for x, y in bar:
+        x, y = run.to_device((x, y))
+        arch = proposer.train_sample(1)[0]
+        with run.autocast():
+            logits = net(x, arch).logits
+            loss = nn.functional.cross_entropy(logits, y)
+        run.optimizer_step(loss, optimizer, clip_grad_norm=cfg.train.grad_clip)
+        acc = float((logits.argmax(1) == y).float().mean())
+        run.step_done(loss, {"child/loss": loss, "child/acc": acc, "child/lr": lr})
+        value = loss.item()
+        loss_sum, acc_sum, count = loss_sum + value, acc_sum + acc, count + 1
+        post = {"loss": f"{value:.3f}", "acc": f"{acc:.3f}"}
+        if reward is not None:
+            post["reward"] = f"{reward:.3f}"
+        bar.set_postfix(post)
+    return {"loss": loss_sum / max(1, count), "acc": acc_sum / max(1, count)}
+
+
+def _train_proposer(run: Run, net: nn.Module, proposer: Proposer, valid: list, cfg,
+                    epoch: int) -> dict[str, float]:
+    """``train_steps`` proposer updates; rewards on random valid minibatches (seeded by epoch)."""
+    x_all, y_all = torch.cat([b[0] for b in valid]), torch.cat([b[1] for b in valid])
+    g = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
+    size = min(cfg.search.reward_batch_size, len(y_all))
+    summary: dict[str, float] = {}
+    for _ in range(cfg.controller.train_steps):
+        archs = proposer.ask(cfg.controller.num_aggregate)
+        rewards = []
+        for arch in archs:
+            idx = torch.randperm(len(y_all), generator=g)[:size].to(y_all.device)
+            rewards.append(evaluate(net, arch, [(x_all[idx], y_all[idx])]))
+        metrics = proposer.tell(archs, rewards)
+        step = run.state["controller_step"] = run.state.get("controller_step", 0) + 1
+        run.tracker.scalars(metrics, step, prefix="controller/")
+        for key, value in metrics.items():
+            summary[key] = summary.get(key, 0.0) + value / cfg.controller.train_steps
+    return summary
+
+
+def _record_trials(study: optuna.Study, results: list[tuple[Architecture, float]], epoch: int,
+                   proposer: str) -> None:
+    if not results:
+        return
+    distributions = arch_distributions(results[0][0].num_nodes, results[0][0].primitives)
+    for arch, acc in results:
+        study.add_trial(optuna.trial.create_trial(
+            params=arch_params(arch), distributions=distributions, value=acc,
+            user_attrs={"arch": str(arch), "epoch": epoch, "proposer": proposer}))
+
+
+def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list, study: optuna.Study,
+            n: int, epoch: int) -> tuple[Architecture, float]:
+    archs = proposer.derive(n)
+    results = [(arch, evaluate(net, arch, valid)) for arch in archs]
+    _record_trials(study, results, epoch + 1, proposer.name)
+    best_arch, best_acc = max(results, key=lambda r: r[1])
+    run.tracker.scalar("search/derive_acc", best_acc, run.step)
+    run.tracker.text("search/sampled_arch", f"`{archs[0]}`", run.step)
+    if run.update_best(best_acc, mode="max"):
+        run.state["best_arch"] = best_arch.to_flat()
+        path = run.dir / BEST_FILE
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(best_arch.to_json(valid_acc=best_acc, epoch=epoch + 1), encoding="utf-8")
+        tmp.replace(path)
+        save_cells(best_arch, run.dir / CELLS_FILE, title=f"valid acc {best_acc:.3f}, epoch "
+                   f"{epoch + 1}")
+        run.tracker.text("search/best_arch", f"`{best_arch}` (valid acc {best_acc:.4f})", run.step)
+        _log_png(run, run.dir / CELLS_FILE)
+        logger.info("new best architecture (valid acc %.4f): %s", best_acc, best_arch)
+    run.tracker.scalar("search/best_valid_acc", run.best, run.step)
+    return best_arch, best_acc
+
+
+def _log_png(run: Run, path: Path) -> None:
+    from torchvision.io import ImageReadMode, decode_image
+
+    image = decode_image(str(path), mode=ImageReadMode.RGB).float() / 255
+    run.tracker.image("search/cells", image, run.step)
+
+
+def _log_importance(run: Run, child: nn.Module) -> None:
+    from snexp import importance
+
+    imp = importance(child)
+    if not imp:
+        return
+    run.tracker.importance(child, run.step, figure=False)
+    first = next(iter(imp.values()))
+    for i, cand in enumerate(first.candidates):
+        for kind in ("mean", "var"):
+            avg = sum(getattr(v, kind)[i] for v in imp.values()) / len(imp)
+            run.tracker.scalar(f"sn_importance_avg/{kind}_{cand}", avg, run.step)
+
+
+def search(run: Run) -> SearchResult:
+    """Run the search configured by ``run.config`` (a :class:`SearchConfig`).
+
+    Returns:
+        The best derived architecture and its valid accuracy (also in ``<out>/best_arch.json``).
+    """
+    cfg: SearchConfig = run.config
+    splits = build_splits(cfg.data)
+    child = ChildNet(
+        splits.num_classes, norm=cfg.child.norm, layers=cfg.child.layers,
+        filters=cfg.child.filters, num_nodes=cfg.child.num_nodes, dropout=cfg.child.dropout,
+        in_channels=splits.in_channels, norm_options=norm_options(cfg.child),
+    )
+    net = run.prepare(child)
+    opt = cfg.train
+    optimizer = torch.optim.SGD(child.parameters(), lr=opt.lr_max, momentum=opt.momentum,
+                                nesterov=True, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
+    attrs = {"controller": cfg.controller.kind, "norm": cfg.child.norm,
+             "dataset": cfg.data.dataset, "seed": cfg.runtime.seed}
+    study = open_study(cfg.search.study, storage=cfg.search.storage, run_dir=run.dir,
+                       user_attrs=attrs)
+    tpe_study = None
+    if cfg.controller.kind == "tpe":
+        sampler = optuna.samplers.TPESampler(seed=cfg.runtime.seed,
+                                             n_startup_trials=cfg.controller.tpe_startup)
+        tpe_study = open_study(f"{cfg.search.study}-tpe-proposals", storage=cfg.search.storage,
+                               run_dir=run.dir, sampler=sampler, user_attrs=attrs)
+    proposer = build_proposer(cfg.controller, cfg.child.num_nodes, device=run.device,
+                              seed=cfg.runtime.seed, study=tpe_study)
+    run.attach(child=child, optimizer=optimizer, scheduler=scheduler, proposer=proposer)
+    loader = epoch_loader(run, splits.train, opt, cfg.data.workers)
+    valid = _valid_tensors(run, splits.valid, opt.eval_batch_size)
+    net.train()  # batch statistics everywhere during the search (see module docstring)
+    for epoch in run.epochs(opt.epochs):
+        reward = run.state.get("last_reward")
+        child_m = _train_child(run, net, proposer, optimizer, loader, cfg, epoch, reward)
+        ctrl_m = _train_proposer(run, net, proposer, valid, cfg, epoch)
+        scheduler.step()
+        last = epoch + 1 == opt.epochs
+        n = cfg.search.derive_final if last else cfg.search.derive_samples
+        _, derived = _derive(run, net, proposer, valid, study, n, epoch)
+        if cfg.search.importance_every and ((epoch + 1) % cfg.search.importance_every == 0
+                                            or last):
+            _log_importance(run, child)
+        run.state["last_reward"] = ctrl_m.get("reward")
+        logger.info(
+            "epoch %d/%d: child loss %.3f acc %.3f | reward %.3f | derived valid acc %.3f "
+            "(best %.3f)", epoch + 1, opt.epochs, child_m["loss"], child_m["acc"],
+            ctrl_m.get("reward", math.nan), derived, run.best)
+    best = Architecture.from_flat(run.state["best_arch"])
+    run.tracker.hparams(cfg, {"search/final_best_valid_acc": float(run.best)}, step=run.step)
+    logger.info("best architecture (valid acc %.4f), saved to %s: %s", run.best,
+                run.dir / BEST_FILE, best)
+    return SearchResult(best, float(run.best))

@@ -1,0 +1,147 @@
+"""Retraining a searched architecture from scratch (ENAS final training, Pham et al. 2018, 3.2).
+
+The fixed :class:`~nas.child.ChildNet` of one architecture trains on train + valid with an
+auxiliary head (loss weight 0.4), drop path (keep probability annealed from 1 to 0.6 over the
+run, lower in deeper cells), cutout and SGD with the cosine schedule with warm restarts
+(ENAS's 630 epochs are 10 + 20 + ... + 320, i.e. six whole periods). Reports test top-1, the
+parameter count (without the auxiliary head) and the FLOPs of one image, and writes them to
+``<out>/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from nas.child import ChildNet
+from nas.config import RetrainConfig, norm_options
+from nas.data import build_splits
+from nas.search_loop import epoch_loader
+from nas.space import Architecture, parse_arch
+from snexp.config import ConfigError
+from snexp.run import Run
+from snexp.track import progress
+
+__all__ = ["RetrainResult", "count_flops", "count_params", "load_arch", "retrain", "test_accuracy"]
+
+logger = logging.getLogger(__name__)
+RESULT_FILE = "result.json"
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    """Test top-1 accuracy, parameters (no auxiliary head) and FLOPs per image."""
+
+    test_acc: float
+    params: int
+    flops: int
+
+
+def load_arch(spec: str | None) -> Architecture:
+    """The architecture named by ``--arch``, or a :class:`ConfigError` that says what is wrong."""
+    if not spec:
+        raise ConfigError("no architecture given: pass --arch best_arch.json (written by "
+                          "python -m nas.search), an architecture string or a flat list")
+    try:
+        return parse_arch(spec)
+    except ValueError as exc:
+        raise ConfigError(f"--arch: {exc}") from None
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters used at test time (the auxiliary head excluded)."""
+    aux = {id(p) for p in model.aux_head.parameters()} if model.aux_head is not None else set()
+    return sum(p.numel() for p in model.parameters() if id(p) not in aux)
+
+
+def count_flops(model: nn.Module, image: torch.Tensor) -> int:
+    """FLOPs (a multiply-add counts 2) of one forward pass in eval mode of ``image`` (C, H, W)."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(image.unsqueeze(0))
+    finally:
+        model.train(was)
+    return int(counter.get_total_flops())
+
+
+def test_accuracy(net: nn.Module, loader, run: Run) -> float:
+    """Top-1 accuracy of ``net`` in eval mode over ``loader``."""
+    net.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            x, y = run.to_device((x, y))
+            with run.autocast():
+                correct += int((net(x).logits.argmax(1) == y).sum())
+            total += len(y)
+    net.train()
+    return correct / max(1, total)
+
+
+def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
+    """Train the fixed network of ``arch`` and evaluate it on the test split.
+
+    Args:
+        run: The run; ``run.config`` is a :class:`RetrainConfig`.
+        arch: The architecture; ``None`` reads ``run.config.retrain.arch``.
+    """
+    cfg: RetrainConfig = run.config
+    arch = arch if arch is not None else load_arch(cfg.retrain.arch)
+    splits = build_splits(cfg.data)
+    model = ChildNet(
+        splits.num_classes, arch, norm=cfg.child.norm, layers=cfg.child.layers,
+        filters=cfg.child.filters, aux=cfg.retrain.aux_weight > 0, dropout=cfg.child.dropout,
+        in_channels=splits.in_channels, norm_options=norm_options(cfg.child),
+    )
+    params, flops = count_params(model), count_flops(model, splits.test[0][0])
+    logger.info("retraining %s: %.3f M parameters, %.1f MFLOPs per image", arch, params / 1e6,
+                flops / 1e6)
+    net = run.prepare(model)
+    opt = cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr_max, momentum=opt.momentum,
+                                nesterov=True, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
+    run.attach(model=model, optimizer=optimizer, scheduler=scheduler)
+    loader = epoch_loader(run, splits.train_full, opt, cfg.data.workers)
+    test_loader = torch.utils.data.DataLoader(splits.test, batch_size=opt.eval_batch_size)
+    acc = run.state.get("test_acc")
+    for epoch in run.epochs(opt.epochs):
+        model.drop_keep = 1.0 - (1.0 - cfg.retrain.drop_path_keep) * epoch / opt.epochs
+        lr = optimizer.param_groups[0]["lr"]
+        bar = progress(run.batches(loader), total=len(loader), desc=f"epoch {epoch + 1}")
+        net.train()
+        for x, y in bar:
+            x, y = run.to_device((x, y))
+            with run.autocast():
+                out = net(x)
+                loss = nn.functional.cross_entropy(out.logits, y)
+                if out.aux is not None:
+                    loss = loss + cfg.retrain.aux_weight * nn.functional.cross_entropy(out.aux, y)
+            run.optimizer_step(loss, optimizer, clip_grad_norm=opt.grad_clip)
+            train_acc = float((out.logits.argmax(1) == y).float().mean())
+            run.step_done(loss, {"retrain/loss": loss, "retrain/acc": train_acc, "retrain/lr": lr})
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{train_acc:.3f}")
+        scheduler.step()
+        if (epoch + 1) % cfg.retrain.eval_every == 0 or epoch + 1 == opt.epochs:
+            acc = run.state["test_acc"] = test_accuracy(net, test_loader, run)
+            run.tracker.scalar("retrain/test_acc", acc, run.step)
+            run.update_best(acc)
+            logger.info("epoch %d/%d: test acc %.4f", epoch + 1, opt.epochs, acc)
+    if acc is None:  # resumed after the last epoch
+        acc = run.state["test_acc"] = test_accuracy(net, test_loader, run)
+    result = RetrainResult(float(acc), params, flops)
+    (run.dir / RESULT_FILE).write_text(json.dumps(
+        {"test_acc": result.test_acc, "params": params, "flops": flops, "arch": str(arch)},
+        indent=2) + "\n", encoding="utf-8")
+    run.tracker.hparams(cfg, {"retrain/final_test_acc": result.test_acc}, step=run.step)
+    logger.info("test top-1 %.4f | %.3f M parameters | %.1f MFLOPs per image | %s",
+                result.test_acc, params / 1e6, flops / 1e6, run.dir / RESULT_FILE)
+    return result
