@@ -30,7 +30,7 @@ from nas.proposers import (
     arch_params,
     build_proposer,
 )
-from nas.search_loop import SearchResult, evaluate, search
+from nas.search_loop import SearchResult, evaluate, run_search
 from nas.space import PRIMITIVES, Architecture, parse_arch
 from nas.train_loop import RetrainResult, count_flops, count_params, load_arch, retrain
 
@@ -41,5 +41,5 @@ __all__ = [
     "SearchConfig", "SearchResult", "SearchSettings", "Splits", "TPEProposer",
     "arch_distributions", "arch_params", "build_proposer", "build_splits", "count_flops",
     "count_params", "draw_cells", "evaluate", "load_arch", "make_shapes", "parse_arch",
-    "retrain", "save_cells", "search",
+    "retrain", "run_search", "save_cells",
 ]

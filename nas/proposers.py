@@ -120,7 +120,7 @@ class Reinforce:
         policy = self.controller(actions=actions)
         decay, losses, total = self.config.baseline_decay, [], []
         for k, acc in enumerate(rewards):
-            reward = float(acc) + self.config.entropy_weight * float(policy.entropy[k])
+            reward = float(acc) + self.config.entropy_weight * policy.entropy[k].item()
             self.baseline -= (1.0 - decay) * (self.baseline - reward)
             losses.append(-policy.log_prob[k] * (reward - self.baseline))
             total.append(reward)
@@ -131,9 +131,9 @@ class Reinforce:
         return {
             "reward": sum(total) / len(total),
             "baseline": self.baseline,
-            "entropy": float(policy.entropy.mean()),
-            "loss": float(loss),
-            "log_prob": float(policy.log_prob.mean()),
+            "entropy": policy.entropy.mean().item(),
+            "loss": loss.item(),
+            "log_prob": policy.log_prob.mean().item(),
         }
 
     def state_dict(self) -> dict[str, Any]:

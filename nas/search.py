@@ -1,7 +1,7 @@
 """``python -m nas.search``: ENAS micro search with snexp norms in the cells (thin entry point).
 
 Parses the config (defaults < ``--config`` presets from ``configs/nas`` < flags < ``--set``),
-opens the run directory and calls :func:`nas.search_loop.search`. ``--help`` lists every key.
+opens the run directory and calls :func:`nas.search_loop.run_search`. ``--help`` lists every key.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from nas.config import SearchConfig
-from nas.search_loop import search
+from nas.search_loop import run_search
 from snexp.config import cli_errors, parse_args
 from snexp.run import Run
 
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = parse_args(SearchConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="quick")
         with Run(cfg, experiment="nas-search", safe_keys=SAFE_KEYS, prog=PROG) as run:
-            search(run)
+            run_search(run)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from nas.space import Architecture
 from snexp.run import Run
 from snexp.track import open_study, progress
 
-__all__ = ["SearchResult", "epoch_loader", "evaluate", "search"]
+__all__ = ["SearchResult", "epoch_loader", "evaluate", "run_search"]
 
 logger = logging.getLogger(__name__)
 BEST_FILE, CELLS_FILE = "best_arch.json", "cells.png"
@@ -62,7 +62,9 @@ def evaluate(net: nn.Module, arch: Architecture, batches: list[tuple[torch.Tenso
 
 
 def _valid_tensors(run: Run, dataset: torch.utils.data.Dataset, batch_size: int) -> list:
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    # its own generator: iterating must not draw from the global RNG (exact resume)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                                         generator=torch.Generator())
     return [run.to_device(batch) for batch in loader]
 
 
@@ -157,9 +159,11 @@ def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list, study: op
 
 
 def _log_png(run: Run, path: Path) -> None:
-    from torchvision.io import ImageReadMode, decode_image
+    from PIL import Image
+    from torchvision.transforms.functional import pil_to_tensor
 
-    image = decode_image(str(path), mode=ImageReadMode.RGB).float() / 255
+    with Image.open(path) as png:
+        image = pil_to_tensor(png.convert("RGB")).float() / 255  # (3, H, W)
     run.tracker.image("search/cells", image, run.step)
 
 
@@ -177,7 +181,7 @@ def _log_importance(run: Run, child: nn.Module) -> None:
             run.tracker.scalar(f"sn_importance_avg/{kind}_{cand}", avg, run.step)
 
 
-def search(run: Run) -> SearchResult:
+def run_search(run: Run) -> SearchResult:
     """Run the search configured by ``run.config`` (a :class:`SearchConfig`).
 
     Returns:

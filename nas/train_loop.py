@@ -111,7 +111,8 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
         optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
     run.attach(model=model, optimizer=optimizer, scheduler=scheduler)
     loader = epoch_loader(run, splits.train_full, opt, cfg.data.workers)
-    test_loader = torch.utils.data.DataLoader(splits.test, batch_size=opt.eval_batch_size)
+    test_loader = torch.utils.data.DataLoader(splits.test, batch_size=opt.eval_batch_size,
+                                              generator=torch.Generator())  # keeps global RNG
     acc = run.state.get("test_acc")
     for epoch in run.epochs(opt.epochs):
         model.drop_keep = 1.0 - (1.0 - cfg.retrain.drop_path_keep) * epoch / opt.epochs

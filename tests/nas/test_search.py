@@ -1,0 +1,164 @@
+"""End to end: search + derive + retrain, resume, Optuna trials, TensorBoard tags, CLI errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import optuna
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from nas import search as search_cli
+from nas import train as train_cli
+from nas.space import Architecture
+from snexp.run import Run, load_checkpoint
+
+TINY = [
+    "--deterministic",
+    "--epochs", "2",
+    "--set", "data.embedded_train=240", "--set", "data.embedded_test=40",
+    "--set", "data.valid_size=40", "--set", "data.valid_limit=32",
+    "--set", "child.layers=1", "--set", "child.filters=4", "--set", "child.num_nodes=2",
+    "--set", "controller.train_steps=2", "--set", "controller.num_aggregate=3",
+    "--set", "train.batch_size=16", "--set", "train.steps_per_epoch=3",
+    "--set", "search.derive_samples=2", "--set", "search.derive_final=3",
+    "--set", "search.reward_batch_size=16", "--set", "search.importance_every=1",
+]
+RETRAIN = [
+    "--epochs", "1", "--set", "data.embedded_train=240", "--set", "data.embedded_test=40",
+    "--set", "data.valid_size=40", "--set", "data.limit=32", "--set", "child.layers=1",
+    "--set", "child.filters=4", "--set", "train.batch_size=16",
+]
+
+
+def _tags(folder) -> dict[str, list[str]]:
+    acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc.Tags()
+
+
+@pytest.mark.slow
+def test_search_derive_and_retrain_end_to_end(tmp_path):
+    out = tmp_path / "search"
+    search_cli.main([*TINY, "--out", str(out)])
+    arch_file = out / "best_arch.json"
+    data = json.loads(arch_file.read_text())
+    arch = Architecture.from_json(arch_file.read_text())
+    assert arch.num_nodes == 2 and 0.0 <= data["valid_acc"] <= 1.0
+    assert (out / "cells.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # every derived architecture is a trial: 2 after epoch 1, 3 after the last epoch
+    study = optuna.load_study(study_name="nas-search", storage=f"sqlite:///{out / 'optuna.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 5
+    assert {t.user_attrs["epoch"] for t in trials} == {1, 2}
+    assert all(t.user_attrs["proposer"] == "lstm" for t in trials)
+    assert max(t.value for t in trials) == pytest.approx(data["valid_acc"])
+    best = max(trials, key=lambda t: t.value)
+    assert Architecture.from_string(best.user_attrs["arch"]).num_nodes == 2
+    assert "normal.node2.op1" in best.params
+
+    tags = _tags(out / "tb")
+    for tag in ("child/loss", "child/acc", "controller/reward", "controller/baseline",
+                "controller/entropy", "controller/loss", "search/best_valid_acc"):
+        assert tag in tags["scalars"], tag
+    assert "search/cells" in tags["images"]
+    assert any(t.startswith("sn_importance/") for t in tags["scalars"])
+    assert any(t.startswith("search/best_arch") for t in tags["tensors"])
+
+    retrain = tmp_path / "retrain"
+    train_cli.main([*RETRAIN, "--arch", str(arch_file), "--out", str(retrain)])
+    result = json.loads((retrain / "result.json").read_text())
+    assert 0.0 <= result["test_acc"] <= 1.0 and result["params"] > 1000
+    assert result["flops"] > 1e6 and result["arch"] == str(arch)
+    assert "retrain/test_acc" in _tags(retrain / "tb")["scalars"]
+
+
+@pytest.mark.slow
+def test_resume_after_interruption_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    search_cli.main([*TINY, "--out", str(straight)])
+
+    step_done = Run.step_done
+
+    def interrupt_at_step_4(self, loss=None, metrics=None):
+        if self.step == 4:  # mid epoch 2 (3 steps per epoch)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return step_done(self, loss, metrics)
+
+    monkeypatch.setattr(Run, "step_done", interrupt_at_step_4)
+    with pytest.raises(SystemExit) as info:
+        search_cli.main([*TINY, "--out", str(broken)])
+    assert info.value.code == 128 + signal.SIGTERM
+    monkeypatch.setattr(Run, "step_done", step_done)
+    assert load_checkpoint(broken / "checkpoints" / "last.pt")["step"] == 5
+    search_cli.main([*TINY, "--out", str(broken), "--resume"])
+
+    a = load_checkpoint(straight / "checkpoints" / "last.pt")
+    b = load_checkpoint(broken / "checkpoints" / "last.pt")
+    # same weights, controller, baseline, best metric and best architecture
+    assert a["step"] == b["step"] == 6 and a["best"] == b["best"]
+    for name in ("child", "proposer"):
+        flat_a, flat_b = _tensors(a["objects"][name]), _tensors(b["objects"][name])
+        assert flat_a.keys() == flat_b.keys()
+        for key in flat_a:
+            torch.testing.assert_close(flat_a[key], flat_b[key], rtol=0, atol=0, msg=key)
+    assert a["objects"]["proposer"]["baseline"] == b["objects"]["proposer"]["baseline"]
+    assert (straight / "best_arch.json").read_text() == (broken / "best_arch.json").read_text()
+    study = optuna.load_study(study_name="nas-search", storage=f"sqlite:///{broken / 'optuna.db'}")
+    assert len(study.get_trials()) == 5
+
+
+def _tensors(state, prefix=""):
+    out = {}
+    if isinstance(state, torch.Tensor):
+        return {prefix: state}
+    if isinstance(state, dict):
+        for k, v in state.items():
+            out.update(_tensors(v, f"{prefix}.{k}"))
+    if isinstance(state, (list, tuple)):
+        for i, v in enumerate(state):
+            out.update(_tensors(v, f"{prefix}.{i}"))
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["random", "tpe"])
+def test_other_proposers_search_on_the_same_budget(tmp_path, kind):
+    out = tmp_path / kind
+    search_cli.main([*TINY, "--epochs", "1", "--controller", kind, "--out", str(out)])
+    study = optuna.load_study(study_name="nas-search", storage=f"sqlite:///{out / 'optuna.db'}")
+    # the derive step of the last epoch recorded its candidates with the proposer's name
+    trials = study.get_trials()
+    assert 1 <= len(trials) <= 3 and {t.user_attrs["proposer"] for t in trials} == {kind}
+    assert Architecture.from_json((out / "best_arch.json").read_text()).num_nodes == 2
+    if kind == "tpe":  # TPE's proposals and rewards: train_steps x num_aggregate trials
+        proposals = optuna.load_study(study_name="nas-search-tpe-proposals",
+                                      storage=f"sqlite:///{out / 'optuna.db'}")
+        assert len(proposals.get_trials()) == 6
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"normal": [[["conv_9x9", 0], ["identity", 1]]], "reduce": []}', "unknown op 'conv_9x9'"),
+    ("{oops", "not valid JSON"),
+    ('{"normal": [[["identity", 3], ["identity", 1]]], "reduce": [[["identity", 0], '
+     '["identity", 1]]]}', "input 3 is invalid"),
+])
+def test_a_bad_arch_file_gives_a_clear_error_and_creates_nothing(tmp_path, capsys, content,
+                                                                 message):
+    bad = tmp_path / "arch.json"
+    bad.write_text(content)
+    with pytest.raises(SystemExit) as info:
+        train_cli.main(["--arch", str(bad), "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in " ".join(err.split())
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_search_flags_reach_the_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        search_cli.main(["--norm", "xn", "--out", str(tmp_path / "x")])
+    assert "'xn' is not a valid value for child.norm" in capsys.readouterr().err
