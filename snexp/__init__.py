@@ -6,6 +6,7 @@ synchronized), the registry through which models ask for normalizers, inspection
 layer learned, and the shared runtime of the experiment packages ``nas`` and ``stylize``.
 """
 
+from snexp.checkpoint import load_checkpoint, save_checkpoint
 from snexp.config import (
     CliError,
     ConfigError,
@@ -16,6 +17,7 @@ from snexp.config import (
     parse_args,
     to_toml,
 )
+from snexp.device import select_device
 from snexp.inspect import Importance, importance, log_importance
 from snexp.norm import (
     NORM_KINDS,
@@ -35,14 +37,7 @@ from snexp.norm import (
     sparsemax,
     sparsestmax,
 )
-from snexp.run import (
-    NonFiniteLoss,
-    Run,
-    RunInterrupted,
-    load_checkpoint,
-    save_checkpoint,
-    select_device,
-)
+from snexp.run import NonFiniteLoss, Run, RunInterrupted
 from snexp.track import Tracker, open_study, progress
 
 __version__ = "0.1.0"

@@ -38,23 +38,28 @@ import datetime
 import logging
 import math
 import os
-import pickle
-import random
-import re
 import shutil
 import signal
-import tempfile
 import threading
-import zipfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from snexp.checkpoint import (
+    CHECKPOINT_FORMAT,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    seed_worker,
+    set_rng_state,
+    unwrap_model,
+    write_text_atomic,
+)
 from snexp.config import (
     CONFIG_FILE,
     CliError,
@@ -65,24 +70,13 @@ from snexp.config import (
     override,
     to_toml,
 )
+from snexp.device import describe_device, select_device
 from snexp.track import TqdmLoggingHandler, Tracker
 
-__all__ = [
-    "CHECKPOINT_FORMAT",
-    "NonFiniteLoss",
-    "Run",
-    "RunInterrupted",
-    "RunStopped",
-    "load_checkpoint",
-    "save_checkpoint",
-    "seed_everything",
-    "seed_worker",
-    "select_device",
-]
+__all__ = ["NonFiniteLoss", "Run", "RunInterrupted", "RunStopped"]
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1  # bump when the checkpoint layout changes
 # Keys that may change when resuming: they steer the process, not the computation.
 RUNTIME_SAFE_KEYS: tuple[str, ...] = (
     "runtime.out",
@@ -115,219 +109,6 @@ class NonFiniteLoss(RunStopped):
     """A loss became NaN or infinite; nothing was saved after the last good checkpoint."""
 
     exit_code = 1
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``obj`` with ``torch.save`` atomically: temporary file, fsync, ``os.replace``.
-
-    If the process dies at any moment, ``path`` holds either the old or the new checkpoint,
-    never a torn one. A leftover ``.tmp`` file from a killed write is simply overwritten.
-
-    Args:
-        obj: Plain containers, numbers, strings and tensors (what ``weights_only`` loads).
-        path: Destination file.
-
-    Returns:
-        ``path`` as a ``Path``.
-    """
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened."""
-    with contextlib.suppress(OSError, AttributeError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
-    """Read a checkpoint with ``torch.load(weights_only=True)``: it never executes code.
-
-    Args:
-        path: Checkpoint file.
-        map_location: Where tensors go (default CPU; ``load_state_dict`` moves them on).
-
-    Returns:
-        The checkpoint dict.
-
-    Raises:
-        ConfigError: The file is missing, torn, or holds objects other than plain data and
-            tensors (a pickled object that would run code is refused, not loaded).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint '{path}' not found")
-    try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None:  # no forbidden object: a file that is not a checkpoint at all
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            reason = detail.group(1) if detail else str(exc).splitlines()[0]
-            raise ConfigError(
-                f"checkpoint '{path}' is unreadable or truncated ({reason})"
-            ) from None
-        raise ConfigError(
-            f"checkpoint '{path}' holds objects other than tensors and plain data "
-            f"({found.group(1)}), so it is refused: loading it could run arbitrary code"
-        ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise ConfigError(f"checkpoint '{path}' is unreadable or truncated ({reason})") from None
-    if not isinstance(obj, dict):
-        raise ConfigError(f"checkpoint '{path}' is a {type(obj).__name__}, not a dict")
-    return obj
-
-
-def _unwrap(obj: Any) -> Any:
-    """The plain module inside torch.compile and (Distributed)DataParallel wrappers."""
-    parallel = (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)
-    while True:
-        if isinstance(obj, parallel):
-            obj = obj.module
-        elif isinstance(obj, torch.nn.Module) and isinstance(
-            getattr(obj, "_orig_mod", None), torch.nn.Module
-        ):
-            obj = obj._orig_mod
-        else:
-            return obj
-
-
-# ----------------------------------------------------------------------------- RNG, seeds
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's ``random``, numpy's global generator and torch (CPU and all GPUs)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed.
-
-    Torch seeds each worker from the loader's generator; python and numpy would otherwise
-    repeat the parent's state in every worker. Workers also ignore SIGINT, so Ctrl-C reaches
-    only the main process, which stops gracefully.
-    """
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-    with contextlib.suppress(ValueError):
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    np_state = np.random.get_state(legacy=False)
-    np_state["state"]["key"] = torch.from_numpy(np_state["state"]["key"].astype(np.int64))
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": np_state,  # bit_generator state; the key as a tensor, which weights_only reads
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    if device.type == "mps":
-        state["mps"] = torch.mps.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(_as_tuple(state["python"]))
-    np_state = dict(state["numpy"])
-    np_state["state"] = dict(np_state["state"])
-    np_state["state"]["key"] = np_state["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(np_state)
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    elif cuda is not None:
-        logger.warning("CUDA RNG state not restored: the checkpoint was written on other GPUs")
-    if "mps" in state and torch.backends.mps.is_available():
-        torch.mps.set_rng_state(state["mps"])
-
-
-def _as_tuple(value: Any) -> Any:
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-# ----------------------------------------------------------------------------- device
-
-
-def select_device(spec: str = "auto") -> torch.device:
-    """The device asked for: ``auto`` (CUDA, else MPS, else CPU), ``cpu``, ``cuda[:N]``, ``mps``.
-
-    Raises:
-        ConfigError: The device does not exist here (the message says what does).
-    """
-    has_mps = torch.backends.mps.is_available()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("mps") if has_mps else torch.device("cpu")
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "mps":
-        if not has_mps:
-            raise ConfigError("--device mps: MPS (Apple GPU) is not available here; use cpu")
-        return torch.device("mps")
-    if spec == "cuda" or spec.startswith("cuda:") and spec[5:].isdigit():
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                f"--device {spec}: CUDA is not available (torch {torch.__version__}, "
-                f"CUDA build {torch.version.cuda or 'none'}); use --device cpu or auto"
-            )
-        index = int(spec[5:]) if ":" in spec else torch.cuda.current_device()
-        count = torch.cuda.device_count()
-        if index >= count:
-            raise ConfigError(
-                f"--device {spec}: there are {count} CUDA device(s) here, cuda:0..cuda:{count - 1}"
-            )
-        return torch.device("cuda", index)
-    raise ConfigError(f"--device {spec!r}: expected auto, cpu, cuda, cuda:N or mps")
-
-
-def _describe_device(device: torch.device) -> str:
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
-    if device.type == "cpu":
-        return f"cpu ({torch.get_num_threads()} threads)"
-    return str(device)
 
 
 _AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -392,7 +173,7 @@ class Run:
         self.amp_dtype = _AMP_DTYPES[runtime.amp]
         if runtime.amp == "bf16" and self.device.type == "cuda":
             if not torch.cuda.is_bf16_supported():
-                raise ConfigError(f"--amp bf16: {_describe_device(self.device)} lacks bfloat16")
+                raise ConfigError(f"--amp bf16: {describe_device(self.device)} lacks bfloat16")
         self.config = override(config, {"runtime.out": str(self.dir), "runtime.overwrite": False})
         self.runtime: RuntimeConfig = self.config.runtime
 
@@ -446,7 +227,7 @@ class Run:
             override(self.config, {"runtime.resume": False}),
             header=f"{self.experiment} run, resolved config ({stamp})",
         )
-        _write_text_atomic(self.dir / CONFIG_FILE, text)
+        write_text_atomic(self.dir / CONFIG_FILE, text)
         self.tracker = Tracker(self.dir / "tb", purge_step=self.step + 1 if self.resumed else None)
         self.tracker.text("config", "```toml\n" + text + "```", self.step)
         self._install_signal_handlers()
@@ -455,7 +236,7 @@ class Run:
             self.experiment,
             self.dir,
             f"resuming at step {self.step}, epoch {self.epoch}" if self.resumed else "new",
-            _describe_device(self.device),
+            describe_device(self.device),
             runtime.amp,
             runtime.seed,
             ", deterministic" if runtime.deterministic else "",
@@ -568,7 +349,7 @@ class Run:
         for name, obj in objects.items():
             if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
                 raise TypeError(f"attach({name}=...): {type(obj).__name__} has no state_dict")
-            self._objects[name] = _unwrap(obj)
+            self._objects[name] = unwrap_model(obj)
         checkpoint, self._checkpoint = self._checkpoint, None
         if checkpoint is None:
             return
@@ -586,7 +367,7 @@ class Run:
         self._batch_in_epoch = self._skip = int(checkpoint["batch_in_epoch"])
         self._epoch_rng = checkpoint["data_rng"]["epoch_start"]
         self.generator.set_state(checkpoint["data_rng"]["now"])
-        _set_rng_state(checkpoint["rng"])
+        set_rng_state(checkpoint["rng"])
         logger.info("resumed from %s at step %d", self.checkpoint_dir / "last.pt", self.step)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -709,12 +490,12 @@ class Run:
         self._require_attached()
         skip, self._skip = self._skip, 0
         if skip:
-            rng = _rng_state(self.device)
+            rng = rng_state(self.device)
             self.generator.set_state(self._epoch_rng)
         for index, batch in enumerate(loader):
             if index < skip:
                 if index == skip - 1:
-                    _set_rng_state(rng)
+                    set_rng_state(rng)
                 continue
             self._batch_in_epoch = index + 1
             yield batch
@@ -811,7 +592,7 @@ class Run:
             "state": self.state,
             "objects": {name: obj.state_dict() for name, obj in self._objects.items()},
             "scaler": self.scaler.state_dict(),
-            "rng": _rng_state(self.device),
+            "rng": rng_state(self.device),
             "data_rng": {"now": self.generator.get_state(), "epoch_start": self._epoch_rng},
             "torch": str(torch.__version__),
             "time": datetime.datetime.now().isoformat(timespec="seconds"),

@@ -15,7 +15,8 @@ import runtime_toy as toy
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import snexp.run as run_module
+import snexp.checkpoint as checkpoint_module
+from snexp.checkpoint import load_checkpoint, save_checkpoint
 from snexp.config import (
     CONFIG_FILE,
     ConfigError,
@@ -24,14 +25,8 @@ from snexp.config import (
     override,
     parse_args,
 )
-from snexp.run import (
-    NonFiniteLoss,
-    Run,
-    RunInterrupted,
-    load_checkpoint,
-    save_checkpoint,
-    select_device,
-)
+from snexp.device import select_device
+from snexp.run import NonFiniteLoss, Run, RunInterrupted
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -293,7 +288,7 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         f.truncate(f.tell() // 2)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(run_module.torch, "save", dying_save)
+    monkeypatch.setattr(checkpoint_module.torch, "save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
     monkeypatch.undo()
@@ -301,7 +296,10 @@ def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
-    monkeypatch.setattr(run_module.os, "replace", lambda *a: (_ for _ in ()).throw(OSError(28)))
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint_module.os, "replace", full_disk)
     with pytest.raises(OSError):
         save_checkpoint({"step": 3}, path)
     monkeypatch.undo()
@@ -313,7 +311,7 @@ def test_sigkill_during_saves_leaves_a_loadable_checkpoint(tmp_path):
     path = tmp_path / "last.pt"
     script = textwrap.dedent(f"""
         import torch
-        from snexp.run import save_checkpoint
+        from snexp.checkpoint import save_checkpoint
         weights = torch.arange(1_000_000, dtype=torch.float64)
         for step in range(1, 10_000):
             save_checkpoint({{"step": step, "w": weights + step}}, {str(path)!r})
