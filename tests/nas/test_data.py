@@ -1,4 +1,4 @@
-"""Data: the embedded shapes are deterministic, splits are seeded and disjoint, errors are clear."""
+"""Data: embedded shapes are deterministic, splits are seeded and disjoint, errors are clear."""
 
 from __future__ import annotations
 
