@@ -101,6 +101,7 @@ class RuntimeConfig:
     deterministic: bool = False  # deterministic algorithms only (exact resume on CPU)
     channels_last: bool = False  # channels-last memory format for models and image batches
     compile: bool = False  # torch.compile the model (the checkpoint keeps the plain module)
+    sync_norm: bool = False  # under torchrun: SN/BN batch statistics over all ranks (SyncSN)
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
@@ -123,6 +124,7 @@ RUNTIME_FLAGS: dict[str, str] = {
     "--deterministic": "runtime.deterministic",
     "--channels-last": "runtime.channels_last",
     "--compile": "runtime.compile",
+    "--sync-norm": "runtime.sync_norm",
 }
 
 

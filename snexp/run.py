@@ -29,6 +29,12 @@ The loop stays in charge; :class:`Run` gives it a few calls::
 
 With ``--deterministic`` on CPU, a run stopped at any step and resumed ends with the same
 weights and metrics as one never stopped (tests/snexp/test_run.py).
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) the same loop runs data-parallel (snexp.distributed):
+each rank uses ``cuda:LOCAL_RANK`` (or the CPU), ``prepare`` wraps the model in
+DistributedDataParallel, ``dataloader`` gives each rank its shard, and only rank 0 writes the
+run directory, logs and TensorBoard. Checkpoints, stops and ``update_best`` are collective: all
+ranks call them at the same points, as the loop above does (tests/snexp/test_distributed.py).
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from snexp import distributed
 from snexp.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -165,15 +172,25 @@ class Run:
         self.safe_keys = RUNTIME_SAFE_KEYS + tuple(safe_keys)
         self._prog = prog or _prog_name()
 
-        # Everything a user can get wrong is checked before the disk is touched.
-        self.dir = Path(runtime.out) if runtime.out else _new_run_dir(experiment)
-        self.checkpoint_dir = self.dir / "checkpoints"
-        checkpoint = self._check_directory(runtime, config)
-        self.device = select_device(runtime.device)
+        # Everything a user can get wrong is checked before the disk is touched. Under
+        # torchrun all ranks join the process group first; rank 0 alone checks the directory.
+        many = distributed.env_world_size() > 1 or distributed.is_distributed()
+        self.device = (distributed.rank_device if many else select_device)(runtime.device)
         self.amp_dtype = _AMP_DTYPES[runtime.amp]
         if runtime.amp == "bf16" and self.device.type == "cuda":
             if not torch.cuda.is_bf16_supported():
                 raise ConfigError(f"--amp bf16: {describe_device(self.device)} lacks bfloat16")
+        self._owns_group = distributed.init_from_env(self.device)
+        self.rank, self.world_size = distributed.rank(), distributed.world_size()
+        self.is_main = self.rank == 0
+        try:
+            folder = runtime.out or (str(_new_run_dir(experiment)) if self.is_main else None)
+            self.dir = Path(distributed.broadcast_object(folder))
+            self.checkpoint_dir = self.dir / "checkpoints"
+            checkpoint = self._check_directory_on_main(runtime, config)
+        except BaseException:
+            distributed.destroy(self._owns_group)
+            raise
         self.config = override(config, {"runtime.out": str(self.dir), "runtime.overwrite": False})
         self.runtime: RuntimeConfig = self.config.runtime
 
@@ -185,6 +202,8 @@ class Run:
         self.generator = torch.Generator().manual_seed(runtime.seed)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.amp == "fp16")
         self.tracker = Tracker(None)
+        self._samplers: list[DistributedSampler] = []  # their epoch is set by run.epochs()
+        self._file_handler: logging.Handler | None = None
         self._objects: dict[str, Any] = {}
         self._checkpoint = checkpoint  # loaded into the objects by attach()
         self._batch_in_epoch = 0  # batches taken from run.batches() in the current epoch
@@ -208,12 +227,15 @@ class Run:
     def _start(self, console: bool, *, overwrite: bool) -> None:
         """Create the directory and its log, seed, write config.toml, open the tracker."""
         runtime = self.runtime
-        if overwrite and self.dir.exists():
-            shutil.rmtree(self.dir)
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        self._setup_logging(console)
+        if self.is_main:
+            if overwrite and self.dir.exists():
+                shutil.rmtree(self.dir)
+            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+            self._setup_logging(console)
 
-        seed_everything(runtime.seed)
+        # NOTE: rank r seeds with seed + r, so dropout and augmentation differ across ranks;
+        # DDP copies rank 0's initial weights to all ranks, and the data order has its own seed.
+        seed_everything(runtime.seed + self.rank)
         if runtime.deterministic:
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -227,9 +249,11 @@ class Run:
             override(self.config, {"runtime.resume": False}),
             header=f"{self.experiment} run, resolved config ({stamp})",
         )
-        write_text_atomic(self.dir / CONFIG_FILE, text)
-        self.tracker = Tracker(self.dir / "tb", purge_step=self.step + 1 if self.resumed else None)
-        self.tracker.text("config", "```toml\n" + text + "```", self.step)
+        if self.is_main:
+            write_text_atomic(self.dir / CONFIG_FILE, text)
+            purge = self.step + 1 if self.resumed else None
+            self.tracker = Tracker(self.dir / "tb", purge_step=purge)
+            self.tracker.text("config", "```toml\n" + text + "```", self.step)
         self._install_signal_handlers()
         logger.info(
             "%s run in %s (%s); device %s, amp %s, seed %d%s",
@@ -241,6 +265,10 @@ class Run:
             runtime.seed,
             ", deterministic" if runtime.deterministic else "",
         )
+        if self.world_size > 1:
+            logger.info("distributed: %d processes (%s backend), rank 0 writes %s%s",
+                        self.world_size, torch.distributed.get_backend(), self.dir,
+                        "; norms synchronized (--sync-norm)" if runtime.sync_norm else "")
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -273,6 +301,23 @@ class Run:
                     "like a run directory; delete it yourself or choose another --out"
                 )
         return None
+
+    def _check_directory_on_main(self, runtime: RuntimeConfig, config: Any) -> dict | None:
+        """:meth:`_check_directory` on rank 0; the other ranks get its verdict, then read."""
+        if self.world_size == 1:
+            return self._check_directory(runtime, config)
+        error, checkpoint = None, None
+        if self.is_main:
+            try:
+                checkpoint = self._check_directory(runtime, config)
+            except ConfigError as exc:
+                error = str(exc)
+        error = distributed.broadcast_object(error)  # also the barrier before the others read
+        if error is not None:
+            raise ConfigError(error)
+        if not self.is_main and runtime.resume:
+            checkpoint = load_checkpoint(self.checkpoint_dir / "last.pt")
+        return checkpoint
 
     def _check_resumable(self, checkpoint: Mapping[str, Any], config: Any, path: Path) -> None:
         if checkpoint.get("format") != CHECKPOINT_FORMAT:
@@ -367,18 +412,29 @@ class Run:
         self._batch_in_epoch = self._skip = int(checkpoint["batch_in_epoch"])
         self._epoch_rng = checkpoint["data_rng"]["epoch_start"]
         self.generator.set_state(checkpoint["data_rng"]["now"])
-        set_rng_state(checkpoint["rng"])
+        ranks = checkpoint.get("rng_ranks")
+        if ranks is not None and len(ranks) == self.world_size:
+            set_rng_state(ranks[self.rank])
+        else:
+            if ranks is not None or self.world_size > 1:
+                logger.warning("the checkpoint holds the RNG states of %d process(es), this run "
+                               "has %d: every rank continues from rank 0's (not an exact resume)",
+                               len(ranks or [0]), self.world_size)
+            set_rng_state(checkpoint["rng"])
         logger.info("resumed from %s at step %d", self.checkpoint_dir / "last.pt", self.step)
 
     def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
         """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
 
-        Train the returned module; :meth:`attach` the one you built (or either: wrappers are
-        unwrapped), so checkpoints hold plain state dict keys.
+        Under torchrun, the model is wrapped in DistributedDataParallel, after ``--sync-norm``
+        turned its SN/BN layers into synchronized ones (in place: build the optimizer after
+        this call). Train the returned module; :meth:`attach` the one you built (or either:
+        wrappers are unwrapped), so checkpoints hold plain state dict keys.
         """
         model = model.to(self.device)
         if self.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
+        model = distributed.wrap_model(model, self.device, sync_norm=self.runtime.sync_norm)
         if self.runtime.compile:
             model = torch.compile(model)
         return model
@@ -447,9 +503,20 @@ class Run:
         """A DataLoader whose order comes from :attr:`generator` and whose workers are seeded.
 
         Memory is pinned when training on CUDA. Workers are not persistent, so a resumed run
-        reseeds them exactly as the uninterrupted run did.
+        reseeds them exactly as the uninterrupted run did. Under torchrun each rank reads its
+        own shard (a ``DistributedSampler`` seeded with ``--seed``, its epoch set by
+        :meth:`epochs`), so ``batch_size`` is per rank and the effective batch is
+        ``batch_size * world_size``.
         """
         kwargs.setdefault("pin_memory", self.device.type == "cuda")
+        if self.world_size > 1 and "sampler" not in kwargs and "batch_sampler" not in kwargs:
+            sampler = DistributedSampler(dataset, self.world_size, self.rank, shuffle=shuffle,
+                                         seed=self.runtime.seed, drop_last=drop_last)
+            self._samplers.append(sampler)
+            kwargs["sampler"], shuffle = sampler, False
+            logger.info("data: %d ranks x batch %d = effective batch %d; each rank reads %d of "
+                        "%d samples per epoch", self.world_size, batch_size,
+                        batch_size * self.world_size, len(sampler), len(dataset))
         return DataLoader(
             dataset,
             batch_size=batch_size,
@@ -473,6 +540,8 @@ class Run:
         while self.epoch < total:
             if self._skip == 0:
                 self._epoch_rng = self.generator.get_state()
+            for sampler in self._samplers:
+                sampler.set_epoch(self.epoch)
             yield self.epoch
             self.epoch += 1
             self._batch_in_epoch = 0
@@ -513,21 +582,38 @@ class Run:
             metrics: Scalars logged to TensorBoard at the new :attr:`step`, e.g.
                 ``{"loss/total": loss, "lr": lr}``.
 
+        Under torchrun, all ranks call it at every step with the same metric keys: a stop or
+        non-finite loss on any rank stops all (agreed by one all-reduce), and the logged
+        metrics are the mean over the ranks.
+
         Raises:
             NonFiniteLoss: The loss is not finite.
             RunInterrupted: A signal arrived; the checkpoint has been written.
         """
+        value = None
         if loss is not None:
             value = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
-            if not math.isfinite(value):
-                raise NonFiniteLoss(self._non_finite_message(value))
+        bad = value is not None and not math.isfinite(value)
+        stop = self._stop_signal
+        if self.world_size > 1:
+            flags = distributed.all_reduce([float(bad), float(stop or 0)], self.device, "max")
+            bad = bad or flags[0] > 0
+            stop = int(flags[1]) or None
+        if bad:
+            raise NonFiniteLoss(self._non_finite_message(
+                value if value is not None and not math.isfinite(value) else "non-finite"))
         self.step += 1
         if metrics:
+            if self.world_size > 1:
+                numbers = [float(v.detach().item() if isinstance(v, torch.Tensor) else v)
+                           for v in metrics.values()]
+                total = distributed.all_reduce(numbers, self.device, "sum")
+                metrics = {k: v / self.world_size for k, v in zip(metrics, total)}
             self.tracker.scalars(metrics, self.step)
         every = self.runtime.checkpoint_every
         if every and self.step % every == 0:
             self.save()
-        self.check_stop()
+        self._stop_if(stop)
 
     def _require_attached(self) -> None:
         if self._checkpoint is not None:
@@ -535,7 +621,7 @@ class Run:
                 "resuming: call run.attach(model=..., optimizer=...) before the loop"
             )
 
-    def _non_finite_message(self, value: float) -> str:
+    def _non_finite_message(self, value: float | str) -> str:
         last = self.checkpoint_dir / "last.pt"
         kept = (
             f"the last good checkpoint, {last} (step {self._saved_at[0]}), is kept"
@@ -557,31 +643,52 @@ class Run:
         """If a signal asked to stop: write a checkpoint and raise :class:`RunInterrupted`.
 
         :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
-        (e.g. after a long evaluation).
+        (e.g. after a long evaluation; under torchrun on all ranks at once: a signal on any
+        rank stops all).
         """
-        if self._stop_signal is None:
+        stop = self._stop_signal
+        if self.world_size > 1:
+            stop = int(distributed.all_reduce([float(stop or 0)], self.device, "max")[0]) or None
+        self._stop_if(stop)
+
+    def _stop_if(self, signum: int | None) -> None:
+        """Stop for ``signum`` (agreed by all ranks), if any: checkpoint, then raise."""
+        if signum is None:
             return
+        self._stop_signal = signum
         path = self.save()
-        name = signal.Signals(self._stop_signal).name
+        name = signal.Signals(signum).name
         raise RunInterrupted(
             f"received {name}, so the run stopped after step {self.step} ({self.epoch} epochs "
             f"completed); checkpoint saved to {path}. Resume with: {self._prog} --out {self.dir} "
             "--resume",
-            self._stop_signal,
+            signum,
         )
 
     def update_best(self, value: float, *, mode: Literal["max", "min"] = "max") -> bool:
-        """Record a metric; when it beats :attr:`best`, write ``best.pt`` and return True."""
+        """Record a metric; when it beats :attr:`best`, write ``best.pt`` and return True.
+
+        Under torchrun all ranks call it together; rank 0's ``value`` counts.
+        """
+        if self.world_size > 1:
+            value = distributed.broadcast_object(float(value))
         better = self.best is None or (value > self.best if mode == "max" else value < self.best)
         if better:
             self.best = float(value)
-            save_checkpoint(self._checkpoint_dict(), self.checkpoint_dir / "best.pt")
+            checkpoint = self._checkpoint_dict()
+            if checkpoint is not None:
+                save_checkpoint(checkpoint, self.checkpoint_dir / "best.pt")
         return better
 
     # -- checkpoints -----------------------------------------------------------------------------
 
-    def _checkpoint_dict(self) -> dict[str, Any]:
-        return {
+    def _checkpoint_dict(self) -> dict[str, Any] | None:
+        """The checkpoint (rank 0; ``None`` on the others). Collective under torchrun."""
+        rng = rng_state(self.device)
+        ranks = distributed.all_gather_object(rng) if self.world_size > 1 else None
+        if not self.is_main:
+            return None
+        checkpoint = {
             "format": CHECKPOINT_FORMAT,
             "experiment": self.experiment,
             "config": _plain(flatten(self.config)),
@@ -592,15 +699,24 @@ class Run:
             "state": self.state,
             "objects": {name: obj.state_dict() for name, obj in self._objects.items()},
             "scaler": self.scaler.state_dict(),
-            "rng": rng_state(self.device),
+            "rng": rng,
             "data_rng": {"now": self.generator.get_state(), "epoch_start": self._epoch_rng},
             "torch": str(torch.__version__),
             "time": datetime.datetime.now().isoformat(timespec="seconds"),
         }
+        if ranks is not None:
+            checkpoint["rng_ranks"] = ranks  # every rank's own RNG states, in rank order
+        return checkpoint
 
     def save(self) -> Path:
-        """Write ``checkpoints/last.pt`` now (atomically) and return its path."""
-        path = save_checkpoint(self._checkpoint_dict(), self.checkpoint_dir / "last.pt")
+        """Write ``checkpoints/last.pt`` now (atomically) and return its path.
+
+        Under torchrun all ranks call it together; rank 0 writes.
+        """
+        path = self.checkpoint_dir / "last.pt"
+        checkpoint = self._checkpoint_dict()
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, path)
         self._saved_at = (self.step, self.epoch, self._batch_in_epoch)
         self.tracker.flush()
         return path
@@ -608,7 +724,8 @@ class Run:
     # -- closing -------------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close the tracker and log file and restore signal handlers and global settings."""
+        """Close the tracker and log file, restore signal handlers and global settings, and
+        leave the process group if this run joined it."""
         if self._closed:
             return
         self._closed = True
@@ -621,6 +738,7 @@ class Run:
             root.removeHandler(handler)
             handler.close()
         root.setLevel(self._root_level)
+        distributed.destroy(self._owns_group)
 
     def __enter__(self) -> Run:
         return self
@@ -636,6 +754,8 @@ class Run:
                 logger.info(
                     "run finished at step %d, epoch %d: %s", self.step, self.epoch, self.dir
                 )
+            elif self._file_handler is None:
+                pass  # not rank 0: no run.log
             elif isinstance(exc, RunStopped):
                 self._file_handler.handle(self._record(logging.WARNING, str(exc), None))
             else:
