@@ -7,7 +7,8 @@
   ``purge_step`` hides the events written after the checkpoint, so curves do not double.
 - :func:`open_study` opens or creates an Optuna study on a storage: SQLite in the run directory
   by default, any RDB URL (PostgreSQL for many workers), or a journal file for several
-  processes on one host. ``optuna-dashboard <storage>`` shows it (:func:`dashboard_command`).
+  processes on one host; a dead worker's trials are failed, not left running
+  (:mod:`snexp.storage`). ``optuna-dashboard <storage>`` shows it (:func:`dashboard_command`).
 - :func:`progress` makes tqdm bars that stay quiet off-terminal and on non-zero ranks;
   :class:`TqdmLoggingHandler` prints log lines without breaking them.
 
@@ -26,11 +27,11 @@ from typing import IO, Any
 
 import optuna
 import torch
-from optuna.storages import BaseStorage, JournalStorage
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import BaseStorage
 from tqdm.auto import tqdm
 
 from snexp.config import ConfigError, flatten
+from snexp.storage import make_storage, reap
 
 __all__ = [
     "SQLITE_FILE",
@@ -219,9 +220,18 @@ def _storage_label(storage: str | Path | None, run_dir: str | Path | None) -> st
 
 
 def open_storage(
-    storage: str | Path | None = None, run_dir: str | Path | None = None
-) -> str | JournalStorage:
-    """An Optuna storage from a user's ``--storage`` value.
+    storage: str | Path | None = None,
+    run_dir: str | Path | None = None,
+    *,
+    heartbeat_interval: int | None = 60,
+    grace_period: int | None = None,
+    retries: int = 0,
+    sqlite_timeout: float = 60.0,
+) -> BaseStorage:
+    """An Optuna storage from a user's ``--storage`` value, safe for many worker processes.
+
+    A worker killed mid-trial does not leave its trial running forever: the next worker that
+    opens the study or starts a trial marks it FAIL (see :mod:`snexp.storage`).
 
     Args:
         storage: ``None``: SQLite ``<run_dir>/optuna.db``. A URL with ``://`` (``sqlite:///x.db``,
@@ -229,9 +239,15 @@ def open_storage(
             ``.sqlite3``: that SQLite file. Any other path: a journal file
             (``JournalFileBackend``), safe for several processes on one host.
         run_dir: The run directory, needed when ``storage`` is ``None``.
+        heartbeat_interval: SQLite/PostgreSQL: seconds between a running trial's heartbeats
+            (``None``: none). Journal files need none: dead owners are found by process id.
+        grace_period: Seconds without a heartbeat before a trial is failed (``None``: twice
+            ``heartbeat_interval``).
+        retries: How many times a dead worker's trial is re-queued with its parameters.
+        sqlite_timeout: Seconds a SQLite writer waits for another worker's lock.
 
     Returns:
-        A storage URL or a ``JournalStorage``, as ``optuna.create_study`` takes them.
+        An ``RDBStorage`` or ``JournalStorage``, as ``optuna.create_study`` takes them.
 
     Raises:
         ConfigError: A file storage whose folder does not exist.
@@ -240,9 +256,8 @@ def open_storage(
     folder = Path(label.removeprefix("sqlite:///")).parent
     if (label.startswith("sqlite:///") or "://" not in label) and not folder.is_dir():
         raise ConfigError(f"storage '{storage}': folder '{folder}' does not exist")
-    if "://" in label:
-        return label
-    return JournalStorage(JournalFileBackend(label))
+    return make_storage(label, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                        retries=retries, sqlite_timeout=sqlite_timeout)
 
 
 def dashboard_command(storage: str | Path | None = None, run_dir: str | Path | None = None) -> str:
@@ -263,6 +278,7 @@ def open_study(
     sampler: optuna.samplers.BaseSampler | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
     user_attrs: Mapping[str, Any] | None = None,
+    **storage_options: Any,
 ) -> optuna.Study:
     """Open the study ``name`` on a storage, creating it if needed (``load_if_exists=True``).
 
@@ -275,9 +291,12 @@ def open_study(
         sampler: Optuna sampler (``None``: Optuna's default, TPE).
         pruner: Optuna pruner (``None``: Optuna's default, median).
         user_attrs: Stored on the study with ``set_user_attr`` (JSON values).
+        **storage_options: ``heartbeat_interval``, ``grace_period``, ``retries``,
+            ``sqlite_timeout`` of :func:`open_storage`.
 
     Returns:
-        The study. Where it lives and the dashboard command are logged.
+        The study, with the trials of dead workers already failed (or re-queued). Where it
+        lives and the dashboard command are logged.
 
     Raises:
         ConfigError: The study exists with other optimization directions.
@@ -292,7 +311,7 @@ def open_study(
         label, view = type(storage).__name__, "optuna-dashboard <storage>"
     else:
         label, view = _storage_label(storage, run_dir), dashboard_command(storage, run_dir)
-        storage = open_storage(storage, run_dir)
+        storage = open_storage(storage, run_dir, **storage_options)
     # NOTE: Optuna logs through its own stderr handler by default; route its records to ours
     # (run.log and the bar-safe console) instead.
     optuna.logging.disable_default_handler()
@@ -313,6 +332,9 @@ def open_study(
         )
     for key, value in (user_attrs or {}).items():
         study.set_user_attr(key, value)
+    if failed := reap(study):
+        logging.getLogger(__name__).warning(
+            "optuna study '%s': trials %s of dead workers marked failed", name, failed)
     logging.getLogger(__name__).info("optuna study '%s' in %s (view: %s)", name, label, view)
     return study
 

@@ -195,9 +195,11 @@ def test_journal_study_shared_by_two_openers(tmp_path):
 
 
 def test_storage_values(tmp_path):
-    # URLs pass through untouched (no connection is made); .db paths mean SQLite files.
-    assert open_storage("postgresql://user@db/optuna") == "postgresql://user@db/optuna"
-    assert open_storage(tmp_path / "x.sqlite3") == f"sqlite:///{(tmp_path / 'x.sqlite3')}"
+    # URLs pass through untouched; .db paths mean SQLite files (RDB storages with a heartbeat).
+    assert dashboard_command("postgresql://user@db/o") == "optuna-dashboard postgresql://user@db/o"
+    sqlite = open_storage(tmp_path / "x.sqlite3")
+    assert sqlite.url == f"sqlite:///{(tmp_path / 'x.sqlite3')}"
+    assert sqlite.get_heartbeat_interval() == 60
     with pytest.raises(ConfigError) as info:
         open_storage(tmp_path / "missing/dir/x.db")
     assert str(info.value) == (
