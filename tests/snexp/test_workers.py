@@ -118,6 +118,22 @@ def test_killed_sqlite_worker_on_another_host_fails_after_the_grace_period(tmp_p
     assert [t.state for t in study.trials] == [TrialState.FAIL]  # retries=0 here: no re-queue
 
 
+def _ask_and_exit(storage: str) -> None:
+    open_study("shared", storage=storage, heartbeat_interval=None).ask()
+    os._exit(0)  # dies holding the trial, as a killed ask/tell loop (nas TPE proposals) would
+
+
+def test_dead_ask_tell_worker_on_sqlite_is_failed_at_the_next_start(tmp_path):
+    # ask/tell trials get no heartbeat; their owner stamp still tells they were orphaned.
+    storage = str(tmp_path / "studies.db")
+    proc = CTX.Process(target=_ask_and_exit, args=(storage,))
+    proc.start()
+    proc.join(30)
+    study = open_study("shared", storage=storage, heartbeat_interval=None)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert study.trials[0].system_attrs[OWNER_ATTR].split(":")[1] == str(proc.pid)
+
+
 # ----------------------------------------------------------------------------- PostgreSQL
 
 
