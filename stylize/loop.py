@@ -4,7 +4,9 @@ Johnson et al. (2016), Sec. 4.1: Adam, batches of content crops, the transformat
 minimizes the weighted content + style (+ TV) loss of a frozen VGG16. With several styles each
 step uses one style, in turn (step mod S), as Dumoulin et al. (2017) train conditional IN.
 The loop hands numbers to the runtime (:class:`snexp.run.Run`): scalars, a preview grid, SN
-importance, checkpoints; it does not know where they go.
+importance, checkpoints; it does not know where they go. Under ``torchrun`` the runtime makes it
+data-parallel (each rank its shard of the content, ``--batch-size`` per rank); rank 0 alone
+renders previews and writes ``model.pt``.
 """
 
 from __future__ import annotations
@@ -146,15 +148,17 @@ def train(run: Run, loss_net: nn.Module) -> TransformerNet:
     run.attach(model=net, optimizer=optimizer)
     batch = cfg.train.batch_size
     loader = run.dataloader(train_set, batch_size=batch, shuffle=True,
-                            drop_last=len(train_set) >= batch, num_workers=cfg.data.workers)
+                            drop_last=len(train_set) >= batch * run.world_size,
+                            num_workers=cfg.data.workers)
     planned = cfg.train.epochs * len(loader)
     if cfg.train.steps is not None:
         planned = min(planned, cfg.train.steps)
-    logger.info("training %d step(s): %s norm, width %g, %d style(s) %s, batch %d at %d px",
-                planned, cfg.model.norm, cfg.model.width, len(names), ", ".join(names),
-                batch, cfg.data.image_size)
+    ranks = f" x {run.world_size} ranks = {batch * run.world_size}" if run.world_size > 1 else ""
+    logger.info("training %d step(s): %s norm, width %g, %d style(s) %s, batch %d%s at %d px, "
+                "lr %g", planned, cfg.model.norm, cfg.model.width, len(names), ", ".join(names),
+                batch, ranks, cfg.data.image_size, cfg.train.lr)
     limit = cfg.train.steps if cfg.train.steps is not None else math.inf
-    bar = progress(total=planned, initial=min(run.step, planned), desc="stylize")
+    bar = progress(total=planned, initial=min(run.step, planned), desc="stylize", rank=run.rank)
     last_visual = -1
     for _ in run.epochs(cfg.train.epochs):
         if run.step >= limit:
@@ -169,7 +173,7 @@ def train(run: Run, loss_net: nn.Module) -> TransformerNet:
             run.step_done(losses.total, metrics)
             bar.update(1)
             bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in values.items()})
-            if run.step % cfg.log.preview_every == 0:
+            if run.step % cfg.log.preview_every == 0 and run.is_main:
                 _log_visuals(run, net, previews, names)
                 last_visual = run.step
             if run.step >= limit:
@@ -178,6 +182,8 @@ def train(run: Run, loss_net: nn.Module) -> TransformerNet:
             continue  # the epoch ran to its end: run.epochs counts it and checkpoints
         break  # stopped mid-epoch at --steps: the checkpoint records the batch position
     bar.close()
+    if not run.is_main:
+        return net
     if last_visual != run.step:
         _log_visuals(run, net, previews, names)
     path = save_model(run.dir / MODEL_FILE, net, styles=names, config=cfg)
