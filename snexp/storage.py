@@ -139,10 +139,12 @@ def _open_rdb(label: str, **options: Any) -> RDBStorage:
                 f"storage '{label}': its database driver is missing ({error.__cause__}); "
                 "for PostgreSQL run: pip install 'psycopg[binary]>=3.1'"
             ) from None
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as error:
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+                sqlalchemy.exc.ProgrammingError) as error:
             why = " ".join(str(error.orig).split())
             # NOTE: workers started at once on a fresh database race to create Optuna's
-            # schema (duplicate tables or alembic version row); the loser retries.
+            # schema (SQLite: "table ... already exists", PostgreSQL: DuplicateTable, or a
+            # duplicate alembic version row); the losers retry and find it made.
             racing = isinstance(error, sqlalchemy.exc.IntegrityError) or "exists" in why
             if not racing or attempt == 7:
                 raise ConfigError(
