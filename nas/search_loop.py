@@ -14,7 +14,7 @@ Per epoch:
 All norms of the child run in training mode throughout (the BN branch uses batch statistics,
 also while rewards are measured). Their running averages are updated but never read (the
 update is a few (C,)-sized ops; a measured 2x slowdown of ``moving_average=False`` did not
-reproduce on a quieter machine: 108 vs 118 ms, within noise).
+reproduce in a same-process A/B: 108 vs 118 ms, within noise).
 Everything lives in the :class:`snexp.run.Run`; the loop hands numbers to its tracker.
 """
 

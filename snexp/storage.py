@@ -24,6 +24,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import optuna
@@ -44,7 +45,7 @@ def _start_time(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        return "" if fields[0] == "Z" else fields[19]  # a zombie counts as gone
+        return None if fields[0] == "Z" else fields[19]  # a zombie counts as gone
     except FileNotFoundError:
         return None
     except OSError:
@@ -76,7 +77,9 @@ class _OwnedTrials:
 
     _retry: RetryHeartbeatStaleTrialCallback | None = None
 
-    def _new_trial(self, create, study_id: int, template_trial: FrozenTrial | None):
+    def _new_trial(
+        self, create: Callable[..., Any], study_id: int, template_trial: FrozenTrial | None
+    ) -> Any:
         fail_dead_owner_trials(self, study_id)
         created = create(study_id, template_trial)
         if template_trial is None or template_trial.state == TrialState.RUNNING:
@@ -84,7 +87,9 @@ class _OwnedTrials:
             self.set_trial_system_attr(trial_id, OWNER_ATTR, _owner())
         return created
 
-    def set_trial_state_values(self, trial_id: int, state: TrialState, values=None) -> bool:
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
         done = super().set_trial_state_values(trial_id, state, values)
         if done and state == TrialState.RUNNING:  # a WAITING (enqueued, retried) trial starts
             self.set_trial_system_attr(trial_id, OWNER_ATTR, _owner())
@@ -94,7 +99,13 @@ class _OwnedTrials:
 def fail_dead_owner_trials(storage: Any, study_id: int) -> list[int]:
     """Mark FAIL the study's ``RUNNING`` trials whose owner process on this host is gone.
 
-    With a retry callback on the storage, each failed trial is re-queued as ``WAITING``.
+    Only same-host owners are judged (all workers of a journal file share one machine and its
+    process ids); with a retry callback on the storage, each failed trial is re-queued as
+    ``WAITING``. Runs on every new trial; call it to clean up earlier.
+
+    Args:
+        storage: A storage made by :func:`make_storage` (not Optuna's cache around it).
+        study_id: The study's storage id (``study._study_id``).
 
     Returns:
         The numbers of the trials failed here.
@@ -125,7 +136,9 @@ class _JournalStorage(_OwnedTrials, JournalStorage):
 class _RDBStorage(_OwnedTrials, RDBStorage):
     # NOTE: Optuna's _CachedStorage (which wraps every RDBStorage a study uses) creates trials
     # through the private _create_new_trial, so that is the hook here.
-    def _create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None):
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
         return self._new_trial(super()._create_new_trial, study_id, template_trial)
 
 
