@@ -145,7 +145,10 @@ class Run:
     Attributes:
         config: The config with ``runtime.out`` resolved.
         dir: The run directory.
-        device: The torch device in use.
+        device: The torch device in use (``cuda:LOCAL_RANK`` under torchrun on GPUs).
+        rank: This process's rank (0 without torchrun).
+        world_size: The number of processes training together (1 without torchrun).
+        is_main: Whether this is rank 0, the one that writes files and logs.
         tracker: TensorBoard tracker writing into ``<out>/tb``.
         generator: Seeded generator of the data order (give it to DataLoaders).
         scaler: The AMP GradScaler (enabled for ``--amp fp16`` only).
@@ -658,10 +661,12 @@ class Run:
         self._stop_signal = signum
         path = self.save()
         name = signal.Signals(signum).name
+        command = f"{self._prog} --out {self.dir} --resume"
+        if self.world_size > 1 and command.startswith("python "):
+            command = "torchrun [your torchrun options] " + command[len("python "):]
         raise RunInterrupted(
             f"received {name}, so the run stopped after step {self.step} ({self.epoch} epochs "
-            f"completed); checkpoint saved to {path}. Resume with: {self._prog} --out {self.dir} "
-            "--resume",
+            f"completed); checkpoint saved to {path}. Resume with: {command}",
             signum,
         )
 

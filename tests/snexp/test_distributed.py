@@ -26,6 +26,8 @@ from snexp.run import Run, RunInterrupted
 
 EPOCHS, GLOBAL_BATCH, WORLD = 2, 8, 2
 
+slow = pytest.mark.slow  # the module's 2 spawned ranks run 4 trainings: ~20 s on 2 busy cores
+
 
 @dataclass(frozen=True)
 class NetConfig:
@@ -111,12 +113,14 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return _tensors(torch.load(path, weights_only=True))
 
 
+@slow
 def test_ranks_keep_identical_weights(ddp_runs):
     # DDP averages the gradients, so both ranks take the same steps
     torch.testing.assert_close(_weights(ddp_runs / "full-0.pt"), _weights(ddp_runs / "full-1.pt"),
                                rtol=0, atol=0)
 
 
+@slow
 def test_two_ranks_equal_one_process_on_the_global_batch(ddp_runs, tmp_path):
     # 2 ranks x 4 samples with synchronized SN == 1 process x 8 samples, same order
     runtime = RuntimeConfig(out=str(tmp_path / "one"), device="cpu", deterministic=True)
@@ -127,6 +131,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_runs, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
+@slow
 def test_only_rank_zero_writes(ddp_runs):
     # one config.toml, run.log, TensorBoard folder and checkpoint, all written by rank 0
     reports = [json.loads((ddp_runs / f"report-{r}.json").read_text()) for r in range(WORLD)]
@@ -141,6 +146,7 @@ def test_only_rank_zero_writes(ddp_runs):
     assert checkpoint["step"] == 4 and len(checkpoint["rng_ranks"]) == WORLD
 
 
+@slow
 def test_logged_metrics_are_the_mean_over_ranks(ddp_runs):
     # "rank" is 0 on rank 0 and 1 on rank 1: the logged value is their mean
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -150,6 +156,7 @@ def test_logged_metrics_are_the_mean_over_ranks(ddp_runs):
     assert [e.value for e in acc.Scalars("rank")] == [0.5] * 4
 
 
+@slow
 def test_stop_on_one_rank_stops_both_and_resume_matches(ddp_runs):
     # SIGTERM on rank 1 at step 3: both ranks stop after step 3; the resumed run ends as the
     # uninterrupted one
@@ -161,6 +168,7 @@ def test_stop_on_one_rank_stops_both_and_resume_matches(ddp_runs):
                                _weights(ddp_runs / "full-0.pt"), rtol=0, atol=0)
 
 
+@slow
 def test_refusal_on_rank_zero_reaches_every_rank(ddp_runs):
     # a used --out is refused by rank 0; rank 1 raises the same error instead of hanging
     reports = [json.loads((ddp_runs / f"report-{r}.json").read_text()) for r in range(WORLD)]
