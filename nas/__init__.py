@@ -5,7 +5,8 @@ Pham et al., "Efficient Neural Architecture Search via Parameter Sharing" (ICML 
 default), so a search can compare SN against BN and inspect what each layer learned to use.
 
 ``python -m nas.search`` searches, ``python -m nas.train --arch best_arch.json`` retrains,
-``python -m nas.draw ARCH`` draws cells.
+``python -m nas.draw ARCH`` draws cells (``nas.draw`` is imported on use, not here, so that
+``python -m nas.draw`` runs without runpy's double-import warning).
 """
 
 from nas.child import Cell, ChildNet, ChildOutput
@@ -19,7 +20,6 @@ from nas.config import (
 )
 from nas.controller import Controller, ControllerConfig, Policy
 from nas.data import DataConfig, Splits, build_splits, make_shapes
-from nas.draw import draw_cells, save_cells
 from nas.ops import OPS
 from nas.proposers import (
     Proposer,
@@ -40,6 +40,6 @@ __all__ = [
     "RandomProposer", "Reinforce", "RetrainConfig", "RetrainResult", "RetrainSettings",
     "SearchConfig", "SearchResult", "SearchSettings", "Splits", "TPEProposer",
     "arch_distributions", "arch_params", "build_proposer", "build_splits", "count_flops",
-    "count_params", "draw_cells", "evaluate", "load_arch", "make_shapes", "parse_arch",
-    "retrain", "run_search", "save_cells",
+    "count_params", "evaluate", "load_arch", "make_shapes", "parse_arch", "retrain",
+    "run_search",
 ]

@@ -32,9 +32,9 @@ from torch import nn
 from nas.child import ChildNet
 from nas.config import SearchConfig, norm_options
 from nas.data import build_splits
-from nas.draw import save_cells
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
 from nas.space import Architecture
+from snexp.checkpoint import write_text_atomic
 from snexp.run import Run
 from snexp.track import open_study, progress
 
@@ -146,10 +146,10 @@ def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list, study: op
     run.tracker.text("search/sampled_arch", f"`{archs[0]}`", run.step)
     if run.update_best(best_acc, mode="max"):
         run.state["best_arch"] = best_arch.to_flat()
-        path = run.dir / BEST_FILE
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(best_arch.to_json(valid_acc=best_acc, epoch=epoch + 1), encoding="utf-8")
-        tmp.replace(path)
+        write_text_atomic(run.dir / BEST_FILE, best_arch.to_json(valid_acc=best_acc,
+                                                                  epoch=epoch + 1))
+        from nas.draw import save_cells  # matplotlib only when there is something to draw
+
         save_cells(best_arch, run.dir / CELLS_FILE, title=f"valid acc {best_acc:.3f}, epoch "
                    f"{epoch + 1}")
         run.tracker.text("search/best_arch", f"`{best_arch}` (valid acc {best_acc:.4f})", run.step)
