@@ -191,8 +191,8 @@ class TPEProposer:
 
     Args:
         num_nodes: Computed nodes per cell.
-        study: The study holding the proposals (its sampler should be TPE); on resume, trials
-            left running by an interrupted update are marked failed.
+        study: The study holding the proposals (its sampler should be TPE), opened with
+            :func:`snexp.track.open_study`, which fails trials left running by dead workers.
     """
 
     name = "tpe"
@@ -248,10 +248,10 @@ class TPEProposer:
         return {"uniform": self._uniform.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Proposals left running by this worker's interrupted run were failed when the study
+        # was opened (snexp.storage fails trials of dead processes); other workers' running
+        # proposals in a shared study are theirs to finish.
         self._uniform.load_state_dict(state["uniform"])
-        running = optuna.trial.TrialState.RUNNING
-        for trial in self.study.get_trials(deepcopy=False, states=(running,)):
-            self.study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
 
 
 def build_proposer(

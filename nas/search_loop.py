@@ -209,8 +209,11 @@ def run_search(run: Run) -> SearchResult:
     if cfg.controller.kind == "tpe":
         sampler = optuna.samplers.TPESampler(seed=cfg.runtime.seed,
                                              n_startup_trials=cfg.controller.tpe_startup)
+        # Proposals are ask/tell trials (no Study.optimize, so no heartbeat thread): a dead
+        # worker's proposals are failed by snexp.storage's owner check when a worker starts.
         tpe_study = open_study(f"{cfg.search.study}-tpe-proposals", storage=cfg.search.storage,
-                               run_dir=run.dir, sampler=sampler, user_attrs=attrs)
+                               run_dir=run.dir, sampler=sampler, user_attrs=attrs,
+                               heartbeat_interval=None)
     proposer = build_proposer(cfg.controller, cfg.child.num_nodes, device=run.device,
                               seed=cfg.runtime.seed, study=tpe_study)
     run.attach(child=child, optimizer=optimizer, scheduler=scheduler, proposer=proposer)
