@@ -47,6 +47,7 @@ import os
 import shutil
 import signal
 import threading
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -216,6 +217,7 @@ class Run:
             (self.step, self.epoch, int(checkpoint["batch_in_epoch"])) if checkpoint else None
         )
         self._stop_signal: int | None = None
+        self._signal_time = 0.0  # time.monotonic() of the first stop signal
         self._handlers: dict[int, Any] = {}
         self._log_handlers: list[logging.Handler] = []
         self._root_level = logging.getLogger().level
@@ -369,11 +371,14 @@ class Run:
     def _on_signal(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
         if self._stop_signal is not None:
-            if signum == signal.SIGINT:
+            # Under torchrun a Ctrl-C reaches each rank twice, from the terminal and forwarded
+            # by torchrun: only a Ctrl-C seconds later means "abort now".
+            echo = self.world_size > 1 and time.monotonic() - self._signal_time < 5.0
+            if signum == signal.SIGINT and not echo:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             return
-        self._stop_signal = signum
+        self._stop_signal, self._signal_time = signum, time.monotonic()
         logger.warning(
             "%s received: finishing the current step, then saving a checkpoint%s",
             name,
@@ -658,7 +663,8 @@ class Run:
         """Stop for ``signum`` (agreed by all ranks), if any: checkpoint, then raise."""
         if signum is None:
             return
-        self._stop_signal = signum
+        if self._stop_signal is None:  # agreed on another rank's signal
+            self._stop_signal, self._signal_time = signum, time.monotonic()
         path = self.save()
         name = signal.Signals(signum).name
         command = f"{self._prog} --out {self.dir} --resume"
