@@ -87,6 +87,8 @@ def init_from_env(device: torch.device, *, timeout_s: float = 1800.0) -> bool:
                           "start distributed runs with torchrun (torchrun --nproc-per-node=K "
                           "-m PACKAGE.MODULE ...)")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # object collectives use the current device
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                             device_id=device if device.type == "cuda" else None)
     return True

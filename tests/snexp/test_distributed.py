@@ -183,3 +183,20 @@ def test_single_process_helpers_are_no_ops():
     assert distributed.all_reduce([1.0, 2.0], torch.device("cpu")) == [1.0, 2.0]
     model = nn.Linear(2, 2)
     assert distributed.wrap_model(model, torch.device("cpu")) is model
+
+
+def test_rank_device_and_incomplete_environment_are_refused(monkeypatch):
+    # under torchrun each process takes cuda:LOCAL_RANK; a fixed cuda:N or a missing
+    # MASTER_ADDR gets a one-paragraph error instead of a hang
+    assert distributed.rank_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="each process uses cuda:LOCAL_RANK"):
+        distributed.rank_device("cuda:1")
+    with pytest.raises(ConfigError, match="distributed training runs on CUDA or cpu"):
+        distributed.rank_device("mps")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("MASTER_PORT", raising=False)
+    with pytest.raises(ConfigError, match="MASTER_ADDR, MASTER_PORT not set"):
+        distributed.init_from_env(torch.device("cpu"))
+    assert not dist.is_initialized()
