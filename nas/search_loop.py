@@ -38,6 +38,8 @@ from snexp.checkpoint import write_text_atomic
 from snexp.run import Run
 from snexp.track import open_study, progress
 
+_Restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
+
 __all__ = ["SearchResult", "epoch_loader", "evaluate", "run_search"]
 
 logger = logging.getLogger(__name__)
@@ -67,6 +69,19 @@ def _valid_tensors(run: Run, dataset: torch.utils.data.Dataset, batch_size: int)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          generator=torch.Generator())
     return [run.to_device(batch) for batch in loader]
+
+
+def sgd_with_restarts(parameters, opt) -> tuple[torch.optim.SGD, _Restarts]:
+    """ENAS's optimizer and schedule for ``opt`` (an ``OptimConfig``).
+
+    Nesterov SGD with weight decay; cosine annealing with warm restarts from ``lr_max`` to
+    ``lr_min``, stepped per epoch.
+    """
+    optimizer = torch.optim.SGD(parameters, lr=opt.lr_max, momentum=opt.momentum,
+                                nesterov=True, weight_decay=opt.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
+    return optimizer, scheduler
 
 
 def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataLoader:
@@ -197,10 +212,7 @@ def run_search(run: Run) -> SearchResult:
     )
     net = run.prepare(child)
     opt = cfg.train
-    optimizer = torch.optim.SGD(child.parameters(), lr=opt.lr_max, momentum=opt.momentum,
-                                nesterov=True, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
+    optimizer, scheduler = sgd_with_restarts(child.parameters(), opt)
     attrs = {"controller": cfg.controller.kind, "norm": cfg.child.norm,
              "dataset": cfg.data.dataset, "seed": cfg.runtime.seed}
     study = open_study(cfg.search.study, storage=cfg.search.storage, run_dir=run.dir,

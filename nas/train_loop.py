@@ -21,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nas.child import ChildNet
 from nas.config import RetrainConfig, norm_options
 from nas.data import build_splits
-from nas.search_loop import epoch_loader
+from nas.search_loop import epoch_loader, sgd_with_restarts
 from nas.space import Architecture, parse_arch
 from snexp.config import ConfigError
 from snexp.run import Run
@@ -105,10 +105,7 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
                 flops / 1e6)
     net = run.prepare(model)
     opt = cfg.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=opt.lr_max, momentum=opt.momentum,
-                                nesterov=True, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
+    optimizer, scheduler = sgd_with_restarts(model.parameters(), opt)
     run.attach(model=model, optimizer=optimizer, scheduler=scheduler)
     loader = epoch_loader(run, splits.train_full, opt, cfg.data.workers)
     test_loader = torch.utils.data.DataLoader(splits.test, batch_size=opt.eval_batch_size,
