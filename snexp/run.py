@@ -772,6 +772,10 @@ class Run:
             else:
                 info = (exc_type, exc, tb)
                 self._file_handler.handle(self._record(logging.ERROR, "run failed", info))
+            if exc is None or isinstance(exc, RunStopped):
+                # Every rank ends here together (stops are agreed); leaving the process group
+                # while another rank still waits in a collective can abort it (gloo, SIGABRT).
+                distributed.barrier()
         finally:
             self.close()
 
