@@ -21,7 +21,7 @@ def _randomize(m: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, t in list(m.named_parameters()) + list(m.named_buffers()):
-            if name.endswith("num_batches_tracked") or t.dim() == 0 and name == "radius":
+            if name.endswith(("num_batches_tracked", "radius", "_fixed")):  # counters, SSN state
                 continue
             if name.endswith("running_var"):
                 t.copy_(torch.rand(t.shape, generator=g, dtype=t.dtype) + 0.5)
