@@ -12,6 +12,11 @@ holds the same weights, reads its own shard, and gradients are averaged in the b
 With ``sync_norm`` the BN statistics become global first: SN layers turn into
 :class:`snexp.SyncSwitchNorm` (the BN branch of Luo et al., ICLR 2019, Eq. 4, pooled over all
 ranks), BN layers into ``nn.SyncBatchNorm``.
+
+:class:`ShardedSampler` deals each rank its share of one order that all ranks agree on (drawn
+from a generator seeded alike), so K ranks with batch B take the steps of one process with
+batch K*B; :func:`broadcast_buffers` gives every rank rank 0's buffers (running statistics)
+before an evaluation whose counts are then summed with :func:`all_reduce`.
 """
 
 from __future__ import annotations
@@ -19,19 +24,21 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.utils.data import Sampler
 
 from snexp.config import ConfigError
 from snexp.norm.sync import SyncSwitchNorm
 
-__all__ = ["all_gather_object", "all_reduce", "barrier", "broadcast_object", "destroy",
-           "env_world_size", "init_from_env", "is_distributed", "is_main_process", "local_rank",
-           "rank", "rank_device", "sync_norms", "world_size", "wrap_model"]
+__all__ = ["ShardedSampler", "all_gather_object", "all_reduce", "barrier", "broadcast_buffers",
+           "broadcast_object", "destroy", "env_world_size", "init_from_env", "is_distributed",
+           "is_main_process", "local_rank", "rank", "rank_device", "sync_norms", "world_size",
+           "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +140,60 @@ def all_reduce(values: Sequence[float], device: torch.device, op: str = "sum") -
     return tensor.tolist()
 
 
+def broadcast_buffers(model: nn.Module, src: int = 0) -> None:
+    """Overwrite every buffer of ``model`` (running statistics...) with rank ``src``'s, in place.
+
+    After a training step each rank's running statistics hold its own last batch (DDP
+    broadcasts rank 0's only at the next forward); call this on all ranks before they evaluate
+    shares of a set, so every share sees the model that rank 0 checkpoints. A no-op in a
+    single process.
+    """
+    if not is_distributed():
+        return
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src)
+
+
+class ShardedSampler(Sampler[int]):
+    """This rank's share of an order that every rank draws alike: every ``world_size``-th index.
+
+    ``sampler`` must yield the same indices on every rank, e.g. a ``RandomSampler`` drawing from
+    a generator seeded alike on all ranks (:attr:`snexp.run.Run.generator`). The order is drawn
+    in full and rank ``r`` keeps positions ``r, r + K, r + 2K, ...``; the last ``len % K``
+    indices are dropped so that all ranks take the same number of steps. Step ``i`` of K ranks
+    with batch ``B`` then covers exactly the indices of step ``i`` of one process with batch
+    ``K * B`` reading ``sampler`` unsharded.
+
+    Args:
+        sampler: The shared order (drawn once per epoch, when iteration starts).
+        rank: This rank (default: :func:`rank`).
+        world_size: The number of ranks (default: :func:`world_size`).
+
+    Example:
+        >>> order = RandomSampler(dataset, num_samples=n, generator=run.generator)
+        >>> loader = run.dataloader(dataset, batch_size=16, sampler=ShardedSampler(order))
+    """
+
+    def __init__(self, sampler: Sampler[int] | Sequence[int], rank: int | None = None,
+                 world_size: int | None = None) -> None:
+        self.sampler = sampler
+        many = is_distributed()
+        self.rank = rank if rank is not None else dist.get_rank() if many else 0
+        self.world_size = (world_size if world_size is not None
+                           else dist.get_world_size() if many else 1)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in [0, {self.world_size})")
+
+    def __iter__(self) -> Iterator[int]:
+        # A generator: the shared order is drawn at the first next(), as RandomSampler draws.
+        order = list(self.sampler)
+        usable = len(order) - len(order) % self.world_size
+        yield from order[self.rank:usable:self.world_size]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.world_size
+
+
 def sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
     """Make batch statistics global: SN -> SyncSwitchNorm, BN -> SyncBatchNorm (on GPUs).
 
@@ -152,13 +213,17 @@ def sync_norms(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def wrap_model(model: nn.Module, device: torch.device, *, sync_norm: bool = False) -> nn.Module:
+def wrap_model(model: nn.Module, device: torch.device, *, sync_norm: bool = False,
+               find_unused_parameters: bool = False) -> nn.Module:
     """``model`` (already on ``device``) in DistributedDataParallel; unchanged in one process.
 
     Args:
         model: The plain module on this rank's device.
         device: This rank's device (CUDA: one device per process).
         sync_norm: First convert the norms with :func:`sync_norms`.
+        find_unused_parameters: DDP's option of that name, for models whose forward uses only
+            some parameters (a weight-sharing network running one sampled architecture); all
+            ranks must then use the same ones in a step. Costs a graph traversal per step.
 
     Returns:
         The module to train; checkpoints keep the inner one (``snexp.checkpoint.unwrap_model``).
@@ -168,7 +233,8 @@ def wrap_model(model: nn.Module, device: torch.device, *, sync_norm: bool = Fals
     if not is_distributed():
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
+                                               find_unused_parameters=find_unused_parameters)
 
 
 def rank_device(spec: str) -> torch.device:

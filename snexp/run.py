@@ -431,18 +431,22 @@ class Run:
             set_rng_state(checkpoint["rng"])
         logger.info("resumed from %s at step %d", self.checkpoint_dir / "last.pt", self.step)
 
-    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+    def prepare(self, model: torch.nn.Module, *,
+                find_unused_parameters: bool = False) -> torch.nn.Module:
         """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
 
         Under torchrun, the model is wrapped in DistributedDataParallel, after ``--sync-norm``
         turned its SN/BN layers into synchronized ones (in place: build the optimizer after
         this call). Train the returned module; :meth:`attach` the one you built (or either:
-        wrappers are unwrapped), so checkpoints hold plain state dict keys.
+        wrappers are unwrapped), so checkpoints hold plain state dict keys. Pass
+        ``find_unused_parameters=True`` when a step uses only some parameters (weight
+        sharing); see :func:`snexp.distributed.wrap_model`.
         """
         model = model.to(self.device)
         if self.runtime.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        model = distributed.wrap_model(model, self.device, sync_norm=self.runtime.sync_norm)
+        model = distributed.wrap_model(model, self.device, sync_norm=self.runtime.sync_norm,
+                                       find_unused_parameters=find_unused_parameters)
         if self.runtime.compile:
             model = torch.compile(model)
         return model
