@@ -16,6 +16,13 @@ also while rewards are measured). Their running averages are updated but never r
 update is a few (C,)-sized ops; a measured 2x slowdown of ``moving_average=False`` did not
 reproduce in a same-process A/B: 108 vs 118 ms, within noise).
 Everything lives in the :class:`snexp.run.Run`; the loop hands numbers to its tracker.
+
+Under ``torchrun`` the shared child is data-parallel (DDP with ``find_unused_parameters``: a
+step runs one architecture's ops); ``--batch-size`` is per rank and the ranks read shares of
+one shuffled order. The proposer lives on rank 0 (:mod:`nas.rank_zero`) and every rank trains
+and evaluates the architectures it proposes; rewards and derive accuracies are counted over
+the ranks' shares of each batch. Rank 0 alone writes the Optuna trials, ``best_arch.json`` and
+``cells.png``.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ from nas.child import ChildNet
 from nas.config import SearchConfig, norm_options
 from nas.data import build_splits
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
+from nas.rank_zero import RankZeroProposer
 from nas.space import Architecture
+from snexp import distributed
 from snexp.checkpoint import write_text_atomic
 from snexp.run import Run
 from snexp.track import open_study, progress
@@ -55,12 +64,26 @@ class SearchResult:
 
 
 def evaluate(net: nn.Module, arch: Architecture, batches: list[tuple[torch.Tensor, ...]]) -> float:
-    """Top-1 accuracy of ``arch`` with the shared weights over ``batches`` (no gradients)."""
+    """Top-1 accuracy of ``arch`` with the shared weights over ``batches`` (no gradients).
+
+    Under torchrun it is collective: all ranks call it with the same ``arch`` and ``batches``.
+    Each rank runs every ``world_size``-th sample of every batch (a batch smaller than the
+    world runs whole on every rank and counts once) and the counts are summed, so with
+    ``--sync-norm`` the BN branch sees each whole batch, as in one process.
+    """
+    rank, world = distributed.rank(), distributed.world_size()
     correct = total = 0
+    device = torch.device("cpu")
     with torch.no_grad():
         for x, y in batches:
-            correct += int((net(x, arch).logits.argmax(1) == y).sum())
-            total += len(y)
+            device, whole = y.device, len(y) < world
+            if world > 1 and not whole:
+                x, y = x[rank::world], y[rank::world]
+            hits = int((net(x, arch).logits.argmax(1) == y).sum())
+            if not whole or rank == 0:
+                correct, total = correct + hits, total + len(y)
+    if world > 1:
+        correct, total = distributed.all_reduce([correct, total], device)
     return correct / max(1, total)
 
 
@@ -85,19 +108,32 @@ def sgd_with_restarts(parameters, opt) -> tuple[torch.optim.SGD, _Restarts]:
 
 
 def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataLoader:
-    """Shuffled batches of one epoch, at most ``opt.steps_per_epoch`` of them (full ones)."""
+    """Shuffled batches of one epoch, at most ``opt.steps_per_epoch`` of them (full ones).
+
+    Under torchrun ``opt.batch_size`` is per rank: the ranks deal out one shuffled order
+    (:class:`snexp.distributed.ShardedSampler`), so K ranks take the steps of one process
+    with batch ``K * batch_size``. The learning rate is not scaled with K.
+    """
+    world, batch = run.world_size, opt.batch_size
     n = len(dataset)
     if opt.steps_per_epoch is not None:
-        n = min(n, opt.steps_per_epoch * opt.batch_size)
+        n = min(n, opt.steps_per_epoch * batch * world)
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=n, generator=run.generator)
-    return run.dataloader(dataset, batch_size=opt.batch_size, shuffle=False, sampler=sampler,
-                          drop_last=n > opt.batch_size, num_workers=workers)
+    if world > 1:
+        sampler = distributed.ShardedSampler(sampler, run.rank, world)
+    per_rank = len(sampler)
+    size = f"batch {batch}" if world == 1 else (
+        f"{world} ranks x batch {batch} = effective batch {batch * world}")
+    logger.info("data: %s, %d steps per epoch; SGD lr %g -> %g (cosine, warm restarts)", size,
+                max(1, per_rank // batch), opt.lr_max, opt.lr_min)
+    return run.dataloader(dataset, batch_size=batch, shuffle=False, sampler=sampler,
+                          drop_last=per_rank > batch, num_workers=workers)
 
 
 def _train_child(run: Run, net: nn.Module, proposer: Proposer, optimizer, loader, cfg,
                  epoch: int, reward: float | None) -> dict[str, float]:
     bar = progress(run.batches(loader), total=len(loader),
-                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}")
+                   desc=f"epoch {epoch + 1}/{cfg.train.epochs}", rank=run.rank)
     lr = optimizer.param_groups[0]["lr"]
     loss_sum = acc_sum = 0.0
     count = 0
@@ -140,9 +176,9 @@ def _train_proposer(run: Run, net: nn.Module, proposer: Proposer, valid: list, c
     return summary
 
 
-def _record_trials(study: optuna.Study, results: list[tuple[Architecture, float]], epoch: int,
-                   proposer: str) -> None:
-    if not results:
+def _record_trials(study: optuna.Study | None, results: list[tuple[Architecture, float]],
+                   epoch: int, proposer: str) -> None:
+    if not results or study is None:  # no study on ranks > 0
         return
     distributions = arch_distributions(results[0][0].num_nodes, results[0][0].primitives)
     for arch, acc in results:
@@ -151,16 +187,19 @@ def _record_trials(study: optuna.Study, results: list[tuple[Architecture, float]
             user_attrs={"arch": str(arch), "epoch": epoch, "proposer": proposer}))
 
 
-def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list, study: optuna.Study,
-            n: int, epoch: int) -> tuple[Architecture, float]:
+def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list,
+            study: optuna.Study | None, n: int, epoch: int) -> tuple[Architecture, float]:
     archs = proposer.derive(n)
     results = [(arch, evaluate(net, arch, valid)) for arch in archs]
     _record_trials(study, results, epoch + 1, proposer.name)
     best_arch, best_acc = max(results, key=lambda r: r[1])
     run.tracker.scalar("search/derive_acc", best_acc, run.step)
     run.tracker.text("search/sampled_arch", f"`{archs[0]}`", run.step)
-    if run.update_best(best_acc, mode="max"):
+    better = run.update_best(best_acc, mode="max")  # collective: all ranks call it
+    if better:
         run.state["best_arch"] = best_arch.to_flat()
+        logger.info("new best architecture (valid acc %.4f): %s", best_acc, best_arch)
+    if better and run.is_main:
         write_text_atomic(run.dir / BEST_FILE, best_arch.to_json(valid_acc=best_acc,
                                                                   epoch=epoch + 1))
         from nas.draw import save_cells  # matplotlib only when there is something to draw
@@ -169,7 +208,6 @@ def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list, study: op
                    f"{epoch + 1}")
         run.tracker.text("search/best_arch", f"`{best_arch}` (valid acc {best_acc:.4f})", run.step)
         _log_png(run, run.dir / CELLS_FILE)
-        logger.info("new best architecture (valid acc %.4f): %s", best_acc, best_arch)
     run.tracker.scalar("search/best_valid_acc", run.best, run.step)
     return best_arch, best_acc
 
@@ -210,15 +248,16 @@ def run_search(run: Run) -> SearchResult:
         filters=cfg.child.filters, num_nodes=cfg.child.num_nodes, dropout=cfg.child.dropout,
         in_channels=splits.in_channels, norm_options=norm_options(cfg.child),
     )
-    net = run.prepare(child)
+    net = run.prepare(child, find_unused_parameters=True)  # a step uses one arch's ops
     opt = cfg.train
     optimizer, scheduler = sgd_with_restarts(child.parameters(), opt)
     attrs = {"controller": cfg.controller.kind, "norm": cfg.child.norm,
              "dataset": cfg.data.dataset, "seed": cfg.runtime.seed}
-    study = open_study(cfg.search.study, storage=cfg.search.storage, run_dir=run.dir,
-                       user_attrs=attrs)
-    tpe_study = None
-    if cfg.controller.kind == "tpe":
+    study = tpe_study = None  # rank 0 alone writes trials
+    if run.is_main:
+        study = open_study(cfg.search.study, storage=cfg.search.storage, run_dir=run.dir,
+                           user_attrs=attrs)
+    if cfg.controller.kind == "tpe" and run.is_main:
         sampler = optuna.samplers.TPESampler(seed=cfg.runtime.seed,
                                              n_startup_trials=cfg.controller.tpe_startup)
         # Proposals are ask/tell trials (no Study.optimize, so no heartbeat thread): a dead
@@ -226,8 +265,12 @@ def run_search(run: Run) -> SearchResult:
         tpe_study = open_study(f"{cfg.search.study}-tpe-proposals", storage=cfg.search.storage,
                                run_dir=run.dir, sampler=sampler, user_attrs=attrs,
                                heartbeat_interval=None)
-    proposer = build_proposer(cfg.controller, cfg.child.num_nodes, device=run.device,
-                              seed=cfg.runtime.seed, study=tpe_study)
+    proposer: Proposer | None = None
+    if run.is_main:
+        proposer = build_proposer(cfg.controller, cfg.child.num_nodes, device=run.device,
+                                  seed=cfg.runtime.seed, study=tpe_study)
+    if run.world_size > 1:  # rank 0 proposes, every rank trains what it proposed
+        proposer = RankZeroProposer(proposer, name=cfg.controller.kind)
     run.attach(child=child, optimizer=optimizer, scheduler=scheduler, proposer=proposer)
     loader = epoch_loader(run, splits.train, opt, cfg.data.workers)
     valid = _valid_tensors(run, splits.valid, opt.eval_batch_size)
@@ -240,8 +283,8 @@ def run_search(run: Run) -> SearchResult:
         last = epoch + 1 == opt.epochs
         n = cfg.search.derive_final if last else cfg.search.derive_samples
         _, derived = _derive(run, net, proposer, valid, study, n, epoch)
-        if cfg.search.importance_every and ((epoch + 1) % cfg.search.importance_every == 0
-                                            or last):
+        if run.is_main and cfg.search.importance_every and (
+                (epoch + 1) % cfg.search.importance_every == 0 or last):
             _log_importance(run, child)
         run.state["last_reward"] = ctrl_m.get("reward")
         logger.info(
