@@ -6,6 +6,12 @@ run, lower in deeper cells), cutout and SGD with the cosine schedule with warm r
 (ENAS's 630 epochs are 10 + 20 + ... + 320, i.e. six whole periods). Reports test top-1, the
 parameter count (without the auxiliary head) and the FLOPs of one image, and writes them to
 ``<out>/result.json``.
+
+Under ``torchrun`` the network is data-parallel (DDP): ``--batch-size`` is per rank and the ranks
+read shares of one shuffled order (:func:`nas.search_loop.epoch_loader`), so K ranks train as
+one process with batch K x B. The test accuracy is counted over the whole test split: each rank
+takes rank 0's running statistics and evaluates every K-th image, and the counts are summed.
+Rank 0 alone writes TensorBoard, checkpoints and ``result.json``.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.child import ChildNet
@@ -23,6 +30,7 @@ from nas.config import RetrainConfig, norm_options
 from nas.data import build_splits
 from nas.search_loop import epoch_loader, sgd_with_restarts
 from nas.space import Architecture, parse_arch
+from snexp import distributed
 from snexp.config import ConfigError
 from snexp.run import Run
 from snexp.track import progress
@@ -72,7 +80,15 @@ def count_flops(model: nn.Module, image: torch.Tensor) -> int:
 
 
 def test_accuracy(net: nn.Module, loader, run: Run) -> float:
-    """Top-1 accuracy of ``net`` in eval mode over ``loader``."""
+    """Top-1 accuracy of ``net`` in eval mode over ``loader``.
+
+    Under torchrun it is collective: ``net`` is the plain module (not DDP, so ranks may run
+    different numbers of batches), ``loader`` holds this rank's share of the images; every rank
+    first takes rank 0's buffers (the running statistics its checkpoint holds), and the counts
+    are summed over the ranks.
+    """
+    distributed.broadcast_buffers(net)
+    was = net.training
     net.eval()
     correct = total = 0
     with torch.no_grad():
@@ -81,7 +97,9 @@ def test_accuracy(net: nn.Module, loader, run: Run) -> float:
             with run.autocast():
                 correct += int((net(x).logits.argmax(1) == y).sum())
             total += len(y)
-    net.train()
+    net.train(was)
+    if run.world_size > 1:
+        correct, total = distributed.all_reduce([correct, total], run.device)
     return correct / max(1, total)
 
 
@@ -108,13 +126,17 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
     optimizer, scheduler = sgd_with_restarts(model.parameters(), opt)
     run.attach(model=model, optimizer=optimizer, scheduler=scheduler)
     loader = epoch_loader(run, splits.train_full, opt, cfg.data.workers)
-    test_loader = torch.utils.data.DataLoader(splits.test, batch_size=opt.eval_batch_size,
+    test_set = splits.test
+    if run.world_size > 1:  # every K-th image on each rank; test_accuracy sums the counts
+        test_set = Subset(test_set, range(run.rank, len(test_set), run.world_size))
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=opt.eval_batch_size,
                                               generator=torch.Generator())  # keeps global RNG
     acc = run.state.get("test_acc")
     for epoch in run.epochs(opt.epochs):
         model.drop_keep = 1.0 - (1.0 - cfg.retrain.drop_path_keep) * epoch / opt.epochs
         lr = optimizer.param_groups[0]["lr"]
-        bar = progress(run.batches(loader), total=len(loader), desc=f"epoch {epoch + 1}")
+        bar = progress(run.batches(loader), total=len(loader), desc=f"epoch {epoch + 1}",
+                       rank=run.rank)
         net.train()
         for x, y in bar:
             x, y = run.to_device((x, y))
@@ -129,16 +151,17 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{train_acc:.3f}")
         scheduler.step()
         if (epoch + 1) % cfg.retrain.eval_every == 0 or epoch + 1 == opt.epochs:
-            acc = run.state["test_acc"] = test_accuracy(net, test_loader, run)
+            acc = run.state["test_acc"] = test_accuracy(model, test_loader, run)
             run.tracker.scalar("retrain/test_acc", acc, run.step)
             run.update_best(acc)
             logger.info("epoch %d/%d: test acc %.4f", epoch + 1, opt.epochs, acc)
     if acc is None:  # resumed after the last epoch
-        acc = run.state["test_acc"] = test_accuracy(net, test_loader, run)
+        acc = run.state["test_acc"] = test_accuracy(model, test_loader, run)
     result = RetrainResult(float(acc), params, flops)
-    (run.dir / RESULT_FILE).write_text(json.dumps(
-        {"test_acc": result.test_acc, "params": params, "flops": flops, "arch": str(arch)},
-        indent=2) + "\n", encoding="utf-8")
+    if run.is_main:
+        (run.dir / RESULT_FILE).write_text(json.dumps(
+            {"test_acc": result.test_acc, "params": params, "flops": flops, "arch": str(arch)},
+            indent=2) + "\n", encoding="utf-8")
     run.tracker.hparams(cfg, {"retrain/final_test_acc": result.test_acc}, step=run.step)
     logger.info("test top-1 %.4f | %.3f M parameters | %.1f MFLOPs per image | %s",
                 result.test_acc, params / 1e6, flops / 1e6, run.dir / RESULT_FILE)
