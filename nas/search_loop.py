@@ -27,6 +27,7 @@ the ranks' shares of each batch. Rank 0 alone writes the Optuna trials, ``best_a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from nas.space import Architecture
 from snexp import distributed
 from snexp.checkpoint import write_text_atomic
 from snexp.run import Run
+from snexp.samplers import WorkerSeededSampler
 from snexp.track import open_study, progress
 
 _Restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
@@ -258,8 +260,10 @@ def run_search(run: Run) -> SearchResult:
         study = open_study(cfg.search.study, storage=cfg.search.storage, run_dir=run.dir,
                            user_attrs=attrs)
     if cfg.controller.kind == "tpe" and run.is_main:
-        sampler = optuna.samplers.TPESampler(seed=cfg.runtime.seed,
-                                             n_startup_trials=cfg.controller.tpe_startup)
+        # Workers sharing the study with one --seed must not propose the same trials.
+        sampler = WorkerSeededSampler(functools.partial(
+            optuna.samplers.TPESampler, n_startup_trials=cfg.controller.tpe_startup),
+            seed=cfg.runtime.seed)
         # Proposals are ask/tell trials (no Study.optimize, so no heartbeat thread): a dead
         # worker's proposals are failed by snexp.storage's owner check when a worker starts.
         tpe_study = open_study(f"{cfg.search.study}-tpe-proposals", storage=cfg.search.storage,

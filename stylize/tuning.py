@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from snexp.config import RuntimeConfig, flatten
 from snexp.run import Run
+from snexp.samplers import WorkerSeededSampler
 from snexp.track import open_study
 from stylize.config import DataConfig, LossConfig, ModelConfig, NormKind, TrainConfig
 from stylize.data import load_image
@@ -94,9 +95,10 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
     train_set, held_out = build_content(cfg.data)
     held_out = run.to_device(held_out)
     loss_net = loss_net.to(run.device)
+    # a seed per worker: workers sharing the study with one --seed propose different trials
+    sampler = WorkerSeededSampler(optuna.samplers.TPESampler, seed=cfg.runtime.seed)
     study = open_study(search.study, storage=search.storage, run_dir=run.dir,
-                       directions=["minimize", "minimize"],
-                       sampler=optuna.samplers.TPESampler(seed=cfg.runtime.seed),
+                       directions=["minimize", "minimize"], sampler=sampler,
                        user_attrs={"config": {k: str(v) for k, v in flatten(cfg).items()}})
 
     def objective(trial: optuna.Trial) -> tuple[float, float]:

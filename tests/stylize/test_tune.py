@@ -46,3 +46,5 @@ def test_two_workers_share_one_storage(tmp_path, style_files, tiny_loss_net):
     study = optuna.load_study(study_name="stylize", storage=f"sqlite:///{storage}")
     # both workers' trials are in the one study
     assert len(study.trials) == 6
+    # the second worker, started with the same --seed, proposes other trials (its own seed)
+    assert study.trials[3].params != study.trials[0].params
