@@ -142,12 +142,16 @@ class _SwitchNorm(nn.Module):
         update = self.training and has_bn and self.moving_average
         if update:
             self.num_batches_tracked.add_(1)
-        mean_p, var_p = self.importance_weights()
+        # Plain softmax weights are taken inside the fused function (fewer small ops); a
+        # subclass with its own importance_weights (SparseSwitchNorm) hands probabilities.
+        logits = type(self).importance_weights is _SwitchNorm.importance_weights
+        mean_p, var_p = ((self.mean_weight, self.var_weight) if logits
+                         else self.importance_weights())
         return F.switch_norm(
             x, self.weight, self.bias, mean_p, var_p, self.running_mean, self.running_var,
             spec=self._spec(x), training=self.training, momentum=self.momentum,
             update_running=update, num_batches_tracked=self.num_batches_tracked,
-            compat=self.compat)
+            compat=self.compat, logits=logits)
 
     def get_extra_state(self) -> dict:
         # Saved in the state dict so that a checkpoint names its candidates (snexp.inspect).

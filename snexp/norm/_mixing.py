@@ -1,0 +1,185 @@
+"""The (N, C) mixing of Switchable Normalization in ATen ops, forward and closed-form backward.
+
+Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization" (arXiv
+1806.10779), eq. 3-5, on per-(n, c) statistics ``mu_in``, ``var_in`` (the fused function in
+``snexp.norm.functional`` computes them and does all full-size work). Every candidate's
+statistics are derived from them (LN pools over C, BN over N, GN over channel groups):
+
+    mu_k  = P_k mu_in,    var_k = P_k var_in + P_k (mu_in - mu_k)^2
+    mu    = sum_k p_k mu_k,   var = sum_k q_k var_k,   y = a (x - mu_in) + b
+
+with ``a = weight / sqrt(var + eps)`` and ``b = bias - (mu - mu_in) a``. The two rows (means,
+variances) travel stacked as one (2, N, C) tensor and are mixed by one batched matmul, so the
+op count does not grow with the candidates. Backward, from ``s1 = sum dy`` and
+``s2 = sum dy (x - mu_in)`` per (n, c), with ``g = s2 - (mu - mu_in) s1``:
+``dmu = -a s1``, ``dvar = -a rstd^2 g / 2``, ``dweight = sum_n g rstd``, ``dbias = sum_n s1``,
+and for each pooled candidate (pooling P_k is self-adjoint)
+``dmu_in += P_k(p_k dmu) + 2 (mu_in - mu_k) P_k(q_k dvar)``, ``dvar_in += P_k(q_k dvar)``;
+then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - p mu_in``.
+``snexp.norm._kernel`` computes the same in C for the common candidates on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__: list[str] = []
+
+
+def bessel(cand: str, n: int, c: int) -> float:
+    """Unbiased-variance factor for official-mode (N, C) input (pooled count k -> k/(k-1))."""
+    k = {"ln": c, "bn": n}.get(cand, c // int(cand[2:]) if cand.startswith("gn") else 1)
+    return k / (k - 1) if k > 1 else 1.0
+
+
+def _sync_sums(t: Tensor, spec) -> Tensor:
+    """All-reduce (sum) a small tensor across ``spec.process_group`` (no autograd)."""
+    torch.distributed.all_reduce(t, group=spec.process_group)
+    return t
+
+
+def _pooled(stats: Tensor, dim: int) -> Tensor:
+    """[mean of mu_in; mean of var_in + var of mu_in] over ``dim`` of stacked IN statistics."""
+    mean = stats.mean(dim, keepdim=True)  # [mu_k; mean of var_in]
+    # NOTE: mean of squared deviations, not torch.var_mean: its Welford kernel takes up to 80 us
+    # for a (4, 256) reduction over dim 0 on CPU, this ~10 us.
+    dev = stats[0] - mean[0]
+    mean[1].add_(dev.square().mean(dim - 1, keepdim=True))
+    return mean
+
+
+def _batch_stats(stats: Tensor, m: int, spec) -> tuple[Tensor, int]:
+    """BN-branch [mean; var] (2, 1, C) from IN statistics (2, N, C), and the values pooled."""
+    n, c = stats.shape[1:]
+    if not spec.sync:
+        return _pooled(stats, 1), n * m
+    mu_in, var_in = stats
+    count = torch.full((1, c), float(n), dtype=stats.dtype, device=stats.device)
+    # (3, C): sum of means, sum of second moments, sample count -- one collective
+    sums = _sync_sums(torch.cat([mu_in.sum(0, keepdim=True),
+                                 (var_in + mu_in * mu_in).sum(0, keepdim=True), count]), spec)
+    total = sums[2:3]
+    mean = sums[0:1] / total
+    var = (sums[1:2] / total - mean * mean).clamp_min(0)
+    return torch.stack([mean, var]), int(round(total[0, 0].item())) * m
+
+
+def _candidate_stats(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, m: int,
+                     spec) -> tuple[Tensor, Tensor | None, int]:
+    """Every candidate's [mu_k - mu_in; var_k] as one (2, K, N, C) tensor, BN batch stats."""
+    _, n, c = stats.shape
+    rows = []
+    batch, count = None, 0
+    for cand in spec.candidates:
+        if cand == "in":
+            t = stats
+        elif cand == "bn" and bn_mean is not None:
+            t = torch.stack([bn_mean, bn_var]).view(2, 1, c).to(stats.dtype)
+        else:
+            if cand == "bn":
+                t, count = _batch_stats(stats, m, spec)  # (2, 1, C)
+            elif cand == "ln":
+                t = _pooled(stats, 2)  # (2, N, 1)
+            else:
+                g = int(cand[2:])
+                t = _pooled(stats.view(2, n, g, c // g), 3).expand(2, n, g, c // g)
+                t = t.reshape(2, n, c)
+            if spec.official_2d:
+                t[1].mul_(bessel(cand, n, c))
+            if cand == "bn":
+                batch = t.view(2, c)
+        rows.append(t.expand(2, n, c))
+    cands = torch.stack(rows, 1)  # (2, K, N, C)
+    # Means are mixed as offsets from mu_in (sum_k p_k = 1): a constant input then gives
+    # exactly mu = mu_in instead of a rounding error amplified by 1/sqrt(eps).
+    cands[0].sub_(stats[0])
+    return cands, batch, count
+
+
+def _pooled_grads(d: Tensor, spec, n_total: int | None) -> tuple[Tensor | None, list[int]]:
+    """Each candidate's pooling adjoint applied to ``d`` (2, N, C), stacked (2, K', N, C).
+
+    A BN candidate on running statistics (``n_total is None``) is constant and left out; the
+    second value lists the candidates kept.
+    """
+    _, n, c = d.shape
+    rows, kept = [], []
+    for i, cand in enumerate(spec.candidates):
+        if cand == "in":
+            t = d
+        elif cand == "ln":
+            t = d.mean(2, keepdim=True)  # (2, N, 1)
+        elif cand == "bn":
+            if n_total is None:
+                continue
+            if spec.sync:
+                t = _sync_sums(d.sum(1, keepdim=True), spec) / n_total
+            else:
+                t = d.mean(1, keepdim=True)  # (2, 1, C)
+        else:
+            g = int(cand[2:])
+            t = d.view(2, n, g, c // g).mean(3, keepdim=True).expand(2, n, g, c // g)
+            t = t.reshape(2, n, c)
+        rows.append(t.expand(2, n, c))
+        kept.append(i)
+    return (torch.stack(rows, 1) if rows else None), kept
+
+
+def forward(mu, var, mean_w, var_w, bn_mean, bn_var, weight, bias, *, spec, logits, m, shape):
+    """Coefficients a, b (broadcastable to ``shape``), BN batch stats (2, C), count, saved."""
+    n, c = mu.shape
+    stats = torch.stack([mu, var])  # (2, N, C)
+    cands, batch, count = _candidate_stats(stats, bn_mean, bn_var, m, spec)
+    k = cands.shape[1]
+    probs = torch.stack([mean_w, var_w]).to(stats.dtype)  # (2, K)
+    if logits:
+        probs = torch.softmax(probs, 1)
+    # [mu - mu_in; var]: each row mixed by its own weights in one batched matmul
+    mixed = torch.bmm(probs.view(2, 1, k), cands.view(2, k, n * c)).view(2, n, c)
+    a = torch.rsqrt(mixed[1] + spec.eps)
+    if weight is not None:
+        a = a * weight.to(a.dtype)
+    b = torch.mul(mixed[0], a).neg_()
+    if bias is not None:
+        b = b + bias.to(b.dtype)
+    return a.view(shape), b.view(shape), batch, count, (mu, mixed, cands, probs)
+
+
+def backward(saved, weight, s1, s2, *, spec, logits, m, n_total, need):
+    """dweight, dbias, dmean_w, dvar_w and a, p, q (N, C) with dx = a dy + p x + q."""
+    mu, mixed, cands, probs = saved
+    k = probs.shape[1]
+    rstd = torch.rsqrt(mixed[1] + spec.eps)
+    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    h = torch.mul(mixed[0], s1).neg_().add_(s2).mul_(rstd)  # g rstd
+    dweight = h.sum(0) if need[1] else None
+    dbias = s1.sum(0) if need[2] else None
+    # d = -[dmu; 2 dvar] = [a s1; a rstd h]: the signs and the 2 go into the scalars below
+    d = torch.stack([s1, h * rstd]).mul_(a)  # (2, N, C)
+    dmean_w = dvar_w = None
+    if need[3] or need[4]:
+        dp = torch.bmm(cands.view(2, k, -1), d.view(2, -1, 1)).view(2, k)
+        if logits:  # softmax Jacobian, row by row
+            dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
+        dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
+    if not need[0]:
+        return dweight, dbias, dmean_w, dvar_w, None, None, None
+    n, c = mu.shape
+    pooled, kept = _pooled_grads(d, spec, n_total)
+    if not kept:
+        return dweight, dbias, dmean_w, dvar_w, a, torch.zeros_like(a), torch.zeros_like(a)
+    offsets, w = cands[0], probs
+    if len(kept) < k:
+        offsets, w = offsets[kept], probs[:, kept]
+    if spec.official_2d:
+        w = w * torch.tensor([[1.0] * len(kept),
+                              [bessel(spec.candidates[i], n, c) for i in kept]],
+                             dtype=w.dtype, device=w.device)
+    pooled.mul_(w.view(2, -1, 1, 1))  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
+    e = pooled.sum(1)  # -[mixed adjoint of dmu; 2 dvar_in]
+    corr = (offsets * pooled[1]).sum(0)  # sum_k 2 (mu_in - mu_k) q_k P_k(dvar)
+    denom = m - 1 if (spec.unbiased_in and m > 1) else m
+    p = e[1] * (-1.0 / denom)
+    q = torch.sub(corr, e[0]).mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
+    return dweight, dbias, dmean_w, dvar_w, a, p, q
