@@ -30,6 +30,7 @@ from nas.proposers import (
     arch_params,
     build_proposer,
 )
+from nas.rank_zero import RankZeroProposer
 from nas.search_loop import SearchResult, evaluate, run_search
 from nas.space import PRIMITIVES, Architecture, parse_arch
 from nas.train_loop import RetrainResult, count_flops, count_params, load_arch, retrain
@@ -37,8 +38,8 @@ from nas.train_loop import RetrainResult, count_flops, count_params, load_arch, 
 __all__ = [
     "OPS", "PRIMITIVES", "Architecture", "Cell", "ChildConfig", "ChildNet", "ChildOutput",
     "Controller", "ControllerConfig", "DataConfig", "OptimConfig", "Policy", "Proposer",
-    "RandomProposer", "Reinforce", "RetrainConfig", "RetrainResult", "RetrainSettings",
-    "SearchConfig", "SearchResult", "SearchSettings", "Splits", "TPEProposer",
+    "RandomProposer", "RankZeroProposer", "Reinforce", "RetrainConfig", "RetrainResult",
+    "RetrainSettings", "SearchConfig", "SearchResult", "SearchSettings", "Splits", "TPEProposer",
     "arch_distributions", "arch_params", "build_proposer", "build_splits", "count_flops",
     "count_params", "evaluate", "load_arch", "make_shapes", "parse_arch", "retrain",
     "run_search",

@@ -1,0 +1,249 @@
+"""``nas.search`` and ``nas.train`` under DDP: 2 CPU ranks started the way torchrun starts them.
+
+Each spawned process gets torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT on 127.0.0.1) and calls the unchanged entry points ``main``. The child network
+class is swapped for one that records the architecture of every forward pass and keeps the
+trained network, so the tests can compare what the ranks (and one process) did.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import nas.search_loop
+import nas.train_loop
+from nas import search as search_cli
+from nas import train as train_cli
+from nas.child import ChildNet
+from nas.data import DataConfig, build_splits
+from nas.space import Architecture
+from snexp.checkpoint import load_checkpoint
+
+WORLD, BATCH = 2, 8  # per-rank batch; one process takes WORLD * BATCH
+# No random augmentation (nor cutout, drop path): it draws from each rank's own RNG. A low lr:
+# at ENAS's 0.05 these 4-filter networks amplify rounding ~30x per step (1 vs 2 CPU threads in
+# one process end 3e-2 apart after 10 steps), at 0.01 2 ranks and 1 process agree to ~1e-7.
+DATA = ["--device", "cpu", "--deterministic", "--sync-norm", "--set", "data.augment=false",
+        "--set", "data.embedded_train=240", "--set", "data.embedded_test=41",
+        "--set", "data.valid_size=40", "--set", "child.layers=1", "--set", "child.filters=4",
+        "--set", "train.lr_max=0.01", "--set", "train.lr_min=0.001"]
+# 32 valid images in batches of 31 and 1: shared 16 + 15, and whole on both ranks (counted once)
+SEARCH = [*DATA, "--epochs", "2", "--set", "data.valid_limit=32",
+          "--set", "train.eval_batch_size=31", "--set", "child.num_nodes=2",
+          "--set", "controller.train_steps=2",
+          "--set", "controller.num_aggregate=3", "--set", "train.steps_per_epoch=3",
+          "--set", "search.derive_samples=2", "--set", "search.derive_final=2",
+          "--set", "search.reward_batch_size=16", "--set", "search.importance_every=1"]
+ARCH = "0,0,1,1, 2,2,1,4, 0,3,1,0, 2,1,0,2"  # 2 nodes per cell
+RETRAIN = [*DATA, "--epochs", "2", "--arch", ARCH, "--set", "data.limit=40",
+           "--set", "data.cutout=0", "--set", "retrain.drop_path_keep=1.0"]
+# (run, entry point, extra flags): each a separate torchrun job on both ranks
+RUNS = [("search", "search", []), ("half", "search", ["--epochs", "1"]),
+        ("half", "search", ["--resume"]), ("random", "search", ["--controller", "random"]),
+        ("tpe", "search", ["--controller", "tpe", "--epochs", "1"]), ("train", "train", [])]
+
+pytestmark = [  # 2 spawned ranks x 6 runs + 2 single-process runs: ~60 s on 2 busy cores
+    pytest.mark.slow, pytest.mark.filterwarnings("ignore:.*training with batch size 1")]
+
+
+class _Recorded(ChildNet):
+    """A ChildNet that records the architecture of each forward pass (with grad or not)."""
+
+    last: _Recorded | None = None
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.archs: list[tuple[bool, list[int]]] = []
+        _Recorded.last = self
+
+    def forward(self, x, arch=None):
+        if arch is not None:
+            self.archs.append((torch.is_grad_enabled(), arch.to_flat()))
+        return super().forward(x, arch)
+
+
+def _record() -> None:
+    nas.search_loop.ChildNet = nas.train_loop.ChildNet = _Recorded
+
+
+def _argv(kind: str, out: Path, batch: int, extra: list[str]) -> list[str]:
+    base = SEARCH if kind == "search" else RETRAIN
+    return [*base, "--set", f"train.batch_size={batch}", "--out", str(out), *extra]
+
+
+def _main(kind: str, argv: list[str]) -> None:
+    (search_cli if kind == "search" else train_cli).main(argv)
+
+
+def _dump(path: Path) -> None:
+    net = _Recorded.last
+    torch.save({"state": net.state_dict(), "archs": net.archs}, path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, ports: list[int], tmp: str) -> None:
+    torch.set_num_threads(1)
+    _record()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1")
+    for port, (name, kind, extra) in zip(ports, RUNS):
+        os.environ["MASTER_PORT"] = str(port)
+        _main(kind, _argv(kind, Path(tmp) / name, BATCH, extra))
+        _dump(Path(tmp) / f"{name}-{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("nas-ddp")
+    ports = [_free_port() for _ in RUNS]
+    mp.spawn(_worker, args=(ports, str(tmp)), nprocs=WORLD, join=True)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The random search and the retraining in one process with the global batch."""
+    tmp = tmp_path_factory.mktemp("nas-one")
+    saved = nas.search_loop.ChildNet, nas.train_loop.ChildNet, torch.get_num_threads()
+    _record()
+    torch.set_num_threads(1)  # as each rank
+    try:
+        for name, kind, extra in (("random", "search", ["--controller", "random"]),
+                                  ("train", "train", [])):
+            _main(kind, _argv(kind, tmp / name, WORLD * BATCH, extra))
+            _dump(tmp / f"{name}.pt")
+    finally:
+        nas.search_loop.ChildNet, nas.train_loop.ChildNet, threads = saved
+        torch.set_num_threads(threads)
+    return tmp
+
+
+def _load(path: Path) -> dict:
+    """A dumped network: its tensors (SN's extra state holds strings) and recorded archs."""
+    dump = torch.load(path, weights_only=True)
+    dump["state"] = _tensors(dump["state"])
+    return dump
+
+
+def _tensors(state: dict) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _agree(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    """Weights of 2 ranks x B and of 1 process x 2B agree up to rounding and its kinks."""
+    assert a.keys() == b.keys()
+    diff = torch.cat([(a[k].double() - b[k].double()).abs().flatten() for k in a
+                      if a[k].is_floating_point()])
+    # NOTE: the losses agree to ~1e-7, but where ReLU and max pooling meet near-ties, rounding
+    # sends a gradient to another element: a few weights end up to ~lr * |grad| apart
+    assert (diff > 1e-5).double().mean() < 0.05
+    assert diff.max() < 1e-3
+
+
+def _trials(folder: Path, study: str = "nas-search") -> list[optuna.trial.FrozenTrial]:
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    return optuna.load_study(study_name=study, storage=storage).get_trials()
+
+
+def test_search_ranks_train_and_evaluate_the_same_architectures(ddp_runs):
+    # every forward pass on rank 1 ran rank 0's architecture: 6 training steps, 2 epochs x
+    # 2 updates x 3 rewards, 2 epochs x 2 derived candidates x 2 valid batches
+    r0, r1 = (_load(ddp_runs / f"search-{r}.pt") for r in range(WORLD))
+    assert r0["archs"] == r1["archs"]
+    assert [grad for grad, _ in r0["archs"]].count(True) == 6
+    assert len(r0["archs"]) == 6 + 12 + 8
+    assert len({tuple(a) for _, a in r0["archs"]}) > 10  # sampled, not one architecture
+    # and the shared weights (and synchronized running statistics) stay identical
+    torch.testing.assert_close(r0["state"], r1["state"], rtol=0, atol=0)
+
+
+def test_search_rank_zero_alone_writes_trials_and_files(ddp_runs):
+    out = ddp_runs / "search"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best_arch.json", "cells.png", "checkpoints", "config.toml", "optuna.db", "run.log", "tb"]
+    # 2 derived candidates per epoch, recorded once (not once per rank)
+    trials = _trials(out)
+    assert len(trials) == 4 and {t.user_attrs["epoch"] for t in trials} == {1, 2}
+    best = json.loads((out / "best_arch.json").read_text())
+    assert best["valid_acc"] == pytest.approx(max(t.value for t in trials))
+    log = (out / "run.log").read_text()
+    assert log.count("nas-search run in") == 1 and "distributed: 2 processes" in log
+    assert "2 ranks x batch 8 = effective batch 16, 3 steps per epoch; SGD lr 0.01" in log
+    # TPE: train_steps x num_aggregate proposals, asked and told on rank 0 only
+    assert len(_trials(ddp_runs / "tpe", "nas-search-tpe-proposals")) == 6
+    assert len(_trials(ddp_runs / "tpe")) == 2
+
+
+def test_search_resumed_on_two_ranks_ends_where_the_uninterrupted_run_ends(ddp_runs):
+    # 1 epoch, then --resume to 2: the same child, controller, baseline and best architecture
+    a = load_checkpoint(ddp_runs / "search" / "checkpoints" / "last.pt")
+    b = load_checkpoint(ddp_runs / "half" / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 6 and a["best"] == b["best"]
+    torch.testing.assert_close(_tensors(a["objects"]["child"]), _tensors(b["objects"]["child"]),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(a["objects"]["proposer"], b["objects"]["proposer"], rtol=0,
+                               atol=0)
+    assert ((ddp_runs / "search" / "best_arch.json").read_text()
+            == (ddp_runs / "half" / "best_arch.json").read_text())
+    assert len(_trials(ddp_runs / "half")) == 4
+    # both ranks continued from the checkpoint (else DDP would not bring rank 1 back in line)
+    torch.testing.assert_close(_load(ddp_runs / "half-0.pt")["state"],
+                               _load(ddp_runs / "half-1.pt")["state"], rtol=0, atol=0)
+
+
+def test_search_on_two_ranks_equals_one_process_with_the_global_batch(ddp_runs, one_process):
+    # random proposals do not depend on rewards: the same architectures in the same order,
+    # and 2 ranks x 8 images with synchronized SN train the shared weights as 1 x 16 images
+    two, one = _load(ddp_runs / "random-0.pt"), _load(one_process / "random.pt")
+    assert two["archs"] == one["archs"]
+    _agree(two["state"], one["state"])
+    acc = [t.value for t in sorted(_trials(ddp_runs / "random"), key=lambda t: t.number)]
+    ref = [t.value for t in sorted(_trials(one_process / "random"), key=lambda t: t.number)]
+    assert len(acc) == len(ref) == 4
+    assert all(v * 32 == pytest.approx(round(v * 32)) for v in acc)  # each image counted once
+    assert acc == pytest.approx(ref, abs=1 / 32 + 1e-9)  # at most one near-tie flips
+
+
+def test_retrain_on_two_ranks_equals_one_process_with_the_global_batch(ddp_runs, one_process):
+    two = [_load(ddp_runs / f"train-{r}.pt")["state"] for r in range(WORLD)]
+    one = _load(one_process / "train.pt")["state"]
+    torch.testing.assert_close(two[0], two[1], rtol=0, atol=0)  # ranks identical
+    _agree(two[0], one)
+    result = json.loads((ddp_runs / "train" / "result.json").read_text())
+    ref = json.loads((one_process / "train" / "result.json").read_text())
+    assert result["params"] == ref["params"] and result["flops"] == ref["flops"]
+    assert result["test_acc"] == pytest.approx(ref["test_acc"], abs=1 / 41 + 1e-9)
+    log = (ddp_runs / "train" / "run.log").read_text()
+    assert "2 ranks x batch 8 = effective batch 16" in log and log.count("nas-train run") == 1
+
+
+def test_retrain_test_accuracy_counts_every_test_image_once(ddp_runs):
+    # 41 test images split 21 + 20 over the ranks: the summed counts give the accuracy of
+    # rank 0's checkpointed network over the whole split, evaluated here in one process
+    checkpoint = load_checkpoint(ddp_runs / "train" / "checkpoints" / "last.pt")
+    splits = build_splits(DataConfig(augment=False, embedded_train=240, embedded_test=41,
+                                     valid_size=40, limit=40, cutout=0))
+    net = ChildNet(splits.num_classes, Architecture.from_flat(
+        [int(v) for v in ARCH.split(",")]), layers=1, filters=4, aux=True)
+    net.load_state_dict(checkpoint["objects"]["model"])
+    net.eval()
+    x = torch.stack([splits.test[i][0] for i in range(len(splits.test))])
+    y = torch.tensor([splits.test[i][1] for i in range(len(splits.test))])
+    with torch.no_grad():
+        correct = int((net(x).logits.argmax(1) == y).sum())
+    result = json.loads((ddp_runs / "train" / "result.json").read_text())
+    assert len(y) == 41 and result["test_acc"] == pytest.approx(correct / 41)
+    assert checkpoint["state"]["test_acc"] == result["test_acc"]
