@@ -126,10 +126,23 @@ def _pooled_grads(d: Tensor, spec, n_total: int | None) -> tuple[Tensor | None, 
     return (torch.stack(rows, 1) if rows else None), kept
 
 
-def forward(mu, var, mean_w, var_w, bn_mean, bn_var, weight, bias, *, spec, logits, m, shape):
-    """Coefficients a, b (broadcastable to ``shape``), BN batch stats (2, C), count, saved."""
+def normalize(xc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y = a * xc + b, written over ``xc`` (a, b broadcastable per (n, c))."""
+    # NOTE: two in-place binary passes; ATen's ternary addcmul with two broadcast operands
+    # takes a scalar loop on CPU and is ~10x slower than mul_ + add_.
+    return xc.mul_(a).add_(b)
+
+
+def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor:
+    """dx = a dy + p x + q in three elementwise ops (one allocation), in the dtype of a."""
+    return torch.mul(x, p).add_(q).addcmul_(dy, a)
+
+
+def forward(mu, nrm, xc, mean_w, var_w, bn_mean, bn_var, weight, bias, *, spec, logits, m,
+            denom):
+    """y over ``xc`` = x - mu_in (given the rows' L2 norms), BN batch stats, count, saved."""
     n, c = mu.shape
-    stats = torch.stack([mu, var])  # (2, N, C)
+    stats = torch.stack([mu, nrm.pow_(2).div_(denom)])  # (2, N, C): mu_in, var_in
     cands, batch, count = _candidate_stats(stats, bn_mean, bn_var, m, spec)
     k = cands.shape[1]
     probs = torch.stack([mean_w, var_w]).to(stats.dtype)  # (2, K)
@@ -143,11 +156,13 @@ def forward(mu, var, mean_w, var_w, bn_mean, bn_var, weight, bias, *, spec, logi
     b = torch.mul(mixed[0], a).neg_()
     if bias is not None:
         b = b + bias.to(b.dtype)
-    return a.view(shape), b.view(shape), batch, count, (mu, mixed, cands, probs)
+    shape = xc.shape[:2] + (1,) * (xc.dim() - 2)
+    y = normalize(xc, a.view(shape), b.view(shape))
+    return y, batch, count, (mu, mixed, cands, probs)
 
 
-def backward(saved, weight, s1, s2, *, spec, logits, m, n_total, need):
-    """dweight, dbias, dmean_w, dvar_w and a, p, q (N, C) with dx = a dy + p x + q."""
+def backward(saved, x, dy, s1, s2, weight, *, spec, logits, m, n_total, need):
+    """dx, dweight, dbias, dmean_w, dvar_w from the per-(n, c) sums s1, s2."""
     mu, mixed, cands, probs = saved
     k = probs.shape[1]
     rstd = torch.rsqrt(mixed[1] + spec.eps)
@@ -164,11 +179,12 @@ def backward(saved, weight, s1, s2, *, spec, logits, m, n_total, need):
             dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
         dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
     if not need[0]:
-        return dweight, dbias, dmean_w, dvar_w, None, None, None
+        return None, dweight, dbias, dmean_w, dvar_w
     n, c = mu.shape
+    shape = x.shape[:2] + (1,) * (x.dim() - 2)
     pooled, kept = _pooled_grads(d, spec, n_total)
-    if not kept:
-        return dweight, dbias, dmean_w, dvar_w, a, torch.zeros_like(a), torch.zeros_like(a)
+    if not kept:  # only BN on running statistics: dx = a dy
+        return torch.mul(dy, a.view(shape)), dweight, dbias, dmean_w, dvar_w
     offsets, w = cands[0], probs
     if len(kept) < k:
         offsets, w = offsets[kept], probs[:, kept]
@@ -182,4 +198,5 @@ def backward(saved, weight, s1, s2, *, spec, logits, m, n_total, need):
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
     p = e[1] * (-1.0 / denom)
     q = torch.sub(corr, e[0]).mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
-    return dweight, dbias, dmean_w, dvar_w, a, p, q
+    dx = input_grad(x, dy, a.view(shape), p.view(shape), q.view(shape))
+    return dx, dweight, dbias, dmean_w, dvar_w

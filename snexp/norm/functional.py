@@ -101,21 +101,22 @@ class NormSpec:
     process_group: object = None
 
 
-def _instance_stats(x: Tensor, dims: tuple[int, ...], m: int,
-                    unbiased: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Statistics pass: per-(n, c) mean and variance (N, C), plus the centered input.
+def _centered(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics pass: per-(n, c) mean (N, C), the centered input and its rows' L2 norms.
 
     ``xc = x - mu`` is in the statistics dtype (float32, or float64 for float64 input), a fresh
-    buffer that the normalize pass then overwrites.
+    buffer that the normalize pass then overwrites; the mixing turns the norms into variances.
     """
     stat_dtype = torch.promote_types(x.dtype, torch.float32)
     mu = x.mean(dims, keepdim=True, dtype=stat_dtype)  # (N, C, 1, ...)
     # NOTE: a centered second read (x - mu) instead of a one-pass sum of squares, which loses
     # all digits when |mean| >> std; ATen's one-pass Welford var_mean is ~10x slower on CPU.
     xc = torch.sub(x, mu)  # (N, C, *S), same layout as x
-    denom = m - 1 if (unbiased and m > 1) else m
-    var = torch.linalg.vector_norm(xc, 2, dims).pow_(2).div_(denom)  # (N, C)
-    return mu.view(var.shape), var, xc
+    nrm = torch.linalg.vector_norm(xc, 2, dims)  # (N, C)
+    return mu.view(nrm.shape), nrm, xc
+
+
+_ones: dict[tuple[int, torch.dtype], Tensor] = {}
 
 
 def _grad_sums(dy: Tensor, x: Tensor, mu_in: Tensor, dims: tuple[int, ...]):
@@ -127,10 +128,16 @@ def _grad_sums(dy: Tensor, x: Tensor, mu_in: Tensor, dims: tuple[int, ...]):
         # The native batch-norm backward on a (1, N*C, M) view computes both per-row sums in
         # one fused read of dy and x (grad_weight = S2 with invstd 1, grad_bias = S1).
         rows = n * c
+        ones = _ones.get((rows, x.dtype))
+        if ones is None:
+            ones = torch.ones(rows, dtype=x.dtype)
+            if not torch.compiler.is_compiling():
+                if len(_ones) >= 64:
+                    _ones.clear()
+                _ones[(rows, x.dtype)] = ones
         _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
-            dy.view(1, rows, -1), x.view(1, rows, -1), None, None, None,
-            mu_in.reshape(rows), torch.ones(rows, dtype=x.dtype, device=x.device), True, 0.0,
-            [False, True, True])
+            dy.view(1, rows, -1), x.view(1, rows, -1), None, None, None, mu_in.view(rows),
+            ones, True, 0.0, [False, True, True])
         return s1.view(n, c), s2.view(n, c)
     shape = mu_in.shape + (1,) * len(dims)
     s1 = dy.sum(dims, dtype=mu_in.dtype)
@@ -145,29 +152,30 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 class _SwitchNormFunction(torch.autograd.Function):
     """x -> y with the (N, C) mixing differentiated by hand (no autograd graph inside).
 
-    The full-size passes are here; the (N, C) math is ``snexp.norm._kernel`` (C, when usable)
-    or ``snexp.norm._mixing`` (ATen), which share one interface.
+    The statistics and gradient-sum passes are here; the rest is ``snexp.norm._kernel`` (C,
+    when usable) or ``snexp.norm._mixing`` (ATen), which share one interface.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
+    def forward(ctx, x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits, update):
         dims = tuple(range(2, x.dim()))
         m = math.prod(x.shape[2:])
-        shape = tuple(x.shape[:2]) + (1,) * len(dims)
-        mu, var, xc = _instance_stats(x, dims, m, spec.unbiased_in)  # (N, C), (N, C), x - mu
+        mu, nrm, xc = _centered(x, dims)  # (N, C), (N, C), x - mu_in
+        denom = m - 1 if (spec.unbiased_in and m > 1) else m
         use_kernel = _kernel.usable(x, spec)
-        a, b, batch, count, saved = (_kernel if use_kernel else _mixing).forward(
-            mu, var, mean_w, var_w, bn_mean, bn_var, weight, bias, spec=spec, logits=logits,
-            m=m, shape=shape)
-        # y = a * (x - mu_in) + b, written over the centered buffer: no new tensor
-        # NOTE: two in-place binary passes; ATen's ternary addcmul with two broadcast operands
-        # takes a scalar loop on CPU and is ~10x slower than mul_ + add_.
-        y = xc.mul_(a).add_(b).to(x.dtype)
+        args = (mu, nrm, xc, mean_w, var_w, bn_mean, bn_var, weight, bias)
+        if use_kernel:
+            y, batch, count, saved = _kernel.forward(*args, spec=spec, logits=logits, m=m,
+                                                     denom=denom, update=update)
+        else:
+            y, batch, count, saved = _mixing.forward(*args, spec=spec, logits=logits, m=m,
+                                                     denom=denom)
         ctx.save_for_backward(x, weight, *saved)
         ctx.set_materialize_grads(False)
         ctx.use_kernel, ctx.spec, ctx.m, ctx.logits = use_kernel, spec, m, logits
         ctx.n_total = count // m if count else None
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, mean_w, var_w))
+        y = _cast(y, x.dtype)
         if batch is None:
             return y, None, count
         ctx.mark_non_differentiable(batch)
@@ -176,21 +184,14 @@ class _SwitchNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dbatch, _dcount):
         if dy is None:
-            return (None,) * 9
+            return (None,) * 10
         x, weight, *saved = ctx.saved_tensors
-        dims = tuple(range(2, x.dim()))
-        s1, s2 = _grad_sums(dy, x, saved[0], dims)  # (N, C) each; saved[0] is mu_in
-        grads = (_kernel if ctx.use_kernel else _mixing).backward(
-            saved, weight, s1, s2, spec=ctx.spec, logits=ctx.logits, m=ctx.m,
+        s1, s2 = _grad_sums(dy, x, saved[0], tuple(range(2, x.dim())))  # saved[0]: mu_in
+        dx, *grads = (_kernel if ctx.use_kernel else _mixing).backward(
+            saved, x, dy, s1, s2, weight, spec=ctx.spec, logits=ctx.logits, m=ctx.m,
             n_total=ctx.n_total, need=ctx.needs_input_grad)
-        dweight, dbias, dmean_w, dvar_w, a, p, q = grads
-        dx = None
-        if ctx.needs_input_grad[0]:
-            shape = a.shape + (1,) * len(dims)
-            dx = torch.mul(x, p.view(shape)).add_(q.view(shape))  # (N, C, *S)
-            dx = dx.addcmul_(dy, a.view(shape)).to(x.dtype)
-        return (dx, *(_cast(g, t) for g, t in zip((dweight, dbias, dmean_w, dvar_w),
-                                                  ctx.dtypes)), None, None, None, None)
+        return (_cast(dx, x.dtype), *(_cast(g, t) for g, t in zip(grads, ctx.dtypes)),
+                None, None, None, None, None)
 
 
 def switch_norm(
@@ -240,16 +241,21 @@ def switch_norm(
     use_batch = training or running_mean is None
     bn_mean = None if use_batch else running_mean
     bn_var = None if use_batch else running_var
+    update = None
+    if training and update_running and running_mean is not None:
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked) if num_batches_tracked else 1.0
+        else:
+            factor = momentum
+        update = (running_mean, running_var, factor, compat == "paper")
+    # The C kernel blends the batch statistics in itself; the ATen path returns them.
     y, batch, count = _SwitchNormFunction.apply(
-        x, weight, bias, mean_p, var_p, bn_mean, bn_var, spec, logits)
-    if training and update_running and running_mean is not None and batch is not None:
+        x, weight, bias, mean_p, var_p, bn_mean, bn_var, spec, logits,
+        None if torch.compiler.is_compiling() else update)
+    if update is not None and batch is not None:
         with torch.no_grad():
             if compat == "paper" and count > 1:
                 batch[1].mul_(count / (count - 1))
-            if momentum is None:
-                factor = 1.0 / float(num_batches_tracked) if num_batches_tracked else 1.0
-            else:
-                factor = momentum
             batch = batch.to(running_mean.dtype)
             torch._foreach_lerp_([running_mean, running_var], [batch[0], batch[1]], factor)
     return y.squeeze(-1) if squeeze else y
