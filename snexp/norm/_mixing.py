@@ -1,9 +1,8 @@
-"""The (N, C) mixing of Switchable Normalization in ATen ops, forward and closed-form backward.
+"""Switchable Normalization in ATen ops: every case, on any device (the reference backend).
 
 Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization" (arXiv
-1806.10779), eq. 3-5, on per-(n, c) statistics ``mu_in``, ``var_in`` (the fused function in
-``snexp.norm.functional`` computes them and does all full-size work). Every candidate's
-statistics are derived from them (LN pools over C, BN over N, GN over channel groups):
+1806.10779), eq. 3-5. One statistics pass gives per-(n, c) ``mu_in``, ``var_in``; every
+candidate's statistics are derived from them (LN pools over C, BN over N, GN over groups):
 
     mu_k  = P_k mu_in,    var_k = P_k var_in + P_k (mu_in - mu_k)^2
     mu    = sum_k p_k mu_k,   var = sum_k q_k var_k,   y = a (x - mu_in) + b
@@ -16,10 +15,12 @@ op count does not grow with the candidates. Backward, from ``s1 = sum dy`` and
 and for each pooled candidate (pooling P_k is self-adjoint)
 ``dmu_in += P_k(p_k dmu) + 2 (mu_in - mu_k) P_k(q_k dvar)``, ``dvar_in += P_k(q_k dvar)``;
 then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - p mu_in``.
-``snexp.norm._kernel`` computes the same in C for the common candidates on CPU.
+``snexp.norm._kernel`` computes the same in C for IN/LN/BN candidates on CPU.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -126,6 +127,47 @@ def _pooled_grads(d: Tensor, spec, n_total: int | None) -> tuple[Tensor | None, 
     return (torch.stack(rows, 1) if rows else None), kept
 
 
+def centered(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Statistics pass: per-(n, c) mean (N, C), the rows' L2 norms of x - mean (N, C), and
+    the centered input ``x - mean`` in the statistics dtype (float32, or float64 for float64
+    input): a fresh buffer, same layout as x, which the normalize pass then overwrites."""
+    dims = tuple(range(2, x.dim()))
+    mu = x.mean(dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
+    # NOTE: a centered second read (x - mu) instead of a one-pass sum of squares, which loses
+    # all digits when |mean| >> std; ATen's one-pass Welford var_mean is ~10x slower on CPU.
+    xc = torch.sub(x, mu)  # (N, C, *S)
+    nrm = torch.linalg.vector_norm(xc, 2, dims)  # (N, C)
+    return mu.view(nrm.shape), nrm, xc
+
+
+_ones: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+def grad_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
+    """One reduction pass: s1 = sum dy and s2 = sum dy * (x - mu) per (n, c), each (N, C)."""
+    n, c = mu.shape
+    if (x.dtype == mu.dtype and dy.dtype == x.dtype and x.is_contiguous()
+            and dy.is_contiguous() and x.device.type == "cpu"):
+        # The native batch-norm backward on a (1, N*C, M) view computes both per-row sums in
+        # one fused read of dy and x (grad_weight = s2 with invstd 1, grad_bias = s1).
+        rows = n * c
+        ones = _ones.get((rows, x.dtype))
+        if ones is None:
+            ones = torch.ones(rows, dtype=x.dtype)
+            if not torch.compiler.is_compiling():
+                if len(_ones) >= 64:
+                    _ones.clear()
+                _ones[(rows, x.dtype)] = ones
+        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
+            dy.view(1, rows, -1), x.view(1, rows, -1), None, None, None, mu.view(rows), ones,
+            True, 0.0, [False, True, True])
+        return s1.view(n, c), s2.view(n, c)
+    dims = tuple(range(2, x.dim()))
+    s1 = dy.sum(dims, dtype=mu.dtype)
+    s2 = (dy * (x - mu.view(mu.shape + (1,) * len(dims)))).sum(dims, dtype=mu.dtype)
+    return s1, s2
+
+
 def normalize(xc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = a * xc + b, written over ``xc`` (a, b broadcastable per (n, c))."""
     # NOTE: two in-place binary passes; ATen's ternary addcmul with two broadcast operands
@@ -138,10 +180,12 @@ def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor
     return torch.mul(x, p).add_(q).addcmul_(dy, a)
 
 
-def forward(mu, nrm, xc, mean_w, var_w, bn_mean, bn_var, weight, bias, *, spec, logits, m,
-            denom):
-    """y over ``xc`` = x - mu_in (given the rows' L2 norms), BN batch stats, count, saved."""
+def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
+    """y (statistics dtype), BN batch statistics (2, C) or None, their count, saved tensors."""
+    mu, nrm, xc = centered(x)
     n, c = mu.shape
+    m = math.prod(x.shape[2:])
+    denom = m - 1 if (spec.unbiased_in and m > 1) else m
     stats = torch.stack([mu, nrm.pow_(2).div_(denom)])  # (2, N, C): mu_in, var_in
     cands, batch, count = _candidate_stats(stats, bn_mean, bn_var, m, spec)
     k = cands.shape[1]
@@ -161,9 +205,11 @@ def forward(mu, nrm, xc, mean_w, var_w, bn_mean, bn_var, weight, bias, *, spec, 
     return y, batch, count, (mu, mixed, cands, probs)
 
 
-def backward(saved, x, dy, s1, s2, weight, *, spec, logits, m, n_total, need):
-    """dx, dweight, dbias, dmean_w, dvar_w from the per-(n, c) sums s1, s2."""
+def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
+    """dx (statistics dtype), dweight, dbias, dmean_w, dvar_w (None where not needed)."""
     mu, mixed, cands, probs = saved
+    s1, s2 = grad_sums(dy, x, mu)
+    m = math.prod(x.shape[2:])
     k = probs.shape[1]
     rstd = torch.rsqrt(mixed[1] + spec.eps)
     a = rstd if weight is None else rstd * weight.to(rstd.dtype)

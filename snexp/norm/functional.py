@@ -10,16 +10,13 @@ every other candidate (LN, GN, BN) is derived from them on small (N, C) tensors:
     y      = weight * (x - mu) / sqrt(var + eps) + bias
 
 (the centered form of ``var_ln = mean_c(var_in + mu_in^2) - mu_ln^2``; the same value without
-the cancellation). This file holds the full-size work. Forward: the mean, the centered buffer
-``x - mu_in`` and its norm (the statistics), then two in-place ops turn that buffer into
-``y = a * (x - mu_in) + b`` with per-(n, c) coefficients (one output allocation, as
-BatchNorm). Backward: one fused read of ``dy`` and ``x`` for the per-(n, c) sums
-``s1 = sum dy`` and ``s2 = sum dy (x - mu_in)``, then ``dx = a dy + p x + q`` in three
-elementwise ops (one allocation). The (N, C) math between them, forward and its closed-form
-backward, is ``snexp.norm._mixing`` (ATen ops, every case) or ``snexp.norm._kernel`` (the same
-in C, for IN/LN/BN candidates on CPU: ~40 instead of ~120 ATen calls per forward + backward,
-whose dispatch cost dominates at small shapes). ``snexp.reference`` holds the plain-autograd
-equations that the tests compare against.
+the cancellation). This file holds the public function and its autograd glue; the work is done
+by one of two backends with one interface: ``snexp.norm._mixing`` (ATen ops, every case: the
+statistics pass, the (N, C) mixing with its closed-form backward, the normalize and
+input-gradient passes) or ``snexp.norm._kernel`` (the same equations in C, for IN/LN/BN
+candidates on CPU: ~15 instead of ~120 ATen calls per forward + backward, whose dispatch cost
+dominates at small shapes). ``snexp.reference`` holds the plain-autograd equations that the
+tests compare against.
 NOTE: the issue asked for one statistics pass; a one-pass sum of squares loses every digit when
 |mean| >> std and ATen's one-pass Welford is ~10x slower on CPU, so the variance takes a
 second, centered read.
@@ -101,50 +98,6 @@ class NormSpec:
     process_group: object = None
 
 
-def _centered(x: Tensor, dims: tuple[int, ...]) -> tuple[Tensor, Tensor, Tensor]:
-    """Statistics pass: per-(n, c) mean (N, C), the centered input and its rows' L2 norms.
-
-    ``xc = x - mu`` is in the statistics dtype (float32, or float64 for float64 input), a fresh
-    buffer that the normalize pass then overwrites; the mixing turns the norms into variances.
-    """
-    stat_dtype = torch.promote_types(x.dtype, torch.float32)
-    mu = x.mean(dims, keepdim=True, dtype=stat_dtype)  # (N, C, 1, ...)
-    # NOTE: a centered second read (x - mu) instead of a one-pass sum of squares, which loses
-    # all digits when |mean| >> std; ATen's one-pass Welford var_mean is ~10x slower on CPU.
-    xc = torch.sub(x, mu)  # (N, C, *S), same layout as x
-    nrm = torch.linalg.vector_norm(xc, 2, dims)  # (N, C)
-    return mu.view(nrm.shape), nrm, xc
-
-
-_ones: dict[tuple[int, torch.dtype], Tensor] = {}
-
-
-def _grad_sums(dy: Tensor, x: Tensor, mu_in: Tensor, dims: tuple[int, ...]):
-    """One reduction pass: S1 = sum dy and S2 = sum dy * (x - mu_in) per (n, c)."""
-    n, c = mu_in.shape
-    fast = (x.dtype == mu_in.dtype and dy.dtype == x.dtype and x.is_contiguous()
-            and dy.is_contiguous() and x.device.type == "cpu")
-    if fast:
-        # The native batch-norm backward on a (1, N*C, M) view computes both per-row sums in
-        # one fused read of dy and x (grad_weight = S2 with invstd 1, grad_bias = S1).
-        rows = n * c
-        ones = _ones.get((rows, x.dtype))
-        if ones is None:
-            ones = torch.ones(rows, dtype=x.dtype)
-            if not torch.compiler.is_compiling():
-                if len(_ones) >= 64:
-                    _ones.clear()
-                _ones[(rows, x.dtype)] = ones
-        _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
-            dy.view(1, rows, -1), x.view(1, rows, -1), None, None, None, mu_in.view(rows),
-            ones, True, 0.0, [False, True, True])
-        return s1.view(n, c), s2.view(n, c)
-    shape = mu_in.shape + (1,) * len(dims)
-    s1 = dy.sum(dims, dtype=mu_in.dtype)
-    s2 = (dy * (x - mu_in.view(shape))).sum(dims, dtype=mu_in.dtype)
-    return s1, s2
-
-
 def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
@@ -152,28 +105,23 @@ def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 class _SwitchNormFunction(torch.autograd.Function):
     """x -> y with the (N, C) mixing differentiated by hand (no autograd graph inside).
 
-    The statistics and gradient-sum passes are here; the rest is ``snexp.norm._kernel`` (C,
-    when usable) or ``snexp.norm._mixing`` (ATen), which share one interface.
+    The work is ``snexp.norm._kernel`` (C, where usable) or ``snexp.norm._mixing`` (ATen ops,
+    every case); both compute the same equations and share one interface.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits, update):
-        dims = tuple(range(2, x.dim()))
-        m = math.prod(x.shape[2:])
-        mu, nrm, xc = _centered(x, dims)  # (N, C), (N, C), x - mu_in
-        denom = m - 1 if (spec.unbiased_in and m > 1) else m
         use_kernel = _kernel.usable(x, spec)
-        args = (mu, nrm, xc, mean_w, var_w, bn_mean, bn_var, weight, bias)
+        args = (x, weight, bias, mean_w, var_w, bn_mean, bn_var)
         if use_kernel:
-            y, batch, count, saved = _kernel.forward(*args, spec=spec, logits=logits, m=m,
-                                                     denom=denom, update=update)
+            y, batch, count, saved = _kernel.forward(*args, spec=spec, logits=logits,
+                                                     update=update)
         else:
-            y, batch, count, saved = _mixing.forward(*args, spec=spec, logits=logits, m=m,
-                                                     denom=denom)
+            y, batch, count, saved = _mixing.forward(*args, spec=spec, logits=logits)
         ctx.save_for_backward(x, weight, *saved)
         ctx.set_materialize_grads(False)
-        ctx.use_kernel, ctx.spec, ctx.m, ctx.logits = use_kernel, spec, m, logits
-        ctx.n_total = count // m if count else None
+        ctx.use_kernel, ctx.spec, ctx.logits = use_kernel, spec, logits
+        ctx.n_total = count // math.prod(x.shape[2:]) if count else None
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, mean_w, var_w))
         y = _cast(y, x.dtype)
         if batch is None:
@@ -186,10 +134,9 @@ class _SwitchNormFunction(torch.autograd.Function):
         if dy is None:
             return (None,) * 10
         x, weight, *saved = ctx.saved_tensors
-        s1, s2 = _grad_sums(dy, x, saved[0], tuple(range(2, x.dim())))  # saved[0]: mu_in
         dx, *grads = (_kernel if ctx.use_kernel else _mixing).backward(
-            saved, x, dy, s1, s2, weight, spec=ctx.spec, logits=ctx.logits, m=ctx.m,
-            n_total=ctx.n_total, need=ctx.needs_input_grad)
+            saved, x, dy, weight, spec=ctx.spec, logits=ctx.logits, n_total=ctx.n_total,
+            need=ctx.needs_input_grad)
         return (_cast(dx, x.dtype), *(_cast(g, t) for g, t in zip(grads, ctx.dtypes)),
                 None, None, None, None, None)
 

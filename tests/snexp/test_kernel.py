@@ -42,14 +42,17 @@ def _layer(cls, candidates, compat, affine, seed=0):
 @pytest.mark.parametrize("compat", ["paper", "official"])
 @pytest.mark.parametrize("shape", [(4, 6, 5, 3), (3, 6, 7), (2, 6, 3, 2, 2), (5, 6, 1, 1),
                                    (5, 6)])
-@pytest.mark.parametrize("one_pass", [True, False])
+@pytest.mark.parametrize("passes", ["c", "c_mixing_inplace", "c_mixing_aten_passes"])
 def test_kernel_equals_aten_path_float64(monkeypatch, candidates, training, compat, shape,
-                                         one_pass):
+                                         passes):
     # Outputs, every gradient and the running statistics agree to float64 rounding, with the
-    # elementwise passes in C (small tensors, one thread) or in ATen (large tensors).
+    # full-size passes in C (small tensors, one thread) or in ATen (large tensors).
     if len(shape) == 2 and "in" in candidates:
         pytest.skip("IN is undefined for (N, C) input")
-    monkeypatch.setattr(_kernel, "_one_pass", lambda numel: one_pass)
+    if passes != "c":
+        monkeypatch.setattr(_kernel, "_one_pass", lambda t, dtype: False)
+    if passes == "c_mixing_aten_passes":
+        monkeypatch.setattr(_kernel, "_small", lambda numel: False)
     cls = {2: snexp.SwitchNorm1d, 3: snexp.SwitchNorm1d, 4: snexp.SwitchNorm2d,
            5: snexp.SwitchNorm3d}[len(shape)]
     x = torch.randn(shape, dtype=torch.float64) * 3 + 2
