@@ -27,7 +27,7 @@ import torch
 
 from snexp.config import ConfigError
 
-__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rng_state", "save_checkpoint",
+__all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rank_seed", "rng_state", "save_checkpoint",
            "seed_everything", "seed_worker", "set_rng_state", "unwrap_model", "write_text_atomic"]
 
 logger = logging.getLogger(__name__)
@@ -155,13 +155,39 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_worker(worker_id: int) -> None:
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank`` derived from ``seed``: ``seed`` itself on rank 0.
+
+    Other ranks get a 64-bit seed mixed from both by numpy's ``SeedSequence``, distinct per
+    ``(seed, rank)`` and the same on every call.
+
+    Args:
+        seed: A non-negative seed (a DataLoader worker's ``torch.initial_seed()``).
+        rank: The process's rank under torchrun (0 in a single process).
+    """
+    if rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0])
+
+
+def seed_worker(worker_id: int, rank: int = 0) -> None:
     """DataLoader ``worker_init_fn``: seed python and numpy from the worker's torch seed.
 
     Torch seeds each worker from the loader's generator; python and numpy would otherwise
-    repeat the parent's state in every worker. Workers also ignore SIGINT, so Ctrl-C reaches
-    only the main process, which stops gracefully.
+    repeat the parent's state in every worker. Under torchrun every rank's loader draws from a
+    generator seeded alike (the data order must agree), so its workers would repeat the same
+    random crops and flips on every rank: pass ``rank`` (``functools.partial(seed_worker,
+    rank=r)``) and rank ``r > 0`` first reseeds torch with :func:`rank_seed`. Rank 0 keeps
+    torch's seed, so a single process draws what it always did. Workers also ignore SIGINT, so
+    Ctrl-C reaches only the main process, which stops gracefully.
+
+    Args:
+        worker_id: The worker's index (the DataLoader passes it; unused).
+        rank: This process's rank (default 0).
     """
+    # NOTE: torch.utils.data.get_worker_info().seed still shows torch's unmixed seed.
+    if rank:
+        torch.manual_seed(rank_seed(torch.initial_seed(), rank))
     seed = torch.initial_seed() % 2**32
     random.seed(seed)
     np.random.seed(seed)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import logging
 import math
 import os
@@ -238,8 +239,9 @@ class Run:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self._setup_logging(console)
 
-        # NOTE: rank r seeds with seed + r, so dropout and augmentation differ across ranks;
-        # DDP copies rank 0's initial weights to all ranks, and the data order has its own seed.
+        # NOTE: rank r seeds with seed + r, so dropout and augmentation differ across ranks
+        # (in DataLoader workers too: see dataloader()); DDP copies rank 0's initial weights to
+        # all ranks, and the data order has its own seed.
         seed_everything(runtime.seed + self.rank)
         if runtime.deterministic:
             if self.device.type == "cuda":
@@ -518,7 +520,9 @@ class Run:
         reseeds them exactly as the uninterrupted run did. Under torchrun each rank reads its
         own shard (a ``DistributedSampler`` seeded with ``--seed``, its epoch set by
         :meth:`epochs`), so ``batch_size`` is per rank and the effective batch is
-        ``batch_size * world_size``.
+        ``batch_size * world_size``; the workers of rank ``r > 0`` mix ``r`` into their seeds
+        (:func:`snexp.checkpoint.seed_worker`), so random transforms differ across ranks while
+        :attr:`generator`, and so the data order, advances alike on all of them.
         """
         kwargs.setdefault("pin_memory", self.device.type == "cuda")
         if self.world_size > 1 and "sampler" not in kwargs and "batch_sampler" not in kwargs:
@@ -536,7 +540,7 @@ class Run:
             num_workers=num_workers,
             drop_last=drop_last,
             generator=self.generator,
-            worker_init_fn=seed_worker,
+            worker_init_fn=functools.partial(seed_worker, rank=self.rank),
             **kwargs,
         )
 

@@ -67,6 +67,16 @@ def _train(run: Run, *, stop_at: int | None = None) -> nn.Module:
     return model
 
 
+class _Draws(torch.utils.data.Dataset):
+    """Item ``i``: one ``torch.rand`` draw in the loading worker (a random crop, say)."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> float:
+        return torch.rand(()).item()
+
+
 def _config(out: Path, **changes) -> NetConfig:
     runtime = RuntimeConfig(out=str(out), device="cpu", deterministic=True, sync_norm=True,
                             **changes)
@@ -90,6 +100,9 @@ def _worker(rank: int, init: str, tmp: str) -> None:
         model = _train(run)
         report["resumed_from"] = 3
     torch.save(model.state_dict(), tmp_path / f"resumed-{rank}.pt")
+    with Run(_config(tmp_path / "workers"), experiment="t", console=False) as run:
+        loader = run.dataloader(_Draws(), batch_size=2, num_workers=2)
+        report["worker_draws"] = [v for batch in loader for v in batch.tolist()]
     try:  # rank 0 refuses a used directory; rank 1 must not hang
         Run(_config(tmp_path / "full"), experiment="t", console=False)
     except ConfigError as exc:
@@ -169,6 +182,15 @@ def test_stop_on_one_rank_stops_both_and_resume_matches(ddp_runs):
                                _weights(ddp_runs / "full-0.pt"), rtol=0, atol=0)
     torch.testing.assert_close(_weights(ddp_runs / "resumed-1.pt"),
                                _weights(ddp_runs / "full-0.pt"), rtol=0, atol=0)
+
+
+@slow
+def test_ranks_dataloader_workers_draw_different_numbers(ddp_runs):
+    # the loaders' generators are seeded alike on both ranks, but rank 1's workers mix in
+    # their rank: no random draw (crop, flip...) repeats across the ranks
+    reports = [json.loads((ddp_runs / f"report-{r}.json").read_text()) for r in range(WORLD)]
+    draws = [r["worker_draws"] for r in reports]
+    assert len(draws[0]) == len(draws[1]) == 4 and not set(draws[0]) & set(draws[1])
 
 
 @slow
