@@ -74,11 +74,11 @@ from snexp.config import (
     CliError,
     ConfigError,
     RuntimeConfig,
-    _prog_name,
     flatten,
     override,
     to_toml,
 )
+from snexp.config.errors import _prog_name
 from snexp.device import describe_device, select_device
 from snexp.track import TqdmLoggingHandler, Tracker
 
