@@ -22,6 +22,7 @@ import ctypes
 import hashlib
 import math
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -56,7 +57,8 @@ def _build() -> ctypes.CDLL | bool:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return False
-    tag = hashlib.sha256((SOURCE + compiler + sys.platform).encode()).hexdigest()[:16]
+    key = "\0".join((SOURCE, compiler, sys.platform, platform.machine()))
+    tag = hashlib.sha256(key.encode()).hexdigest()[:16]
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     target = Path(root) / "snexp" / f"sn_kernel_{tag}.so"
     try:
@@ -173,9 +175,10 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     k = len(spec.candidates)
     grads = torch.empty((2, c), dtype=dt) if (need[1] or need[2]) else None
     dlog = torch.empty((2, k), dtype=dt) if (need[3] or need[4]) else None
-    s1 = s2 = dx = apq = None
+    s1 = s2 = dx = apq = src = grad = None
     if _one_pass(x, dt) and _one_pass(dy, dt):  # sums, mixing and dx in one call
         dx = torch.empty_like(x) if need[0] else None
+        src, grad = x, dy
     else:
         s1, s2 = _mixing.grad_sums(dy, x, mu)
         if need[0]:
@@ -188,7 +191,7 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     fn = _lib.sn_backward_f if dt == torch.float32 else _lib.sn_backward_d
     if fn(n, c, k, _codes(spec.candidates, rm is not None), mu.data_ptr(), var.data_ptr(),
           _ptr(rm), _ptr(rv), mw.data_ptr(), vw.data_ptr(), int(logits), _ptr(w), spec.eps,
-          float(m), float(denom), _ptr(s1), _ptr(s2), x.data_ptr(), dy.data_ptr(), m,
+          float(m), float(denom), _ptr(s1), _ptr(s2), _ptr(src), _ptr(grad), m,
           at(grads, 0, c) if need[1] else None, at(grads, 1, c) if need[2] else None,
           at(dlog, 0, k) if need[3] else None, at(dlog, 1, k) if need[4] else None,
           at(apq, 0, n * c), at(apq, 1, n * c), at(apq, 2, n * c), _ptr(dx)):
