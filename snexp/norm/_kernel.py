@@ -173,8 +173,9 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
     w = weight if weight is None or weight.dtype == dt else weight.to(dt)
     k = len(spec.candidates)
-    grads = torch.empty((2, c), dtype=dt) if (need[1] or need[2]) else None
-    dlog = torch.empty((2, k), dtype=dt) if (need[3] or need[4]) else None
+    # one tensor each: gradients that shared a storage would alias once accumulated in .grad
+    dweight, dbias, dmean_w, dvar_w = (torch.empty(size, dtype=dt) if need[i] else None
+                                       for i, size in ((1, c), (2, c), (3, k), (4, k)))
     s1 = s2 = dx = apq = src = grad = None
     if _one_pass(x, dt) and _one_pass(dy, dt):  # sums, mixing and dx in one call
         dx = torch.empty_like(x) if need[0] else None
@@ -183,21 +184,15 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
         s1, s2 = _mixing.grad_sums(dy, x, mu)
         if need[0]:
             apq = torch.empty((3, n, c) + (1,) * (x.dim() - 2), dtype=dt)
-    size = dt.itemsize
-
-    def at(t, i, rows):
-        return None if t is None else t.data_ptr() + i * rows * size
-
+    step = n * c * dt.itemsize
     fn = _lib.sn_backward_f if dt == torch.float32 else _lib.sn_backward_d
     if fn(n, c, k, _codes(spec.candidates, rm is not None), mu.data_ptr(), var.data_ptr(),
           _ptr(rm), _ptr(rv), mw.data_ptr(), vw.data_ptr(), int(logits), _ptr(w), spec.eps,
           float(m), float(denom), _ptr(s1), _ptr(s2), _ptr(src), _ptr(grad), m,
-          at(grads, 0, c) if need[1] else None, at(grads, 1, c) if need[2] else None,
-          at(dlog, 0, k) if need[3] else None, at(dlog, 1, k) if need[4] else None,
-          at(apq, 0, n * c), at(apq, 1, n * c), at(apq, 2, n * c), _ptr(dx)):
+          _ptr(dweight), _ptr(dbias), _ptr(dmean_w), _ptr(dvar_w),
+          *((None,) * 3 if apq is None else (apq.data_ptr() + i * step for i in range(3))),
+          _ptr(dx)):
         raise MemoryError("snexp SN kernel: out of memory for its work buffer")
     if apq is not None:
         dx = _mixing.input_grad(x, dy, *apq.unbind())
-    dweight, dbias = grads.unbind() if grads is not None else (None, None)
-    dmean_w, dvar_w = dlog.unbind() if dlog is not None else (None, None)
     return dx, dweight, dbias, dmean_w, dvar_w
