@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from snexp.norm import _kernel, _mixing
 
@@ -130,6 +131,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         return y, batch, count
 
     @staticmethod
+    @once_differentiable  # the hand-written backward (C or ATen) builds no graph of its own
     def backward(ctx, dy, _dbatch, _dcount):
         if dy is None:
             return (None,) * 10

@@ -131,3 +131,14 @@ def test_running_statistics_written_in_c_bump_their_version():
     m(torch.randn(3, 4, 5, 5))
     assert m.running_mean._version > before[0] and m.running_var._version > before[1]
     assert not torch.equal(m.running_mean, torch.zeros(4))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_double_backward_is_refused(monkeypatch, kernel):
+    # The hand-written backward builds no graph: a second derivative is an error, not zeros.
+    if not kernel:
+        monkeypatch.setattr(_kernel, "usable", lambda x, spec: False)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    (g,) = torch.autograd.grad(snexp.SwitchNorm2d(4)(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()
