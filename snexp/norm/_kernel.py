@@ -44,7 +44,9 @@ _FORWARD_ARGS = [_I, _I, _I, _P, _P, _L, _P, _P, _D, _P, _P, _P, _P, _I, _P, _P,
 _BACKWARD_ARGS = [_I, _I, _I, _P, _P, _P, _P, _P, _P, _P, _I, _P, _D, _D, _D, _P, _P, _P, _P,
                   _L, _P, _P, _P, _P, _P, _P, _P, _P]
 # Below ATen's grain size its elementwise ops run on one thread, and the C loops that fuse
-# them (one pass instead of two to five) are faster; above it ATen's threads win.
+# them (one pass instead of two to five) are faster; above it ATen's threads win, except that
+# two threads only caught up with one fused C pass from ~16 grains (2**19 values) on: measured
+# on the 2-core development machine, (32, 16..64, 8..32, 8..32) inputs.
 _GRAIN = 32768
 
 _lib: object = None  # None: not tried yet; False: unavailable
@@ -111,8 +113,9 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 
 
 def _small(numel: int) -> bool:
-    """Whether ATen would run an elementwise op over ``numel`` values on one thread."""
-    return numel <= _GRAIN or torch.get_num_threads() == 1
+    """Whether one C pass beats ATen's threads over ``numel`` values (see ``_GRAIN``)."""
+    threads = torch.get_num_threads()
+    return threads == 1 or numel <= _GRAIN * (16 if threads == 2 else 1)
 
 
 def _one_pass(t: torch.Tensor, dtype: torch.dtype) -> bool:

@@ -200,16 +200,18 @@ int NAME(sn_backward)(int n, int c, int k, const int *codes, const real *mu, con
         rsum[i] = rmu; rsum[n + i] = rvar;
     }
     if (a || dx) {
-        const double plb = s.bn_live ? pb : 0, qlb = s.bn_live ? qb : 0;
+        /* pooled adjoints: p_k P_k(dmu) and q_k P_k(dvar), per row (LN), per column (BN) */
+        const double inv_c = 1.0 / c, inv_n = 1.0 / n, two_d = 2.0 / denom, inv_m = 1.0 / m;
+        const double plb = s.bn_live ? pb * inv_n : 0, qlb = s.bn_live ? qb * inv_n : 0;
+        for (int j = 0; j < c; j++) { csum[j] *= plb; csum[c + j] *= qlb; }
         for (int i = 0; i < n; i++) {
-            const double ml = s.mln[i], pml = rsum[i] / c, pvl = ql * (rsum[n + i] / c);
+            const double ml = s.mln[i], pml = pl * rsum[i] * inv_c, pvl = ql * rsum[n + i] * inv_c;
             for (int j = 0; j < c; j++) {
                 long ij = (long)i * c + j;
-                double mm = mu[ij], dmu = tmu[ij], dvar = tvar[ij];
-                double pvb = qlb * (csum[c + j] / n);
-                double dmu_in = pi * dmu + pl * pml + 2 * (mm - ml) * pvl
-                                + plb * (csum[j] / n) + 2 * (mm - s.mbn[j]) * pvb;
-                double pp = (qi * dvar + pvl + pvb) * 2 / denom, qq = dmu_in / m - pp * mm;
+                double mm = mu[ij], dmu = tmu[ij], dvar = tvar[ij], pvb = csum[c + j];
+                double dmu_in = pi * dmu + pml + 2 * (mm - ml) * pvl
+                                + csum[j] + 2 * (mm - s.mbn[j]) * pvb;
+                double pp = (qi * dvar + pvl + pvb) * two_d, qq = dmu_in * inv_m - pp * mm;
                 if (dx) {
                     const real *g = dy + ij * len, *xr = x + ij * len;
                     real *o = dx + ij * len, ra = (real)ta[ij], rp = (real)pp, rq = (real)qq;
