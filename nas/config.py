@@ -8,14 +8,23 @@ Defaults are ENAS's CIFAR-10 micro settings (Pham et al. 2018, official
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from nas.controller import ControllerConfig
 from nas.data import DataConfig
 from snexp.config import RuntimeConfig
 
-__all__ = ["ChildConfig", "OptimConfig", "RetrainConfig", "RetrainSettings", "SearchConfig",
-           "SearchSettings", "norm_options"]
+__all__ = ["COMMON_FLAGS", "PRESETS", "ChildConfig", "OptimConfig", "RetrainConfig",
+           "RetrainSettings", "SearchConfig", "SearchSettings", "norm_options"]
+
+PRESETS = Path(__file__).resolve().parent.parent / "configs" / "nas"  # --config NAME looks here
+COMMON_FLAGS = {  # flags of both nas.search and nas.train, and the keys they set
+    "--dataset": "data.dataset",
+    "--data-root": "data.root",
+    "--norm": "child.norm",
+    "--epochs": "train.epochs",
+}
 
 
 @dataclass(frozen=True)

@@ -7,21 +7,16 @@ opens the run directory and calls :func:`nas.search_loop.run_search`. ``--help``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from nas.config import SearchConfig
+from nas.config import COMMON_FLAGS, PRESETS, SearchConfig
 from nas.search_loop import run_search
 from snexp.config import cli_errors, parse_args
 from snexp.run import Run
 
 PROG = "python -m nas.search"
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "nas"
 FLAGS = {
-    "--dataset": "data.dataset",
-    "--data-root": "data.root",
-    "--norm": "child.norm",
+    **COMMON_FLAGS,
     "--controller": "controller.kind",
-    "--epochs": "train.epochs",
     "--storage": "search.storage",
     "--study": "search.study",
 }

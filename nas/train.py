@@ -8,22 +8,14 @@ parameters and FLOPs. ``--help`` lists every key.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
-from nas.config import RetrainConfig
+from nas.config import COMMON_FLAGS, PRESETS, RetrainConfig
 from nas.train_loop import load_arch, retrain
 from snexp.config import cli_errors, parse_args
 from snexp.run import Run
 
 PROG = "python -m nas.train"
-PRESETS = Path(__file__).resolve().parent.parent / "configs" / "nas"
-FLAGS = {
-    "--arch": "retrain.arch",
-    "--dataset": "data.dataset",
-    "--data-root": "data.root",
-    "--norm": "child.norm",
-    "--epochs": "train.epochs",
-}
+FLAGS = {"--arch": "retrain.arch", **COMMON_FLAGS}
 SAFE_KEYS = ("train.epochs", "retrain.eval_every", "data.workers")
 
 
