@@ -40,6 +40,7 @@ from torch import nn
 from nas.child import ChildNet
 from nas.config import SearchConfig, norm_options
 from nas.data import build_splits
+from nas.optim import epoch_loader, sgd_with_restarts
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
 from nas.rank_zero import RankZeroProposer
 from nas.space import Architecture
@@ -49,9 +50,7 @@ from snexp.run import Run
 from snexp.samplers import WorkerSeededSampler
 from snexp.track import open_study, progress
 
-_Restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
-
-__all__ = ["SearchResult", "epoch_loader", "evaluate", "run_search"]
+__all__ = ["SearchResult", "evaluate", "run_search"]
 
 logger = logging.getLogger(__name__)
 BEST_FILE, CELLS_FILE = "best_arch.json", "cells.png"
@@ -94,42 +93,6 @@ def _valid_tensors(run: Run, dataset: torch.utils.data.Dataset, batch_size: int)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False,
                                          generator=torch.Generator())
     return [run.to_device(batch) for batch in loader]
-
-
-def sgd_with_restarts(parameters, opt) -> tuple[torch.optim.SGD, _Restarts]:
-    """ENAS's optimizer and schedule for ``opt`` (an ``OptimConfig``).
-
-    Nesterov SGD with weight decay; cosine annealing with warm restarts from ``lr_max`` to
-    ``lr_min``, stepped per epoch.
-    """
-    optimizer = torch.optim.SGD(parameters, lr=opt.lr_max, momentum=opt.momentum,
-                                nesterov=True, weight_decay=opt.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
-    return optimizer, scheduler
-
-
-def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataLoader:
-    """Shuffled batches of one epoch, at most ``opt.steps_per_epoch`` of them (full ones).
-
-    Under torchrun ``opt.batch_size`` is per rank: the ranks deal out one shuffled order
-    (:class:`snexp.distributed.ShardedSampler`), so K ranks take the steps of one process
-    with batch ``K * batch_size``. The learning rate is not scaled with K.
-    """
-    world, batch = run.world_size, opt.batch_size
-    n = len(dataset)
-    if opt.steps_per_epoch is not None:
-        n = min(n, opt.steps_per_epoch * batch * world)
-    sampler = torch.utils.data.RandomSampler(dataset, num_samples=n, generator=run.generator)
-    if world > 1:
-        sampler = distributed.ShardedSampler(sampler, run.rank, world)
-    per_rank = len(sampler)
-    size = f"batch {batch}" if world == 1 else (
-        f"{world} ranks x batch {batch} = effective batch {batch * world}")
-    logger.info("data: %s, %d steps per epoch; SGD lr %g -> %g (cosine, warm restarts)", size,
-                max(1, per_rank // batch), opt.lr_max, opt.lr_min)
-    return run.dataloader(dataset, batch_size=batch, shuffle=False, sampler=sampler,
-                          drop_last=per_rank > batch, num_workers=workers)
 
 
 def _train_child(run: Run, net: nn.Module, proposer: Proposer, optimizer, loader, cfg,

@@ -8,7 +8,7 @@ parameter count (without the auxiliary head) and the FLOPs of one image, and wri
 ``<out>/result.json``.
 
 Under ``torchrun`` the network is data-parallel (DDP): ``--batch-size`` is per rank and the ranks
-read shares of one shuffled order (:func:`nas.search_loop.epoch_loader`), so K ranks train as
+read shares of one shuffled order (:func:`nas.optim.epoch_loader`), so K ranks train as
 one process with batch K x B. The test accuracy is counted over the whole test split: each rank
 takes rank 0's running statistics and evaluates every K-th image, and the counts are summed.
 Rank 0 alone writes TensorBoard, checkpoints and ``result.json``.
@@ -28,7 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nas.child import ChildNet
 from nas.config import RetrainConfig, norm_options
 from nas.data import build_splits
-from nas.search_loop import epoch_loader, sgd_with_restarts
+from nas.optim import epoch_loader, sgd_with_restarts
 from nas.space import Architecture, parse_arch
 from snexp import distributed
 from snexp.config import ConfigError
