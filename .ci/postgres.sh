@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# CI: make the optional PostgreSQL test of tests/snexp/test_workers.py run instead of skip.
+# CI: make the optional PostgreSQL test of tests/snexp/runtime/test_workers.py run instead of skip.
 # Installs the Debian server package (binaries only: the package's own cluster service is not
 # started here, and CI containers have no init system to start it) and the Python driver.
 # The test starts its own throw-away server on 127.0.0.1 and stops it, so nothing started here

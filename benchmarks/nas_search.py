@@ -26,7 +26,7 @@ from torch import nn
 from nas.child import ChildNet
 from nas.controller import ControllerConfig
 from nas.proposers import RandomProposer, Reinforce
-from snexp.run import select_device
+from snexp.runtime.run import select_device
 
 
 def _sync(device: torch.device) -> None:

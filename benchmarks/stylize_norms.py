@@ -18,7 +18,7 @@ import torch
 from stylize_common import loss_network, style_image
 from torch.utils.data import DataLoader
 
-from snexp.device import select_device
+from snexp.runtime.device import select_device
 from stylize.config import DataConfig
 from stylize.loop import build_content
 from stylize.loss import PerceptualLoss

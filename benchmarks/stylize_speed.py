@@ -17,7 +17,7 @@ import time
 import torch
 from stylize_common import loss_network, style_image
 
-from snexp.device import select_device
+from snexp.runtime.device import select_device
 from stylize.loss import PerceptualLoss
 from stylize.net import TransformerNet
 

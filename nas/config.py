@@ -13,7 +13,7 @@ from typing import Literal
 
 from nas.controller import ControllerConfig
 from nas.data import DataConfig
-from snexp.config import RuntimeConfig
+from snexp.runtime.config import RuntimeConfig
 
 __all__ = ["COMMON_FLAGS", "PRESETS", "ChildConfig", "OptimConfig", "RetrainConfig",
            "RetrainSettings", "SearchConfig", "SearchSettings", "norm_options"]

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision.transforms import v2
 
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 
 __all__ = ["Cutout", "DataConfig", "ImageTensors", "Splits", "build_splits", "make_shapes"]
 

@@ -11,8 +11,8 @@ import logging
 
 import torch
 
-from snexp import distributed
-from snexp.run import Run
+from snexp.runtime import distributed
+from snexp.runtime.run import Run
 
 __all__ = ["epoch_loader", "sgd_with_restarts"]
 
@@ -37,7 +37,7 @@ def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataL
     """Shuffled batches of one epoch, at most ``opt.steps_per_epoch`` of them (full ones).
 
     Under torchrun ``opt.batch_size`` is per rank: the ranks deal out one shuffled order
-    (:class:`snexp.distributed.ShardedSampler`), so K ranks take the steps of one process
+    (:class:`snexp.runtime.distributed.ShardedSampler`), so K ranks take the steps of one process
     with batch ``K * batch_size``. The learning rate is not scaled with K.
     """
     world, batch = run.world_size, opt.batch_size

@@ -3,7 +3,8 @@
 A proposer is asked for architectures to try (``ask``), told their rewards (``tell``), asked
 for the architectures that train the shared weights (``train_sample``) and for candidates at
 the derive step (``derive``); it saves and restores its state
-(``state_dict``/``load_state_dict``), so :class:`snexp.run.Run` can checkpoint it. The search
+(``state_dict``/``load_state_dict``), so :class:`snexp.runtime.run.Run` can checkpoint it. The
+search
 loop gives all three the same budget and the same evaluation (reward = accuracy of the shared
 child on one validation minibatch), for honest comparisons.
 
@@ -192,7 +193,8 @@ class TPEProposer:
     Args:
         num_nodes: Computed nodes per cell.
         study: The study holding the proposals (its sampler should be TPE), opened with
-            :func:`snexp.track.open_study`, which fails trials left running by dead workers.
+            :func:`snexp.runtime.track.open_study`, which fails trials left running by dead
+            workers.
     """
 
     name = "tpe"
@@ -249,7 +251,7 @@ class TPEProposer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # Proposals left running by this worker's interrupted run were failed when the study
-        # was opened (snexp.storage fails trials of dead processes); other workers' running
+        # was opened (snexp.runtime.storage fails trials of dead processes); other workers' running
         # proposals in a shared study are theirs to finish.
         self._uniform.load_state_dict(state["uniform"])
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from nas.proposers import Proposer
 from nas.space import PRIMITIVES, Architecture
-from snexp import distributed
+from snexp.runtime import distributed
 
 __all__ = ["RankZeroProposer"]
 

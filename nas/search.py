@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 from nas.config import COMMON_FLAGS, PRESETS, SearchConfig
 from nas.search_loop import run_search
-from snexp.config import cli_errors, parse_args
-from snexp.run import Run
+from snexp.runtime.config import cli_errors, parse_args
+from snexp.runtime.run import Run
 
 PROG = "python -m nas.search"
 FLAGS = {

@@ -15,7 +15,7 @@ All norms of the child run in training mode throughout (the BN branch uses batch
 also while rewards are measured). Their running averages are updated but never read (the
 update is a few (C,)-sized ops; a measured 2x slowdown of ``moving_average=False`` did not
 reproduce in a same-process A/B: 108 vs 118 ms, within noise).
-Everything lives in the :class:`snexp.run.Run`; the loop hands numbers to its tracker.
+Everything lives in the :class:`snexp.runtime.run.Run`; the loop hands numbers to its tracker.
 
 Under ``torchrun`` the shared child is data-parallel (DDP with ``find_unused_parameters``: a
 step runs one architecture's ops); ``--batch-size`` is per rank and the ranks read shares of
@@ -44,11 +44,11 @@ from nas.optim import epoch_loader, sgd_with_restarts
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
 from nas.rank_zero import RankZeroProposer
 from nas.space import Architecture
-from snexp import distributed
-from snexp.checkpoint import write_text_atomic
-from snexp.run import Run
-from snexp.samplers import WorkerSeededSampler
-from snexp.track import open_study, progress
+from snexp.runtime import distributed
+from snexp.runtime.checkpoint import write_text_atomic
+from snexp.runtime.run import Run
+from snexp.runtime.samplers import WorkerSeededSampler
+from snexp.runtime.track import open_study, progress
 
 __all__ = ["SearchResult", "evaluate", "run_search"]
 
@@ -228,7 +228,8 @@ def run_search(run: Run) -> SearchResult:
             optuna.samplers.TPESampler, n_startup_trials=cfg.controller.tpe_startup),
             seed=cfg.runtime.seed)
         # Proposals are ask/tell trials (no Study.optimize, so no heartbeat thread): a dead
-        # worker's proposals are failed by snexp.storage's owner check when a worker starts.
+        # worker's proposals are failed by snexp.runtime.storage's owner check when a worker
+        # starts.
         tpe_study = open_study(f"{cfg.search.study}-tpe-proposals", storage=cfg.search.storage,
                                run_dir=run.dir, sampler=sampler, user_attrs=attrs,
                                heartbeat_interval=None)

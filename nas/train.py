@@ -11,8 +11,8 @@ from collections.abc import Sequence
 
 from nas.config import COMMON_FLAGS, PRESETS, RetrainConfig
 from nas.train_loop import load_arch, retrain
-from snexp.config import cli_errors, parse_args
-from snexp.run import Run
+from snexp.runtime.config import cli_errors, parse_args
+from snexp.runtime.run import Run
 
 PROG = "python -m nas.train"
 FLAGS = {"--arch": "retrain.arch", **COMMON_FLAGS}

@@ -30,10 +30,10 @@ from nas.config import RetrainConfig, norm_options
 from nas.data import build_splits
 from nas.optim import epoch_loader, sgd_with_restarts
 from nas.space import Architecture, parse_arch
-from snexp import distributed
-from snexp.config import ConfigError
-from snexp.run import Run
-from snexp.track import progress
+from snexp.runtime import distributed
+from snexp.runtime.config import ConfigError
+from snexp.runtime.run import Run
+from snexp.runtime.track import progress
 
 __all__ = ["RetrainResult", "count_flops", "count_params", "load_arch", "retrain", "test_accuracy"]
 

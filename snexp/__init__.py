@@ -3,21 +3,11 @@
 Switchable Normalization (Luo et al., arXiv 1806.10779) normalizes with a learned mix of
 instance, layer and batch statistics. This package holds the layers (dense, sparse,
 synchronized), the registry through which models ask for normalizers, inspection of what each
-layer learned, and the shared runtime of the experiment packages ``nas`` and ``stylize``.
+layer learned. The experiment runtime of ``nas`` and ``stylize`` lives in
+:mod:`snexp.runtime`; its public names stay reachable as ``snexp.Run`` etc., imported on first
+use, so that ``import snexp`` loads no optuna, sqlalchemy, tensorboard, tqdm or matplotlib.
 """
 
-from snexp.checkpoint import load_checkpoint, save_checkpoint
-from snexp.config import (
-    CliError,
-    ConfigError,
-    RuntimeConfig,
-    cli_errors,
-    load_config,
-    override,
-    parse_args,
-    to_toml,
-)
-from snexp.device import select_device
 from snexp.inspect import Importance, importance, log_importance
 from snexp.norm import (
     NORM_KINDS,
@@ -37,17 +27,26 @@ from snexp.norm import (
     sparsemax,
     sparsestmax,
 )
-from snexp.run import NonFiniteLoss, Run, RunInterrupted
-from snexp.track import Tracker, open_study, progress
 
 __version__ = "0.1.0"
 
-__all__ = [
-    # runtime
+_RUNTIME_NAMES = frozenset({
     "CliError", "ConfigError", "NonFiniteLoss", "Run", "RunInterrupted", "RuntimeConfig",
     "Tracker", "cli_errors", "load_checkpoint", "load_config", "open_study", "override",
     "parse_args", "progress", "save_checkpoint", "select_device", "to_toml",
-    # normalization
+})
+
+
+def __getattr__(name: str):
+    # The runtime's names (snexp.Run, ...) predate snexp.runtime: import it only when asked.
+    if name in _RUNTIME_NAMES:
+        import snexp.runtime
+
+        return getattr(snexp.runtime, name)
+    raise AttributeError(f"module 'snexp' has no attribute {name!r}")
+
+
+__all__ = [
     "Importance", "NORM_KINDS", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
     "SparseSwitchNorm3d", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm",
     "convert_norm", "importance", "load_official_state_dict", "log_importance", "make_norm",

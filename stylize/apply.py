@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.functional import to_pil_image
 
-from snexp.config import ConfigError, cli_errors, parse_args
-from snexp.device import select_device
+from snexp.runtime.config import ConfigError, cli_errors, parse_args
+from snexp.runtime.device import select_device
 from stylize.data import find_images, load_image
 from stylize.export import export_model
 from stylize.infer import preserve_color, stylize

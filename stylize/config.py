@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from snexp.config import RuntimeConfig
+from snexp.runtime.config import RuntimeConfig
 
 __all__ = ["DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS", "StylizeConfig",
            "TrainConfig", "norm_options"]

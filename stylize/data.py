@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 
 __all__ = ["IMAGE_SUFFIXES", "ContentFolder", "SyntheticScenes", "content_transform",
            "find_images", "load_image", "preview_batch"]

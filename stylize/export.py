@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 from stylize.net import TransformerNet, style_weights
 
 __all__ = ["ONNX_EXTRA", "FixedStyle", "export_model", "missing_onnx_packages"]

@@ -3,7 +3,7 @@
 Johnson et al. (2016), Sec. 4.1: Adam, batches of content crops, the transformation network
 minimizes the weighted content + style (+ TV) loss of a frozen VGG16. With several styles each
 step uses one style, in turn (step mod S), as Dumoulin et al. (2017) train conditional IN.
-The loop hands numbers to the runtime (:class:`snexp.run.Run`): scalars, a preview grid, SN
+The loop hands numbers to the runtime (:class:`snexp.runtime.run.Run`): scalars, a preview grid, SN
 importance, checkpoints; it does not know where they go. Under ``torchrun`` the runtime makes it
 data-parallel (each rank its shard of the content, ``--batch-size`` per rank); rank 0 alone
 renders previews and writes ``model.pt``.
@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
 from snexp import Importance
-from snexp.run import Run
-from snexp.track import progress
+from snexp.runtime.run import Run
+from snexp.runtime.track import progress
 from stylize.cond import ConditionalSwitchNorm2d
 from stylize.config import DataConfig, ModelConfig, StylizeConfig, norm_options
 from stylize.data import ContentFolder, SyntheticScenes, load_image, preview_batch

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 
 __all__ = ["VGG16_FILE", "VGG16_URL", "Losses", "PerceptualLoss", "VGG16Features", "VGGOutputs",
            "default_vgg_path", "gram_matrix", "imagenet_normalize", "load_vgg16",

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
-from snexp.checkpoint import load_checkpoint, save_checkpoint
-from snexp.config import ConfigError, flatten
+from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint
+from snexp.runtime.config import ConfigError, flatten
 from stylize.net import TransformerNet
 
 __all__ = ["MODEL_FORMAT", "load_model", "save_model"]

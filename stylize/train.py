@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from snexp.config import ConfigError, cli_errors, parse_args
-from snexp.run import Run
+from snexp.runtime.config import ConfigError, cli_errors, parse_args
+from snexp.runtime.run import Run
 from stylize.config import PRESETS, StylizeConfig
 from stylize.loop import train
 from stylize.loss import load_vgg16

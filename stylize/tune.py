@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from snexp.config import cli_errors, parse_args
-from snexp.run import Run
+from snexp.runtime.config import cli_errors, parse_args
+from snexp.runtime.run import Run
 from stylize.config import PRESETS
 from stylize.loss import load_vgg16
 from stylize.train import FLAGS as TRAIN_FLAGS

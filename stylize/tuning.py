@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from snexp.config import RuntimeConfig, flatten
-from snexp.run import Run
-from snexp.samplers import WorkerSeededSampler
-from snexp.track import open_study
+from snexp.runtime.config import RuntimeConfig, flatten
+from snexp.runtime.run import Run
+from snexp.runtime.samplers import WorkerSeededSampler
+from snexp.runtime.track import open_study
 from stylize.config import DataConfig, LossConfig, ModelConfig, NormKind, TrainConfig
 from stylize.data import load_image
 from stylize.loop import build_content, build_network, train_step

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from nas.data import SHAPES, Cutout, DataConfig, build_splits, make_shapes
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 
 SMALL = dict(embedded_train=300, embedded_test=50, valid_size=100)
 

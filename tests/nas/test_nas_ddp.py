@@ -26,7 +26,7 @@ from nas import train as train_cli
 from nas.child import ChildNet
 from nas.data import DataConfig, build_splits
 from nas.space import Architecture
-from snexp.checkpoint import load_checkpoint
+from snexp.runtime.checkpoint import load_checkpoint
 
 WORLD, BATCH = 2, 8  # per-rank batch; one process takes WORLD * BATCH
 # No random augmentation (nor cutout, drop path): it draws from each rank's own RNG. A low lr:

@@ -20,7 +20,7 @@ TINY_TPE = [
 ]
 
 
-@pytest.mark.slow  # two tiny searches: ~5 s (tests/snexp/test_worker_seed.py: SQLite too)
+@pytest.mark.slow  # two tiny searches: ~5 s (tests/snexp/runtime/test_worker_seed.py: SQLite too)
 def test_tpe_workers_with_one_seed_propose_different_architectures(tmp_path):
     storage = str(tmp_path / "studies.log")  # a journal file, for workers on one host
     for worker in ("w1", "w2"):

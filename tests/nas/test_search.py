@@ -14,8 +14,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nas import search as search_cli
 from nas import train as train_cli
 from nas.space import Architecture
-from snexp.checkpoint import load_checkpoint
-from snexp.run import Run
+from snexp.runtime.checkpoint import load_checkpoint
+from snexp.runtime.run import Run
 
 TINY = [
     "--deterministic",

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from snexp.config import RuntimeConfig
+from snexp.runtime.config import RuntimeConfig
 from stylize.config import (
     DataConfig,
     LogConfig,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 from stylize.data import ContentFolder, SyntheticScenes, load_image
 
 

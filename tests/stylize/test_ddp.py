@@ -16,8 +16,8 @@ import torch.multiprocessing as mp
 from stylize_helpers import read_events
 from torch.utils.data import DataLoader, DistributedSampler
 
-from snexp.checkpoint import seed_everything
-from snexp.run import Run
+from snexp.runtime.checkpoint import seed_everything
+from snexp.runtime.run import Run
 from stylize.loop import build_network, train
 from stylize.loss import load_vgg16
 from stylize.saved import load_model
@@ -86,7 +86,7 @@ def test_rank_zero_alone_writes_one_model_and_log(ddp_runs):
 def test_two_ranks_equal_one_process_on_the_global_batch(ddp_runs, tmp_path, random_vgg_file):
     # 2 ranks x 2 images with synchronized SN == 1 process x 4 images in the same order
     tmp, style = ddp_runs
-    from snexp.config import parse_args
+    from snexp.runtime.config import parse_args
     from stylize.config import PRESETS, StylizeConfig
     from stylize.train import FLAGS
 
@@ -115,7 +115,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_runs, tmp_path, ran
     assert ddp_loss == pytest.approx(one_loss, rel=1e-3)
     # NOTE: Adam turns gradients that are zero up to rounding (conv biases before a norm) into
     # steps of up to lr, so the weights agree to a fraction of lr, while training moved them by
-    # several lr (the runtime's exact SGD comparison is tests/snexp/test_distributed.py)
+    # several lr (the runtime's exact SGD comparison is tests/snexp/runtime/test_distributed.py)
     seed_everything(0)
     init = build_network(cfg.model, 1).state_dict()
     moved = torch.cat([(one[k] - init[k]).abs().flatten() for k in one if k.endswith("weight")])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from snexp.config import ConfigError
+from snexp.runtime.config import ConfigError
 from stylize.loss import (
     VGG16_FILE,
     PerceptualLoss,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from stylize_helpers import read_events, tiny_config
 
-from snexp.run import Run
+from snexp.runtime.run import Run
 from stylize.loop import train
 from stylize.saved import load_model
 from stylize.train import main

@@ -5,8 +5,8 @@ from __future__ import annotations
 import optuna
 from stylize_helpers import read_events, tiny_config
 
-from snexp.config import RuntimeConfig
-from snexp.run import Run
+from snexp.runtime.config import RuntimeConfig
+from snexp.runtime.run import Run
 from stylize.tuning import SearchConfig, TuneConfig, tune
 
 

@@ -1,0 +1,169 @@
+"""Layering settings into a config: defaults < TOML files < flags < ``KEY=VALUE``.
+
+Each setting is a dotted key, a value and where it came from (a file, ``--set``, a flag), so
+that messages can name the source. :func:`_resolve` checks every setting against the field's
+type (:mod:`snexp.runtime.config.schema`), later settings winning, and builds the frozen dataclass
+tree on top of the defaults (or of a given config, for :func:`override`). The public
+functions: :func:`resolve_config`, :func:`load_config`, :func:`override` and :func:`flatten`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from snexp.runtime.config.errors import ConfigError
+from snexp.runtime.config.schema import _coerce, _describe, _hints, _is_config, _lookup
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+__all__ = ["flatten", "load_config", "override", "resolve_config"]
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    key: str  # dotted key, e.g. "train.lr"
+    value: Any  # a TOML/Python value, or command-line text when `text`
+    source: str  # where it came from, for messages: a file, "--set", "--epochs"
+    text: bool  # value is command-line text, parsed by the field's type
+
+
+def _flat_items(data: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            yield from _flat_items(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        folder = path.parent
+        siblings = sorted(p.name for p in folder.glob("*.toml")) if folder.is_dir() else []
+        stems = {Path(name).stem: name for name in siblings}
+        close = [stems[m] for m in difflib.get_close_matches(path.stem, stems, n=1, cutoff=0.6)]
+        hint = (
+            f"; did you mean '{path.parent / close[0]}'?"
+            if close
+            else f" (files there: {', '.join(siblings)})"
+            if siblings
+            else ""
+        )
+        what = "is a directory, not a config file" if path.is_dir() else "not found"
+        raise ConfigError(f"config file '{path}' {what}{hint}")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a UTF-8 text file ({exc.reason})") from None
+
+
+def _file_settings(path: str | Path) -> list[_Setting]:
+    return [_Setting(k, v, str(path), False) for k, v in _flat_items(_read_toml(path))]
+
+
+def _set_setting(item: str) -> _Setting:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.lr=0.1")
+    key = key.strip()
+    return _Setting(key, value.strip(), f"--set {key}={value.strip()}", True)
+
+
+def _build(cls: type[T], values: Mapping[str, Any], prefix: str, default: Any) -> T:
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        key, tp = prefix + f.name, _hints(cls)[f.name]
+        if _is_config(tp):
+            sub = getattr(default, f.name) if default is not None else _field_default(f)
+            kwargs[f.name] = _build(tp, values, key + ".", sub)
+        elif key in values:
+            kwargs[f.name] = values[key]
+        elif default is not None:
+            kwargs[f.name] = getattr(default, f.name)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required key '{key}' ({_describe(tp)})")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as exc:
+        section = f"[{prefix[:-1]}]" if prefix else "the config"
+        raise ConfigError(f"invalid value in {section}: {exc}") from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def _resolve(cls: type[T], settings: Sequence[_Setting], base: Any = None) -> T:
+    values: dict[str, Any] = {}
+    for s in settings:
+        tp = _lookup(cls, s.key, s.source)
+        values[s.key] = _coerce(s.value, tp, s.key, s.source, s.text)
+    return _build(cls, values, "", base)
+
+
+def resolve_config(cls: type[T], files: Sequence[str | Path] = (), sets: Sequence[str] = ()) -> T:
+    """Build a config from its defaults, then TOML files in order, then ``KEY=VALUE`` strings.
+
+    Args:
+        cls: The config dataclass (the root of the tree).
+        files: TOML files, applied in order (later files win).
+        sets: ``"train.lr=0.1"`` style overrides, parsed by each field's type.
+
+    Returns:
+        The validated, frozen config.
+
+    Raises:
+        ConfigError: A missing file, an unknown key, a wrong type or an invalid value.
+
+    Example:
+        >>> resolve_config(RuntimeConfig, sets=["seed=3", "amp=bf16"]).amp
+        'bf16'
+    """
+    settings = [s for f in files for s in _file_settings(f)] + [_set_setting(s) for s in sets]
+    return _resolve(cls, settings)
+
+
+def load_config(cls: type[T], path: str | Path) -> T:
+    """Read a config written by :func:`to_toml` (or any TOML preset); missing keys get defaults."""
+    return resolve_config(cls, files=[path])
+
+
+def override(config: T, values: Mapping[str, Any]) -> T:
+    """A copy of ``config`` with dotted keys replaced by typed values, validated like a file.
+
+    Example:
+        >>> override(RuntimeConfig(), {"seed": 7}).seed
+        7
+    """
+    settings = [_Setting(k, v, "override", False) for k, v in values.items()]
+    return _resolve(type(config), settings, base=config)
+
+
+def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted key -> value for every leaf of a config tree (tuples and None kept as they are)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out.update(flatten(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out

@@ -1,0 +1,198 @@
+"""Many Optuna worker processes on one study: journal file, SQLite and (optional) PostgreSQL.
+
+The PostgreSQL test starts its own throw-away server on 127.0.0.1 (``initdb`` + ``pg_ctl`` of
+the Debian ``postgresql`` package, found under ``/usr/lib/postgresql/*/bin``) and stops it at
+the end. PostgreSQL refuses to run as root, so as root the server runs as the ``postgres`` user
+the Debian package creates (``runuser -u postgres``), in a temporary folder that user owns.
+Without a server binary, a ``postgres`` user (as root) or the driver, it is skipped with the
+reason; ``.ci/postgres.sh`` installs them.
+"""
+
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from snexp.runtime.storage import OWNER_ATTR
+from snexp.runtime.track import open_study
+
+WORKERS, TRIALS = 3, 4
+CTX = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+
+
+def _objective(trial: optuna.Trial) -> float:
+    x = trial.suggest_float("x", -1.0, 1.0)
+    time.sleep(0.02)
+    return x * x
+
+
+def _worker(storage: str) -> None:
+    study = open_study("shared", storage=storage, direction="minimize", heartbeat_interval=1)
+    study.optimize(_objective, n_trials=TRIALS)
+
+
+def _hang(storage: str, marker: str, elsewhere: bool) -> None:
+    if elsewhere:  # pose as a worker on another host: only the heartbeat can tell it died
+        socket.gethostname = lambda: "another-host"
+    study = open_study("shared", storage=storage, direction="minimize", heartbeat_interval=1,
+                       grace_period=2, retries=1)
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", -1.0, 1.0)
+        Path(marker).write_text(str(trial.number))
+        time.sleep(120)
+        return 0.0
+
+    study.optimize(objective, n_trials=1)
+
+
+def _run_workers(storage: str) -> None:
+    procs = [CTX.Process(target=_worker, args=(storage,)) for _ in range(WORKERS)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0] * WORKERS
+    trials = open_study("shared", storage=storage, direction="minimize").trials
+    # Every trial of every worker is there once, numbered 0..n-1, and finished.
+    assert sorted(t.number for t in trials) == list(range(WORKERS * TRIALS))
+    assert {t.state for t in trials} == {TrialState.COMPLETE}
+    assert all(t.value == pytest.approx(t.params["x"] ** 2) for t in trials)
+    assert len({t.system_attrs[OWNER_ATTR] for t in trials}) == WORKERS  # all worked
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_workers_share_one_study(tmp_path, kind):
+    _run_workers(str(tmp_path / ("studies.log" if kind == "journal" else "studies.db")))
+
+
+def _kill_mid_trial(tmp_path: Path, storage: str, *, elsewhere: bool) -> int:
+    marker = tmp_path / "started"
+    proc = CTX.Process(target=_hang, args=(storage, str(marker), elsewhere))
+    proc.start()
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), "the worker never started its trial"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.join()  # reaped, as the shell that started a real worker would
+    return int(marker.read_text())
+
+
+def test_killed_journal_worker_is_failed_at_the_next_start(tmp_path):
+    storage = str(tmp_path / "studies.log")
+    number = _kill_mid_trial(tmp_path, storage, elsewhere=False)
+    # The next worker to start finds the owner process gone: FAIL, and one retry queued.
+    study = open_study("shared", storage=storage, direction="minimize", retries=1)
+    killed = study.trials[number]
+    assert killed.state == TrialState.FAIL
+    retry = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.params for t in retry] == [killed.params]
+    study.optimize(_objective, n_trials=1)  # the retry runs first, with the same x
+    assert study.trials[retry[0].number].state == TrialState.COMPLETE
+    assert study.trials[retry[0].number].value == pytest.approx(killed.params["x"] ** 2)
+
+
+def test_killed_sqlite_worker_on_another_host_fails_after_the_grace_period(tmp_path):
+    storage = str(tmp_path / "studies.db")
+    number = _kill_mid_trial(tmp_path, storage, elsewhere=True)
+    options = {"direction": "minimize", "heartbeat_interval": 1, "grace_period": 2}
+    # Within the grace period a silent worker on another host may still be alive ...
+    assert open_study("shared", storage=storage, **options).trials[number].state == (
+        TrialState.RUNNING)
+    time.sleep(4)  # ... past it (heartbeats have second resolution), it is dead.
+    study = open_study("shared", storage=storage, **options)
+    assert study.trials[number].state == TrialState.FAIL
+    assert [t.state for t in study.trials] == [TrialState.FAIL]  # retries=0 here: no re-queue
+
+
+def _ask_and_exit(storage: str) -> None:
+    open_study("shared", storage=storage, heartbeat_interval=None).ask()
+    os._exit(0)  # dies holding the trial, as a killed ask/tell loop (nas TPE proposals) would
+
+
+def test_dead_ask_tell_worker_on_sqlite_is_failed_at_the_next_start(tmp_path):
+    # ask/tell trials get no heartbeat; their owner stamp still tells they were orphaned.
+    storage = str(tmp_path / "studies.db")
+    proc = CTX.Process(target=_ask_and_exit, args=(storage,))
+    proc.start()
+    proc.join(30)
+    study = open_study("shared", storage=storage, heartbeat_interval=None)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+    assert study.trials[0].system_attrs[OWNER_ATTR].split(":")[1] == str(proc.pid)
+
+
+# ----------------------------------------------------------------------------- PostgreSQL
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL server on 127.0.0.1 with an empty database; stopped afterwards."""
+    binaries = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    reason = None
+    if not binaries:
+        reason = "no PostgreSQL server (initdb under /usr/lib/postgresql/*/bin); .ci/postgres.sh"
+    elif importlib_missing("psycopg"):
+        reason = "no PostgreSQL driver: pip install 'psycopg[binary]>=3.1'"
+    elif os.geteuid() == 0 and shutil.which("runuser") is None:
+        reason = "running as root without runuser to start PostgreSQL as 'postgres'"
+    if reason is None and os.geteuid() == 0:
+        try:
+            import pwd
+
+            pwd.getpwnam("postgres")
+        except KeyError:
+            reason = "running as root and no 'postgres' user to run the server as"
+    if reason:
+        print(f"skipping the PostgreSQL test: {reason}")
+        pytest.skip(reason)
+    bin_dir = Path(binaries[-1]).parent
+    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    folder = Path(tempfile.mkdtemp(prefix="snexp-pg-"))
+    if as_user:
+        shutil.chown(folder, "postgres", "postgres")
+    data, port = folder / "data", _free_port()
+
+    def pg(*args: str) -> None:
+        subprocess.run(as_user + [str(bin_dir / args[0]), *args[1:]], check=True,
+                       capture_output=True, timeout=60)
+
+    try:
+        pg("initdb", "-D", str(data), "-U", "snexp", "-A", "trust", "--no-sync", "-E", "UTF8")
+        pg("pg_ctl", "-D", str(data), "-l", str(folder / "server.log"), "-w", "start", "-o",
+           f"-h 127.0.0.1 -p {port} -k {folder} -F")
+        try:
+            pg("createdb", "-h", "127.0.0.1", "-p", str(port), "-U", "snexp", "optuna")
+            yield f"postgresql://snexp@127.0.0.1:{port}/optuna"
+        finally:
+            pg("pg_ctl", "-D", str(data), "-m", "immediate", "-w", "stop")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def importlib_missing(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is None
+
+
+def test_workers_share_one_postgresql_study(postgres_url):
+    _run_workers(postgres_url)
