@@ -4,8 +4,7 @@ For each input shape, times forward+backward (training mode) and forward (eval m
 of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d and the plain-autograd reference SN, and
 prints each as a ratio to BatchNorm2d measured in the same process. Implementations are timed
 round-robin (one repetition of each in turn) and summarized by the median, so that a noisy
-shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d. On CPU, SN
-runs its compiled kernel where it applies (``SNEXP_NO_KERNEL=1`` times the ATen-only path).
+shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
 
 On Linux/glibc the benchmark first turns off heap trimming and mmap for buffers up to 32 MiB
 (``mallopt``; ``--no-malloc-tune`` keeps the defaults). Without it, whichever op happens to get
@@ -27,7 +26,6 @@ import torch
 from torch import nn
 
 from snexp import reference
-from snexp.norm import _kernel
 from snexp.norm.factory import make_norm
 
 __all__ = ["DEFAULT_SHAPES", "run_benchmark", "format_table"]
@@ -194,11 +192,9 @@ def main(argv: list[str] | None = None) -> int:
                          repeats=args.repeats, channels_last=args.channels_last)
     name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
             else f"CPU, {torch.get_num_threads()} threads")
-    kernel = (args.device == "cpu" and _kernel.library() is not None)
     print(f"# snexp.bench: torch {torch.__version__}, {name}, {args.dtype}"
           f"{', channels_last' if args.channels_last else ''}"
-          f"{', glibc malloc tuned' if tuned else ''}, SN in "
-          f"{'C (snexp.norm._kernel)' if kernel else 'ATen ops'}; ratios to BatchNorm2d "
+          f"{', glibc malloc tuned' if tuned else ''}; ratios to BatchNorm2d "
           f"(lower is faster)\n")
     print(format_table(rows))
     return 0

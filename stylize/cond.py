@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from snexp import norm_layer as resolve_norm
-from snexp.norm.functional import NormSpec, parse_candidates, switch_norm
+from snexp.norm.functional import parse_candidates, switch_norm
 
 __all__ = ["StyleNorm", "ConditionalAffine", "ConditionalSwitchNorm2d", "style_norm_layer"]
 
@@ -126,9 +126,9 @@ class ConditionalSwitchNorm2d(StyleNorm):
                 update = True
             else:  # a blend of styles evaluates with the blend of their statistics
                 running_mean, running_var = style @ self.running_mean, style @ self.running_var
-        spec = NormSpec(self.candidates, self.eps, unbiased_in=self.compat == "official")
         return switch_norm(x, weight, bias, mean_p, var_p, running_mean, running_var,
-                           spec=spec, training=self.training, momentum=self.momentum,
+                           candidates=self.candidates, training=self.training, eps=self.eps,
+                           momentum=self.momentum,
                            update_running=update, num_batches_tracked=tracked,
                            compat=self.compat)
 

@@ -15,17 +15,40 @@ op count does not grow with the candidates. Backward, from ``s1 = sum dy`` and
 and for each pooled candidate (pooling P_k is self-adjoint)
 ``dmu_in += P_k(p_k dmu) + 2 (mu_in - mu_k) P_k(q_k dvar)``, ``dvar_in += P_k(q_k dvar)``;
 then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - p mu_in``.
-``snexp.norm._kernel`` computes the same in C for IN/LN/BN candidates on CPU.
+``snexp.norm.op`` wraps these functions into the ``snexp::switch_norm`` custom op.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 __all__: list[str] = []
+
+
+@dataclass(frozen=True)
+class Options:
+    """The static options of one SN computation (the op's non-tensor arguments, parsed).
+
+    Attributes:
+        candidates: normalized candidate names, e.g. ``("in", "ln", "bn")``.
+        eps: added to the mixed variance before the square root.
+        unbiased_in: use the unbiased (M - 1) per-(n, c) variance inside all derivations, as the
+            authors' released code does (``compat="official"``).
+        official_2d: (N, C) input in official mode: LN/BN variances unbiased over C / over N.
+        sync: whether BN statistics are all-reduced across ``process_group``.
+        process_group: for SyncSwitchNorm, the group whose ranks pool the BN statistics.
+    """
+
+    candidates: tuple[str, ...]
+    eps: float = 1e-5
+    unbiased_in: bool = False
+    official_2d: bool = False
+    sync: bool = False
+    process_group: object = None
 
 
 def bessel(cand: str, n: int, c: int) -> float:

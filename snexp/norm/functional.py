@@ -1,7 +1,9 @@
-"""Fused Switchable Normalization: statistics once per (n, c), mixing on small tensors.
+"""The functional form of Switchable Normalization, and the validation of candidate lists.
 
 Follows Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization"
-(arXiv 1806.10779), eq. 3-5. Per-(n, c) instance statistics are computed once from the input;
+(arXiv 1806.10779), eq. 3-5. :func:`switch_norm` calls the one SN op,
+``torch.ops.snexp.switch_norm`` (:mod:`snexp.norm.op`), whose equations are in
+:mod:`snexp.norm._mixing`: per-(n, c) instance statistics are computed once from the input and
 every other candidate (LN, GN, BN) is derived from them on small (N, C) tensors:
 
     mu_ln  = mean_c mu_in,     var_ln = mean_c var_in + mean_c (mu_in - mu_ln)^2
@@ -10,30 +12,21 @@ every other candidate (LN, GN, BN) is derived from them on small (N, C) tensors:
     y      = weight * (x - mu) / sqrt(var + eps) + bias
 
 (the centered form of ``var_ln = mean_c(var_in + mu_in^2) - mu_ln^2``; the same value without
-the cancellation). This file holds the public function and its autograd glue; the work is done
-by one of two backends with one interface: ``snexp.norm._mixing`` (ATen ops, every case: the
-statistics pass, the (N, C) mixing with its closed-form backward, the normalize and
-input-gradient passes) or ``snexp.norm._kernel`` (the same equations in C, for IN/LN/BN
-candidates on CPU: ~15 instead of ~120 ATen calls per forward + backward, whose dispatch cost
-dominates at small shapes). ``snexp.reference`` holds the plain-autograd equations that the
-tests compare against.
-NOTE: the issue asked for one statistics pass; a one-pass sum of squares loses every digit when
-|mean| >> std and ATen's one-pass Welford is ~10x slower on CPU, so the variance takes a
-second, centered read.
+the cancellation). ``snexp.reference`` holds the plain-autograd equations that the tests
+compare against.
+NOTE: the variance takes a second, centered read of the input: a one-pass sum of squares loses
+every digit when |mean| >> std.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
-import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from snexp.norm import _kernel, _mixing
+from snexp.norm import op
 
-__all__ = ["NormSpec", "parse_candidates", "switch_norm"]
+__all__ = ["parse_candidates", "switch_norm"]
 
 _BASE_CANDIDATES = ("in", "ln", "bn")
 
@@ -76,73 +69,6 @@ def parse_candidates(candidates: tuple[str, ...] | list[str],
     return out
 
 
-@dataclass(frozen=True)
-class NormSpec:
-    """The static options of a switch-norm call (hashable, so torch.compile sees constants).
-
-    Attributes:
-        candidates: normalized candidate names, e.g. ``("in", "ln", "bn")``.
-        eps: added to the mixed variance before the square root.
-        unbiased_in: use the unbiased (M - 1) per-(n, c) variance inside all derivations, as the
-            authors' released code does (``compat="official"``).
-        official_2d: (N, C) input in official mode: LN/BN variances unbiased over C / over N.
-        process_group: for SyncSwitchNorm, the group whose ranks pool the BN statistics;
-            ``None`` pools over the local batch only.
-        sync: whether BN statistics are all-reduced across ``process_group``.
-    """
-
-    candidates: tuple[str, ...]
-    eps: float = 1e-5
-    unbiased_in: bool = False
-    official_2d: bool = False
-    sync: bool = False
-    process_group: object = None
-
-
-def _cast(t: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
-    return t if t is None or t.dtype == dtype else t.to(dtype)
-
-
-class _SwitchNormFunction(torch.autograd.Function):
-    """x -> y with the (N, C) mixing differentiated by hand (no autograd graph inside).
-
-    The work is ``snexp.norm._kernel`` (C, where usable) or ``snexp.norm._mixing`` (ATen ops,
-    every case); both compute the same equations and share one interface.
-    """
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits, update):
-        use_kernel = _kernel.usable(x, spec)
-        args = (x, weight, bias, mean_w, var_w, bn_mean, bn_var)
-        if use_kernel:
-            y, batch, count, saved = _kernel.forward(*args, spec=spec, logits=logits,
-                                                     update=update)
-        else:
-            y, batch, count, saved = _mixing.forward(*args, spec=spec, logits=logits)
-        ctx.save_for_backward(x, weight, *saved)
-        ctx.set_materialize_grads(False)
-        ctx.use_kernel, ctx.spec, ctx.logits = use_kernel, spec, logits
-        ctx.n_total = count // math.prod(x.shape[2:]) if count else None
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, mean_w, var_w))
-        y = _cast(y, x.dtype)
-        if batch is None:
-            return y, None, count
-        ctx.mark_non_differentiable(batch)
-        return y, batch, count
-
-    @staticmethod
-    @once_differentiable  # the hand-written backward (C or ATen) builds no graph of its own
-    def backward(ctx, dy, _dbatch, _dcount):
-        if dy is None:
-            return (None,) * 10
-        x, weight, *saved = ctx.saved_tensors
-        dx, *grads = (_kernel if ctx.use_kernel else _mixing).backward(
-            saved, x, dy, weight, spec=ctx.spec, logits=ctx.logits, n_total=ctx.n_total,
-            need=ctx.needs_input_grad)
-        return (_cast(dx, x.dtype), *(_cast(g, t) for g, t in zip(grads, ctx.dtypes)),
-                None, None, None, None, None)
-
-
 def switch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -152,13 +78,15 @@ def switch_norm(
     running_mean: Tensor | None,
     running_var: Tensor | None,
     *,
-    spec: NormSpec,
+    candidates: tuple[str, ...],
     training: bool,
+    eps: float = 1e-5,
     momentum: float | None = 0.1,
     update_running: bool = True,
     num_batches_tracked: Tensor | None = None,
     compat: str = "paper",
     logits: bool = False,
+    group: str = "",
 ) -> Tensor:
     """Switchable Normalization of ``x`` (N, C, *) with importance probabilities given.
 
@@ -170,41 +98,37 @@ def switch_norm(
             up to a constant shift, which the softmax/sparsemax Jacobians remove.
         running_mean, running_var: BN-branch running statistics (C,), or ``None`` when "bn" is
             not a candidate.
-        spec: the static options (:class:`NormSpec`).
+        candidates: normalized candidate names (:func:`parse_candidates`), e.g.
+            ``("in", "ln", "bn")``.
         training: use batch statistics for the BN branch (else the running statistics).
+        eps: added to the mixed variance before the square root.
         momentum: PyTorch convention, ``new = (1 - m) * old + m * batch``; ``None`` is a
             cumulative average over ``num_batches_tracked`` batches.
         update_running: blend batch statistics into the running buffers (in place).
         num_batches_tracked: counter used when ``momentum`` is ``None`` (already incremented).
-        compat: "paper" updates the running variance with the unbiased batch variance (as
-            ``nn.BatchNorm2d``); "official" with the authors' BN variance as is.
+        compat: "paper": the equations exactly, the running variance updated with the
+            unbiased batch variance (as ``nn.BatchNorm2d``); "official": the authors' code
+            (unbiased per-(n, c) variance in every derivation, running variance as is).
         logits: ``mean_p`` and ``var_p`` are logits: their softmax is taken inside (as
             :class:`snexp.SwitchNorm2d` does, without two more autograd nodes).
+        group: name of the process group whose ranks pool the BN statistics
+            (``ProcessGroup.group_name``; SyncSwitchNorm), ``""`` for the local batch.
 
     Returns:
         The normalized tensor, same shape, dtype and layout as ``x``.
     """
+    if x.dim() < 2:
+        raise ValueError(f"switch_norm expects input of shape (N, C, *), got {tuple(x.shape)}")
     squeeze = x.dim() == 2
     if squeeze:
         x = x.unsqueeze(-1)  # (N, C, 1)
-    use_batch = training or running_mean is None
-    bn_mean = None if use_batch else running_mean
-    bn_var = None if use_batch else running_var
-    update = None
+    official = compat == "official"
+    y, batch, n_bn, *_ = op.switch_norm_op(
+        x, weight, bias, mean_p, var_p, running_mean, running_var, ",".join(candidates),
+        float(eps), bool(training), bool(logits), official, official and squeeze, group)
     if training and update_running and running_mean is not None:
-        if momentum is None:
-            factor = 1.0 / float(num_batches_tracked) if num_batches_tracked else 1.0
-        else:
-            factor = momentum
-        update = (running_mean, running_var, factor, compat == "paper")
-    # The C kernel blends the batch statistics in itself; the ATen path returns them.
-    y, batch, count = _SwitchNormFunction.apply(
-        x, weight, bias, mean_p, var_p, bn_mean, bn_var, spec, logits,
-        None if torch.compiler.is_compiling() else update)
-    if update is not None and batch is not None:
-        with torch.no_grad():
-            if compat == "paper" and count > 1:
-                batch[1].mul_(count / (count - 1))
-            batch = batch.to(running_mean.dtype)
-            torch._foreach_lerp_([running_mean, running_var], [batch[0], batch[1]], factor)
+        op.update_running_stats(
+            running_mean, running_var, batch, n_bn * math.prod(x.shape[2:]),
+            num_batches_tracked, -1.0 if momentum is None else float(momentum),
+            not official)
     return y.squeeze(-1) if squeeze else y

@@ -104,18 +104,15 @@ class _SwitchNorm(nn.Module):
         """The mean and variance weights over ``self.candidates`` (softmax of the logits)."""
         return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
 
-    def _spec(self, x: Tensor) -> F.NormSpec:
-        official = self.compat == "official"
-        sync = False
-        group = None
-        if self._sync and self.training:
-            dist = torch.distributed
-            group = self.process_group
-            sync = dist.is_available() and dist.is_initialized() and (
-                dist.get_world_size(group) > 1)
-        return F.NormSpec(self.candidates, self.eps, unbiased_in=official,
-                          official_2d=official and x.dim() == 2, sync=sync,
-                          process_group=group if sync else None)
+    def _group(self) -> str:
+        """The process group pooling the BN statistics ("" for the local batch)."""
+        if not (self._sync and self.training):
+            return ""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return ""
+        group = self.process_group or dist.group.WORLD
+        return group.group_name if dist.get_world_size(group) > 1 else ""
 
     def _check_input(self, x: Tensor) -> None:
         if x.dim() not in self._ranks or x.shape[1] != self.num_features:
@@ -149,9 +146,10 @@ class _SwitchNorm(nn.Module):
                          else self.importance_weights())
         return F.switch_norm(
             x, self.weight, self.bias, mean_p, var_p, self.running_mean, self.running_var,
-            spec=self._spec(x), training=self.training, momentum=self.momentum,
-            update_running=update, num_batches_tracked=self.num_batches_tracked,
-            compat=self.compat, logits=logits)
+            candidates=self.candidates, training=self.training, eps=self.eps,
+            momentum=self.momentum, update_running=update,
+            num_batches_tracked=self.num_batches_tracked, compat=self.compat, logits=logits,
+            group=self._group())
 
     def get_extra_state(self) -> dict:
         # Saved in the state dict so that a checkpoint names its candidates (snexp.inspect).

@@ -1,0 +1,207 @@
+"""THE Switchable Normalization op: ``torch.ops.snexp.switch_norm`` and its backward.
+
+One ``torch.library.custom_op`` carries SN's forward (statistics, mixing, normalization; it
+returns the BN batch statistics), a second one, ``torch.ops.snexp.switch_norm_backward``, the
+closed-form backward, registered as the first one's autograd formula, and a third one,
+``torch.ops.snexp.update_running_stats``, the blend of the running statistics, declared as a
+mutation of ``running_mean``/``running_var`` (PyTorch registers autograd formulas only for
+functional ops, so the mutation is its own op). All have fake (meta) implementations, so
+``torch.compile(fullgraph=True)`` and ``torch.export`` see them as single nodes with known
+shapes, and eager, compiled and exported runs compute with the same code.
+
+The equations live once, in :mod:`snexp.norm._mixing` (ATen ops on any device). On CPU the
+full-size passes (per-(n, c) statistics, normalization, gradient sums, input gradient) run in
+:mod:`snexp.norm._cpu` (a C++ source file built by ``torch.utils.cpp_extension``) when it is
+built; the (N, C)-sized mixing is the same ATen code on every path. ``snexp.reference`` holds
+the plain-autograd equations that the tests compare against.
+
+Arguments of the op that are not tensors are the layer's static options: ``candidates`` is one
+comma-separated string (``"in,ln,bn"``), ``momentum < 0`` means a cumulative average over
+``num_batches_tracked`` batches, ``group`` names the process group whose ranks pool the BN
+statistics (SyncSwitchNorm; ``""`` for none).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from snexp.norm import _mixing
+
+__all__ = ["switch_norm_op", "switch_norm_backward_op", "update_running_stats"]
+
+
+def _process_group(group: str):
+    if not group:
+        return None
+    from torch.distributed import distributed_c10d
+
+    return distributed_c10d._resolve_process_group(group)
+
+
+def _options(candidates: str, eps: float, official: bool, official_2d: bool, group: str):
+    return _mixing.Options(tuple(candidates.split(",")), eps, unbiased_in=official,
+                           official_2d=official_2d, sync=bool(group),
+                           process_group=_process_group(group))
+
+
+@torch.library.custom_op("snexp::update_running_stats",
+                         mutates_args=("running_mean", "running_var"))
+def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: Tensor,
+                         count: Tensor, num_batches_tracked: Tensor | None, momentum: float,
+                         bessel: bool) -> None:
+    """Blend BN batch statistics ``batch`` (2, C) into the running buffers, in place.
+
+    ``running = (1 - m) running + m batch`` with ``m = momentum``, or ``1 / num_batches_tracked``
+    (a cumulative average) when ``momentum < 0``. With ``bessel`` the batch variance is made
+    unbiased first (``count / (count - 1)``, ``count`` the values pooled per channel), as
+    ``nn.BatchNorm2d`` does. The one place where SN's running statistics change.
+    """
+    if batch.numel() == 0:
+        return
+    factor = momentum
+    if momentum < 0:
+        tracked = 1.0 if num_batches_tracked is None else float(num_batches_tracked)
+        factor = 1.0 / max(tracked, 1.0)
+    mean, var = batch[0], batch[1]
+    if bessel:
+        var = var * (count / (count - 1).clamp_min(1)).to(var.dtype)
+    torch._foreach_lerp_([running_mean, running_var],
+                         [mean.to(running_mean.dtype), var.to(running_var.dtype)], factor)
+
+
+@update_running_stats.register_fake
+def _(running_mean, running_var, batch, count, num_batches_tracked, momentum, bessel):
+    return None
+
+
+@torch.library.custom_op("snexp::switch_norm", mutates_args=())
+def switch_norm_op(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    mean_w: Tensor,
+    var_w: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    candidates: str,
+    eps: float,
+    training: bool,
+    logits: bool,
+    official: bool,
+    official_2d: bool,
+    group: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SN forward of ``x`` (N, C, *S): ``(y, batch, n_bn, mu_in, mixed, cands, probs)``.
+
+    ``y`` is the output (dtype of ``x``); ``batch`` the BN candidate's batch [mean; var] (2, C)
+    (biased; (2, 0) when BN uses running statistics or is no candidate) and ``n_bn`` the
+    samples it pooled (a 0-d tensor, all ranks together under SyncSwitchNorm), for
+    :func:`update_running_stats`. The rest is what the backward needs: per-(n, c) means
+    (N, C), the mixed [mu - mu_in; var] (2, N, C), every candidate's [mu_k - mu_in; var_k]
+    (2, K, N, C) and the importance probabilities (2, K).
+    """
+    spec = _options(candidates, eps, official, official_2d, group)
+    use_batch = training or running_mean is None
+    bn_mean = None if use_batch else running_mean
+    bn_var = None if use_batch else running_var
+    y, batch, count, (mu, mixed, cands, probs) = _mixing.forward(
+        x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec=spec, logits=logits)
+    m = math.prod(x.shape[2:])
+    n_bn = torch.tensor(float(count // m if batch is not None else 0), dtype=mu.dtype,
+                        device=x.device)
+    batch = mu.new_empty((2, 0)) if batch is None else batch.clone()
+    return y.to(x.dtype), batch, n_bn, mu, mixed, cands, probs
+
+
+@switch_norm_op.register_fake
+def _(x, weight, bias, mean_w, var_w, running_mean, running_var, candidates, eps, training,
+      logits, official, official_2d, group):
+    n, c = x.shape[:2]
+    names = candidates.split(",")
+    k = len(names)
+    dt = torch.promote_types(x.dtype, torch.float32)
+    new = x.new_empty
+    bn_batch = "bn" in names and (training or running_mean is None)
+    return (torch.empty_like(x), new((2, c if bn_batch else 0), dtype=dt), new((), dtype=dt),
+            new((n, c), dtype=dt), new((2, n, c), dtype=dt), new((2, k, n, c), dtype=dt),
+            new((2, k), dtype=dt))
+
+
+@torch.library.custom_op("snexp::switch_norm_backward", mutates_args=())
+def switch_norm_backward_op(
+    dy: Tensor,
+    x: Tensor,
+    weight: Tensor | None,
+    mu: Tensor,
+    mixed: Tensor,
+    cands: Tensor,
+    probs: Tensor,
+    n_bn: Tensor,
+    candidates: str,
+    eps: float,
+    logits: bool,
+    official: bool,
+    official_2d: bool,
+    group: str,
+    bn_batch: bool,
+    need: list[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """SN backward: ``(dx, dweight, dbias, dmean_w, dvar_w)``, empty where ``need`` is False.
+
+    ``need`` says which of x, weight, bias, mean_w, var_w want gradients; ``bn_batch`` whether
+    the BN candidate used batch statistics (else it is a constant of the backward).
+    """
+    spec = _options(candidates, eps, official, official_2d, group)
+    n_total = (n_bn if spec.sync else int(x.shape[0])) if bn_batch else None
+    dx, *grads = _mixing.backward((mu, mixed, cands, probs), x, dy.contiguous(), weight,
+                                  spec=spec, logits=logits, n_total=n_total,
+                                  need=(need[0], need[1], need[2], need[3], need[4]))
+    return (x.new_empty(0) if dx is None else dx.to(x.dtype),
+            *(x.new_empty(0) if g is None else g for g in grads))
+
+
+@switch_norm_backward_op.register_fake
+def _(dy, x, weight, mu, mixed, cands, probs, n_bn, candidates, eps, logits, official,
+      official_2d, group, bn_batch, need):
+    c = x.shape[1]
+    k = probs.shape[1]
+    dt = mu.dtype
+    new = x.new_empty
+    return (torch.empty_like(x) if need[0] else new(0),
+            new((c,), dtype=dt) if need[1] else new(0),
+            new((c,), dtype=dt) if need[2] else new(0),
+            new((k,), dtype=dt) if need[3] else new(0),
+            new((k,), dtype=dt) if need[4] else new(0))
+
+
+def _setup_context(ctx, inputs, output):
+    (x, weight, bias, mean_w, var_w, running_mean, _running_var, candidates, eps, training,
+     logits, official, official_2d, group) = inputs
+    _y, batch, n_bn, mu, mixed, cands, probs = output
+    ctx.save_for_backward(x, weight, mu, mixed, cands, probs, n_bn)
+    ctx.options = (candidates, eps, logits, official, official_2d, group,
+                   training or running_mean is None)
+    ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, mean_w, var_w))
+    ctx.mark_non_differentiable(batch, n_bn, mu, mixed, cands, probs)
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, dy, *_unused):
+    if dy is None:
+        return (None,) * 14
+    x, weight, mu, mixed, cands, probs, n_bn = ctx.saved_tensors
+    candidates, eps, logits, official, official_2d, group, bn_batch = ctx.options
+    need = [bool(b) for b in ctx.needs_input_grad[:5]]
+    grads = switch_norm_backward_op(dy, x, weight, mu, mixed, cands, probs, n_bn, candidates,
+                                    eps, logits, official, official_2d, group, bn_batch, need)
+    out = [g if n else None for g, n in zip(grads, need)]
+    for i, dtype in enumerate(ctx.dtypes, start=1):
+        if out[i] is not None and dtype is not None:
+            out[i] = out[i].to(dtype)
+    return (*out, *(None,) * 9)
+
+
+switch_norm_op.register_autograd(_backward, setup_context=_setup_context)
