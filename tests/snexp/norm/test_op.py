@@ -1,0 +1,139 @@
+"""The SN custom ops: opcheck, torch.compile(fullgraph=True) and torch.export against eager."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import snexp
+from snexp.norm import op
+
+
+def _op_args(x, candidates="in,ln,bn", training=True, running=True, logits=True):
+    c = x.shape[1]
+    k = len(candidates.split(","))
+    w = torch.randn(c, dtype=x.dtype, requires_grad=True)
+    b = torch.randn(c, dtype=x.dtype, requires_grad=True)
+    mw = torch.randn(k, dtype=x.dtype, requires_grad=True)
+    vw = torch.randn(k, dtype=x.dtype, requires_grad=True)
+    rm = torch.randn(c, dtype=x.dtype) if running else None
+    rv = torch.rand(c, dtype=x.dtype) + 0.5 if running else None
+    return (x, w, b, mw, vw, rm, rv, candidates, 1e-5, training, logits, False, False, "")
+
+
+@pytest.mark.parametrize("candidates,training", [
+    ("in,ln,bn", True), ("in,ln,bn", False), ("ln,gn2", True), ("bn", True), ("in", False),
+])
+def test_opcheck_switch_norm(candidates, training):
+    # schema, fake (meta) implementation, autograd registration and AOT dispatch all agree
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(op.switch_norm_op, _op_args(x, candidates, training))
+
+
+def test_opcheck_backward_and_running_update():
+    # the backward op and the mutating update op pass the same checks
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    args = _op_args(x)
+    y, batch, n_bn, mu, mixed, cands, probs = op.switch_norm_op(*args)
+    dy = torch.randn_like(y)
+    # (no input requires grad: the backward op itself has no derivative, by design)
+    torch.library.opcheck(op.switch_norm_backward_op, (
+        dy, x, args[1].detach(), mu, mixed, cands, probs, n_bn, "in,ln,bn", 1e-5, True, False,
+        False, "",
+        True, [True, True, True, True, True]))
+    rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
+    torch.library.opcheck(op.update_running_stats,
+                          (rm, rv, batch, n_bn * 5, None, 0.1, True))
+
+
+def test_running_update_is_bessel_corrected_lerp():
+    # running = 0.9 old + 0.1 batch, the batch variance made unbiased by count / (count - 1)
+    rm, rv = torch.zeros(2), torch.ones(2)
+    batch = torch.tensor([[1.0, 2.0], [4.0, 8.0]])
+    op.update_running_stats(rm, rv, batch, torch.tensor(5.0), None, 0.1, True)
+    torch.testing.assert_close(rm, torch.tensor([0.1, 0.2]))
+    torch.testing.assert_close(rv, torch.tensor([0.9 + 0.1 * 5.0, 0.9 + 0.1 * 10.0]))
+    # momentum < 0: cumulative average, factor 1 / num_batches_tracked
+    op.update_running_stats(rm, rv, batch, torch.tensor(5.0), torch.tensor(2), -1.0, False)
+    torch.testing.assert_close(rm, torch.tensor([0.55, 1.1]))
+
+
+def _net(norm="sn", **options):
+    layer = snexp.norm_layer(norm, **options)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer(8), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, padding=1), layer(8))
+
+
+def _step(model, x):
+    out = model(x)
+    out.square().mean().backward()
+    return out
+
+
+@pytest.mark.parametrize("norm,options", [("sn", {}), ("ssn", {}),
+                                          ("sn", {"candidates": ("ln", "gn4", "bn")})])
+def test_compile_fullgraph_matches_eager_train_and_eval(norm, options):
+    # outputs, input and parameter gradients and running statistics equal eager's
+    torch.manual_seed(0)
+    eager = _net(norm, **options)
+    compiled_src = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_src, fullgraph=True, backend="aot_eager")
+    for training in (True, False):
+        eager.train(training)
+        compiled_src.train(training)
+        for _ in range(2):
+            x1 = torch.randn(4, 3, 6, 6, requires_grad=True)
+            x2 = x1.detach().clone().requires_grad_()
+            y1, y2 = _step(eager, x1), _step(compiled, x2)
+            torch.testing.assert_close(y2, y1)
+            torch.testing.assert_close(x2.grad, x1.grad)
+    for (name, p1), p2 in zip(eager.named_parameters(), compiled_src.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, msg=name)
+    for (name, b1), b2 in zip(eager.named_buffers(), compiled_src.buffers()):
+        torch.testing.assert_close(b2, b1, msg=name)
+    assert eager[1].num_batches_tracked.item() == 2
+
+
+@pytest.mark.slow
+def test_compile_inductor_matches_eager():
+    # the default backend (inductor) compiles SN models in one graph and agrees with eager
+    torch.manual_seed(0)
+    eager = _net()
+    compiled_src = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_src, fullgraph=True)
+    x1 = torch.randn(4, 3, 6, 6, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    torch.testing.assert_close(_step(compiled, x2), _step(eager, x1))
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(compiled_src[1].running_var, eager[1].running_var)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_export_matches_eager(training):
+    # torch.export keeps SN as one op; the exported program computes what eager does
+    torch.manual_seed(0)
+    model = _net().train(training)
+    reference = copy.deepcopy(model)
+    x = torch.randn(2, 3, 5, 5)
+    exported = torch.export.export(model, (x,))
+    names = {str(node.target) for node in exported.graph.nodes}
+    assert "snexp.switch_norm.default" in names
+    if training:
+        assert "snexp.update_running_stats.default" in names or any(
+            "running" in str(spec.target) for spec in exported.graph_signature.output_specs)
+    out = exported.module()(x)
+    torch.testing.assert_close(out, reference(x))
+
+
+def test_second_derivative_raises_instead_of_silently_wrong():
+    # the closed-form backward builds no graph: create_graph must fail loudly
+    layer = snexp.SwitchNorm2d(4)
+    x = torch.randn(3, 4, 5, 5, requires_grad=True)
+    (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
