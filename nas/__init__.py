@@ -9,7 +9,8 @@ default), so a search can compare SN against BN and inspect what each layer lear
 ``python -m nas.draw`` runs without runpy's double-import warning).
 """
 
-from nas.child import Cell, ChildNet, ChildOutput
+from nas.cells import FixedCell, SearchCell
+from nas.child import ChildNet, ChildOutput
 from nas.config import (
     ChildConfig,
     OptimConfig,
@@ -36,11 +37,11 @@ from nas.space import PRIMITIVES, Architecture, parse_arch
 from nas.train_loop import RetrainResult, count_flops, count_params, load_arch, retrain
 
 __all__ = [
-    "OPS", "PRIMITIVES", "Architecture", "Cell", "ChildConfig", "ChildNet", "ChildOutput",
-    "Controller", "ControllerConfig", "DataConfig", "OptimConfig", "Policy", "Proposer",
-    "RandomProposer", "RankZeroProposer", "Reinforce", "RetrainConfig", "RetrainResult",
-    "RetrainSettings", "SearchConfig", "SearchResult", "SearchSettings", "Splits", "TPEProposer",
-    "arch_distributions", "arch_params", "build_proposer", "build_splits", "count_flops",
-    "count_params", "evaluate", "load_arch", "make_shapes", "parse_arch", "retrain",
-    "run_search",
+    "OPS", "PRIMITIVES", "Architecture", "ChildConfig", "ChildNet", "ChildOutput",
+    "Controller", "ControllerConfig", "DataConfig", "FixedCell", "OptimConfig", "Policy",
+    "Proposer", "RandomProposer", "RankZeroProposer", "Reinforce", "RetrainConfig",
+    "RetrainResult", "RetrainSettings", "SearchCell", "SearchConfig", "SearchResult",
+    "SearchSettings", "Splits", "TPEProposer", "arch_distributions", "arch_params",
+    "build_proposer", "build_splits", "count_flops", "count_params", "evaluate", "load_arch",
+    "make_shapes", "parse_arch", "retrain", "run_search",
 ]

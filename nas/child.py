@@ -1,14 +1,16 @@
 """The child network of the micro space: weight-sharing during search, fixed for retraining.
 
-ENAS (Pham et al. 2018, Sec. 2.3; official ``micro_child.py``): a stem, then ``layers + 2``
-cells in three stages with a reduction cell (stride 2, channels doubled) between stages, global
-pooling and a linear classifier. One :class:`Cell` class serves both uses:
+ENAS (Pham et al. 2018, Sec. 2.3; official ``micro_child.py`` ``_model``): a 3x3 stem with
+``3 * filters`` channels, then ``layers + 2`` cells in three stages with a reduction (channels
+doubled) at the two positions of :func:`reduction_layers`, ReLU, global pooling, dropout and a
+bias-free linear classifier. The cells are :mod:`nas.cells`:
 
-- shared (``arch=None``): every edge ``(node, input)`` owns one module per primitive, shared by
-  all architectures; a forward pass with a sampled architecture runs only the chosen ops, and
-  the output projection uses only the weight columns of the concatenated nodes;
-- fixed (``arch=Architecture``): only the chosen ops exist; with drop path and an auxiliary
-  head (after the last reduction cell) for retraining.
+- fixed (``arch=Architecture``): :class:`~nas.cells.FixedCell` s; a reduction cell runs its
+  input slots with stride 2; each cell outputs all its loose ends (``k * C`` channels); drop
+  path and the auxiliary head (after the cell that follows the second reduction) for training;
+- shared (``arch=None``): :class:`~nas.cells.SearchCell` s; as in the official ``_enas_layer``
+  path a reduction position first factorized-reduces the previous output (which then becomes
+  input 1, the previous output input 0) and runs the reduction architecture at stride 1.
 
 Every normalizer comes from ``norm_layer(channels)``, resolved once from a kind string with
 :func:`snexp.norm_layer`.
@@ -16,6 +18,7 @@ Every normalizer comes from ``norm_layer(channels)``, resolved once from a kind 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,10 +26,11 @@ import torch
 from torch import nn
 
 import snexp
-from nas.ops import OPS, FactorizedReduce, ReLUConvNorm, drop_path
+from nas.cells import FixedCell, SearchCell
+from nas.ops import FactorizedReduce
 from nas.space import PRIMITIVES, Architecture
 
-__all__ = ["Cell", "ChildNet", "ChildOutput", "reduction_layers"]
+__all__ = ["ChildNet", "ChildOutput", "reduction_layers"]
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -44,129 +48,37 @@ def reduction_layers(layers: int) -> tuple[int, int]:
     return distance, 2 * distance + 1
 
 
-class _Projection(nn.Module):
-    """ReLU -> 1x1 conv -> norm over concatenated nodes; shared mode slices the weight."""
-
-    def __init__(self, c_in: int, c_out: int, norm_layer: NormLayer) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, 1, bias=False)
-        self.norm = norm_layer(c_out)
-
-    def forward(self, x: torch.Tensor, columns: torch.Tensor | None = None) -> torch.Tensor:
-        weight = self.conv.weight if columns is None else self.conv.weight[:, columns]
-        return self.norm(nn.functional.conv2d(torch.relu(x), weight))
-
-
-class Cell(nn.Module):
-    """One cell: two calibrated inputs, ``num_nodes`` computed nodes, projected output.
+class _AuxHead(nn.Module):
+    """ENAS's auxiliary classifier: ReLU, avg-pool 5 stride 3, 1x1 conv 128, norm, ReLU, a conv
+    over the whole remaining ``size x size`` map to 768 ("SAME" padded), norm, ReLU, global
+    pooling, bias-free linear.
 
     Args:
-        c_prev_prev: Channels of input node 0 (the cell two back).
-        c_prev: Channels of input node 1 (the previous cell).
-        c: Channels of every node and of the output.
-        reduction: Stride 2 on the ops reading the two inputs.
-        reduction_prev: Input 0 has twice the resolution of input 1 (reduce it).
-        num_nodes: ``B``, computed nodes.
+        c: Input channels.
+        size: Side of the input feature map (8 for 32x32 images: the pooled map is 2x2).
+        num_classes: Output classes.
         norm_layer: ``norm_layer(channels) -> nn.Module``.
-        arch: ``None`` for the weight-sharing cell, else the fixed architecture.
-        primitives: Op names (shared mode builds one module per name and edge).
     """
 
-    def __init__(
-        self,
-        c_prev_prev: int,
-        c_prev: int,
-        c: int,
-        *,
-        reduction: bool,
-        reduction_prev: bool,
-        num_nodes: int,
-        norm_layer: NormLayer,
-        arch: Architecture | None = None,
-        primitives: tuple[str, ...] = PRIMITIVES,
-    ) -> None:
+    def __init__(self, c: int, size: int, num_classes: int, norm_layer: NormLayer) -> None:
         super().__init__()
-        self.reduction, self.num_nodes, self.c = reduction, num_nodes, c
-        self.fixed = arch.cell(reduction) if arch is not None else None
-        self.fixed_primitives = arch.primitives if arch is not None else ()
-        if reduction_prev:
-            self.pre0: nn.Module = FactorizedReduce(c_prev_prev, c, norm_layer)
-        else:
-            self.pre0 = ReLUConvNorm(c_prev_prev, c, 1, 1, norm_layer)
-        self.pre1 = ReLUConvNorm(c_prev, c, 1, 1, norm_layer)
-        self.edges = nn.ModuleDict()
-        if arch is None:
-            for node in range(2, num_nodes + 2):
-                for inp in range(node):
-                    stride = 2 if reduction and inp < 2 else 1
-                    self.edges[f"{node}_{inp}"] = nn.ModuleDict(
-                        {name: OPS[name](c, stride, norm_layer) for name in primitives}
-                    )
-            self.proj = _Projection(num_nodes * c, c, norm_layer)
-        else:
-            for node, inp, name in arch.edges(reduction):
-                key = f"{node}_{inp}_{name}"
-                if key not in self.edges:  # both slots may pick the same op on the same input
-                    self.edges[key] = OPS[name](c, 2 if reduction and inp < 2 else 1, norm_layer)
-            self.proj = _Projection(len(arch.loose_ends(reduction)) * c, c, norm_layer)
-
-    def forward(
-        self,
-        s0: torch.Tensor,
-        s1: torch.Tensor,
-        arch: Architecture | None = None,
-        drop_keep: float = 1.0,
-    ) -> torch.Tensor:
-        """Run the cell; ``arch`` is required in shared mode and ignored in fixed mode."""
-        if self.fixed is None and arch is None:
-            raise ValueError("a weight-sharing cell needs the architecture to run")
-        if self.fixed is not None:
-            arch_cell, prims, fixed = self.fixed, self.fixed_primitives, True
-        else:
-            assert arch is not None
-            arch_cell, prims, fixed = arch.cell(self.reduction), arch.primitives, False
-        if len(arch_cell) != self.num_nodes:
-            raise ValueError(f"architecture has {len(arch_cell)} nodes, the cell {self.num_nodes}")
-        states = [self.pre0(s0), self.pre1(s1)]
-        for k, node in enumerate(arch_cell):
-            total = 0
-            for inp, op in ((node[0], node[1]), (node[2], node[3])):
-                if fixed:
-                    module = self.edges[f"{k + 2}_{inp}_{prims[op]}"]
-                else:
-                    module = self.edges[f"{k + 2}_{inp}"][prims[op]]
-                h = module(states[inp])
-                if drop_keep < 1.0 and self.training and not isinstance(module, nn.Identity):
-                    h = drop_path(h, drop_keep)
-                total = total + h
-            states.append(total)
-        used = {n for a, _, b, _ in arch_cell for n in (a, b)}
-        loose = [i for i in range(2, self.num_nodes + 2) if i not in used]
-        out = torch.cat([states[i] for i in loose], dim=1)  # (N, len(loose) * C, H, W)
-        if fixed:
-            return self.proj(out)
-        columns = torch.cat(
-            [torch.arange((i - 2) * self.c, (i - 1) * self.c) for i in loose]
-        ).to(out.device)
-        return self.proj(out, columns)
-
-
-class _AuxHead(nn.Module):
-    """Auxiliary classifier (ENAS/DARTS): ReLU -> pool to 2x2 -> 1x1 conv 128 -> norm -> linear."""
-
-    def __init__(self, c: int, num_classes: int, norm_layer: NormLayer) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.ReLU(inplace=False),
-            nn.AdaptiveAvgPool2d(2),
-            nn.Conv2d(c, 128, 1, bias=False),
-            norm_layer(128),
-            nn.ReLU(inplace=False),
-        )
-        self.classifier = nn.Linear(128 * 4, num_classes)
+        # NOTE: feature maps smaller than 5x5 (images under 20 px) pool with a smaller window.
+        window = min(5, size)
+        self.pool = nn.AvgPool2d(window, 3)
+        side = (size - window) // 3 + 1
+        self.pad = (side - 1) // 2, side - 1 - (side - 1) // 2  # TF "SAME": the rest after
+        self.proj = nn.Sequential(nn.ReLU(inplace=False), nn.Conv2d(c, 128, 1, bias=False),
+                                  norm_layer(128), nn.ReLU(inplace=False))
+        self.conv = nn.Conv2d(128, 768, side, bias=False)
+        self.norm = norm_layer(768)
+        self.classifier = nn.Linear(768, num_classes, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x).flatten(1))
+        x = self.proj(self.pool(torch.relu(x)))  # (N, 128, side, side)
+        before, after = self.pad
+        x = self.conv(nn.functional.pad(x, (before, after, before, after)))
+        x = torch.relu(self.norm(x)).mean((2, 3))  # (N, 768)
+        return self.classifier(x)
 
 
 class ChildNet(nn.Module):
@@ -178,10 +90,11 @@ class ChildNet(nn.Module):
         norm: Normalizer kind (``"sn"``, ``"bn"``, ...), a callable ``norm(channels)`` or None.
         layers: Normal cells (ENAS search 6, final 15); two reduction cells are added.
         filters: Channels of the first stage (doubled at each reduction); stem has 3x.
-        num_nodes: Computed nodes per cell (``B``).
-        aux: Build the auxiliary head (fixed network only; its logits come in training mode).
-        dropout: Dropout before the classifier.
+        num_nodes: Computed nodes per cell (``B``; a fixed ``arch`` sets it).
+        aux: Build ENAS's auxiliary head (its logits come in training mode with gradients).
+        dropout: Dropout before the classifier (ENAS: 1 - keep_prob, 0.1 search, 0.2 final).
         in_channels: Image channels.
+        image_size: Image side; sizes the auxiliary head's last conv (2x2 at 32 px).
         norm_options: Options of every norm, e.g. ``{"groups": 4}`` for ``gn``.
         primitives: Op names of the shared cells.
 
@@ -203,12 +116,13 @@ class ChildNet(nn.Module):
         aux: bool = False,
         dropout: float = 0.0,
         in_channels: int = 3,
+        image_size: int = 32,
         norm_options: dict | None = None,
         primitives: tuple[str, ...] = PRIMITIVES,
     ) -> None:
         super().__init__()
-        if arch is not None and arch.num_nodes != num_nodes:
-            num_nodes = arch.num_nodes
+        if arch is not None:
+            num_nodes, primitives = arch.num_nodes, arch.primitives
         norm_layer = snexp.norm_layer(norm, **(norm_options or {}))
         self.arch, self.num_nodes, self.drop_keep = arch, num_nodes, 1.0
         self.stem = nn.Sequential(
@@ -216,22 +130,42 @@ class ChildNet(nn.Module):
             norm_layer(3 * filters),
         )
         pools = reduction_layers(layers)
-        c_pp, c_p, c, reduction_prev = 3 * filters, 3 * filters, filters, False
+        c_pp = c_p = 3 * filters
+        c, size, reduction_prev = filters, image_size, False
         self.cells = nn.ModuleList()
-        self.aux_after: int | None = None
-        self.aux_head: nn.Module | None = None
+        self.reduce = nn.ModuleDict()  # search network: factorized reduction before the cell
+        self.aux_after = pools[1] + 1 if aux else None  # ENAS: aux_head_indices
+        self.aux_head: _AuxHead | None = None
         for index in range(layers + 2):
             reduction = index in pools
-            c = 2 * c if reduction else c
-            self.cells.append(
-                Cell(c_pp, c_p, c, reduction=reduction, reduction_prev=reduction_prev,
-                     num_nodes=num_nodes, norm_layer=norm_layer, arch=arch, primitives=primitives)
-            )
-            c_pp, c_p, reduction_prev = c_p, c, reduction
-            if aux and arch is not None and index == pools[1]:
-                self.aux_after, self.aux_head = index, _AuxHead(c, num_classes, norm_layer)
+            if reduction:
+                c, size = 2 * c, math.ceil(size / 2)
+            if arch is not None:
+                cell: nn.Module = FixedCell(
+                    c_pp, c_p, c, arch.cell(reduction), primitives, reduction=reduction,
+                    reduction_prev=reduction_prev, norm_layer=norm_layer)
+                c_out = cell.out_channels
+            else:
+                if reduction:
+                    self.reduce[str(index)] = FactorizedReduce(c_p, c, norm_layer)
+                    c_pp, c_p, reduction_prev = c_p, c, True
+                cell = SearchCell(c_pp, c_p, c, num_nodes, primitives,
+                                  reduction_prev=reduction_prev, norm_layer=norm_layer)
+                c_out = c
+            self.cells.append(cell)
+            c_pp, c_p, reduction_prev = c_p, c_out, reduction and arch is not None
+            if index == self.aux_after:
+                self.aux_head = _AuxHead(c_out, size, num_classes, norm_layer)
         self.dropout = nn.Dropout(dropout)
-        self.classifier = nn.Linear(c_p, num_classes)
+        self.classifier = nn.Linear(c_p, num_classes, bias=False)  # ENAS: fc without bias
+
+    def aux_params(self) -> int:
+        """Parameters of the auxiliary head (0 without one)."""
+        return sum(p.numel() for p in self.aux_head.parameters()) if self.aux_head else 0
+
+    def params(self) -> int:
+        """Parameters used at test time: all but the auxiliary head's (ENAS's count)."""
+        return sum(p.numel() for p in self.parameters()) - self.aux_params()
 
     def forward(self, x: torch.Tensor, arch: Architecture | None = None) -> ChildOutput:
         """Logits of ``x`` ``(N, C, H, W)``; ``arch`` is required for the search network."""
@@ -241,10 +175,18 @@ class ChildNet(nn.Module):
         aux = None
         count = len(self.cells)
         for index, cell in enumerate(self.cells):
-            # ENAS drop path: deeper cells drop more (keep 1 - (l+1)/L * (1 - keep)).
-            keep = 1.0 - (index + 1) / count * (1.0 - self.drop_keep)
-            s0, s1 = s1, cell(s0, s1, arch, keep)
-            if index == self.aux_after and self.training and self.aux_head is not None:
+            if self.arch is not None:
+                # ENAS drop path: deeper cells drop more (keep 1 - (l+1)/L * (1 - keep)).
+                keep = 1.0 - (index + 1) / count * (1.0 - self.drop_keep)
+                s0, s1 = s1, cell(s0, s1, keep)
+            else:
+                assert arch is not None
+                reduction = str(index) in self.reduce
+                if reduction:
+                    s0, s1 = s1, self.reduce[str(index)](s1)
+                s0, s1 = s1, cell(s0, s1, arch.cell(reduction), arch.primitives)
+            if (index == self.aux_after and self.aux_head is not None and self.training
+                    and torch.is_grad_enabled()):  # only where a loss can use it
                 aux = self.aux_head(s1)
-        pooled = nn.functional.adaptive_avg_pool2d(torch.relu(s1), 1).flatten(1)  # (N, C)
+        pooled = torch.relu(s1).mean((2, 3))  # (N, C)
         return ChildOutput(self.classifier(self.dropout(pooled)), aux)

@@ -36,7 +36,7 @@ class ChildConfig:
     filters: int = 20  # channels of the first stage (doubled at each reduction)
     num_nodes: int = 5  # computed nodes per cell (B)
     gn_groups: int = 4  # groups of --norm gn (must divide filters)
-    dropout: float = 0.0  # dropout before the classifier
+    dropout: float = 0.1  # dropout before the classifier (ENAS keep_prob 0.9 search, 0.8 final)
 
     def __post_init__(self) -> None:
         if self.layers < 1 or self.filters < 1 or self.num_nodes < 1:
@@ -61,19 +61,26 @@ class OptimConfig:
 
     epochs: int = 150  # passes over the training split
     batch_size: int = 160  # images per step
-    steps_per_epoch: int | None = None  # cap on steps per epoch (none: the whole split)
+    # Steps per epoch, whatever the split's size (the data cycles); ENAS's CIFAR-10 search
+    # epoch is ceil(45000 / 160) = 282 steps. none: one pass over the split (ENAS's definition).
+    steps_per_epoch: int | None = 282
     lr_max: float = 0.05  # learning rate at each (re)start
-    lr_min: float = 0.0005  # learning rate at the end of each cosine period
+    lr_min: float = 0.0005  # learning rate at the end of each cosine period (ENAS final: 1e-4)
     t0: int = 10  # epochs of the first cosine period
     t_mul: int = 2  # each period is t_mul times longer than the one before
     momentum: float = 0.9  # Nesterov momentum
-    weight_decay: float = 1e-4  # L2 weight decay
-    grad_clip: float = 5.0  # clip the gradient norm to this
+    # ENAS's convention: l2_reg * sum(w^2) over every weight is added to the loss, so the
+    # gradient gains 2 * l2_reg * w (torch's weight_decay would be 2 * l2_reg).
+    l2_reg: float = 1e-4  # ENAS child_l2_reg (search 1e-4, final 2e-4)
+    grad_clip: float = 5.0  # clip the loss gradient's norm to this (before the L2 term)
     eval_batch_size: int = 500  # images per evaluation batch
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.batch_size, self.t0, self.t_mul, self.eval_batch_size) < 1:
             raise ValueError("epochs, batch_size, t0, t_mul and eval_batch_size must be >= 1")
+        if not 0.0 <= self.l2_reg < 1.0 or not self.lr_max > 0 or not 0 <= self.lr_min:
+            raise ValueError(f"need 0 <= l2_reg < 1, lr_max > 0 and lr_min >= 0; got "
+                             f"{self.l2_reg}, {self.lr_max}, {self.lr_min}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1 or none, got {self.steps_per_epoch}")
 
@@ -88,8 +95,11 @@ class SearchSettings:
     study: str = "nas-search"  # Optuna study of the derived architectures
     storage: str | None = None  # Optuna storage (none: sqlite <out>/optuna.db)
     importance_every: int = 5  # log the SN importance of every child layer every N epochs
+    aux_weight: float = 0.4  # weight of the auxiliary head's loss (ENAS search: 0.4; 0: no head)
 
     def __post_init__(self) -> None:
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if min(self.derive_samples, self.derive_final, self.reward_batch_size) < 1:
             raise ValueError("derive_samples, derive_final and reward_batch_size must be >= 1")
 
@@ -127,9 +137,11 @@ class RetrainConfig:
     """``python -m nas.train``: the fixed network from scratch on train + valid."""
 
     data: DataConfig = field(default_factory=lambda: DataConfig(cutout=16))
-    child: ChildConfig = field(default_factory=lambda: ChildConfig(layers=15, filters=36))
+    child: ChildConfig = field(
+        default_factory=lambda: ChildConfig(layers=15, filters=36, dropout=0.2))
     train: OptimConfig = field(
-        default_factory=lambda: OptimConfig(epochs=630, batch_size=144, weight_decay=2e-4)
+        default_factory=lambda: OptimConfig(epochs=630, batch_size=144, steps_per_epoch=348,
+                                    l2_reg=2e-4, lr_min=1e-4)  # 348 = ceil(50000 / 144)
     )
     retrain: RetrainSettings = field(default_factory=RetrainSettings)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -45,6 +45,8 @@ class ControllerConfig:
     norm: Literal["none", "ln", "gn", "sn"] = "none"  # normalization inside the LSTM
     groups: int = 4  # groups of gn, and of the gn candidate of sn
     lr: float = 0.0035  # Adam learning rate
+    adam_beta1: float = 0.0  # Adam beta1 (ENAS: 0, no momentum on the policy gradient)
+    adam_eps: float = 1e-3  # Adam epsilon (ENAS: 1e-3)
     baseline_decay: float = 0.99  # moving-average baseline decay
     entropy_weight: float = 1e-4  # entropy bonus added to the reward
     train_steps: int = 30  # controller updates per epoch
@@ -56,6 +58,9 @@ class ControllerConfig:
             raise ValueError("lstm_size and num_aggregate must be >= 1, train_steps >= 0")
         if self.norm in ("gn", "sn") and (4 * self.lstm_size) % self.groups:
             raise ValueError(f"groups={self.groups} must divide lstm_size={self.lstm_size}")
+        if not 0.0 <= self.adam_beta1 < 1.0 or not self.adam_eps > 0.0:
+            raise ValueError(f"adam_beta1 must be in [0, 1) and adam_eps > 0, got "
+                             f"{self.adam_beta1} and {self.adam_eps}")
         if not 0.0 <= self.baseline_decay < 1.0:
             raise ValueError(f"baseline_decay must be in [0, 1), got {self.baseline_decay}")
 
@@ -70,12 +75,13 @@ class Policy(NamedTuple):
     positions: list[int]  # per decision, its index in the flat architecture
 
 
-def _norm(kind: str, channels: int, groups: int) -> nn.Module:
-    if kind == "sn":
-        return snexp.SwitchNorm1d(channels, candidates=("ln", f"gn{groups}"))
+def _norm_layer(kind: str, groups: int):
+    """The LSTM's normalizer from the registry: ``norm_layer(channels)`` over ``(n, C)``."""
+    if kind == "sn":  # the SN paper's controller: a learned mix of LN and GN
+        return snexp.norm_layer("sn", dims=1, candidates=("ln", f"gn{groups}"))
     if kind == "gn":
-        return snexp.make_norm("gn", channels, dims=1, groups=groups)
-    return snexp.make_norm(kind, channels, dims=1)  # "ln" or "none"
+        return snexp.norm_layer("gn", dims=1, groups=groups)
+    return snexp.norm_layer(kind, dims=1)  # "ln" or "none"
 
 
 class _LSTMCell(nn.Module):
@@ -84,8 +90,9 @@ class _LSTMCell(nn.Module):
     def __init__(self, size: int, norm: str, groups: int) -> None:
         super().__init__()
         self.w = nn.Linear(2 * size, 4 * size, bias=False)
-        self.norm_gates = _norm(norm, 4 * size, groups)
-        self.norm_cell = _norm(norm, size, groups)
+        norm_layer = _norm_layer(norm, groups)
+        self.norm_gates = norm_layer(4 * size)
+        self.norm_cell = norm_layer(size)
 
     def forward(
         self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]

@@ -1,7 +1,7 @@
 """Datasets of the search and the retraining: embedded shapes, CIFAR-10/100, image folders.
 
 ``embedded`` (the default) is generated in code, offline and deterministic from ``data.seed``:
-32x32 RGB images of ten shape classes (disk, ring, square, square outline, plus, X, stripes,
+32x32 RGB images of ten shape classes (disk, ring, square, square outline, plus, bar, stripes,
 checker, triangle, target), each drawn once at a random position, size and rotation, in a
 random colour on a random background of contrasting colour, with Gaussian pixel noise. The
 class is in the local shape only (position, colour and orientation are random), so a linear
@@ -10,8 +10,11 @@ classifier on pixels stays near chance while a small CNN learns it
 
 CIFAR comes from torchvision (files in ``data.root``; downloaded only with
 ``data.download=true``); ``imagefolder`` reads any folder of class sub-folders (``train/`` and
-``test/`` inside it when present). The training set is split into train and valid with a seeded
-permutation (ENAS: 45k/5k); the test split is used only by ``nas.train``.
+``test/`` or ``val/`` inside it when present, or class folders beside ``test/``). Class indices
+come from the training folder alone (sorted names); a test folder may lack classes, and a test
+class that training lacks is refused. The training set is split into train and valid with a
+seeded permutation (``valid_size``: a share, ENAS's 5k of 50k is 0.1, or a count); the test
+split is used only by ``nas.train``.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
+from torchvision import datasets
 from torchvision.transforms import v2
 
 from snexp.runtime.config import ConfigError
@@ -36,7 +40,9 @@ _STATS = {  # per-channel mean and std used to standardize inputs
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagefolder": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-SHAPES = ("disk", "ring", "square", "outline", "plus", "x", "stripes", "checker", "triangle",
+# NOTE: an earlier "x" class was a plus turned by 45 degrees, the same shape under the uniform
+# rotation; "bar" (one arm of the plus) replaced it so that every class is separable.
+SHAPES = ("disk", "ring", "square", "outline", "plus", "bar", "stripes", "checker", "triangle",
           "target")
 
 
@@ -47,7 +53,8 @@ class DataConfig:
     dataset: Literal["embedded", "cifar10", "cifar100", "imagefolder"] = "embedded"  # source
     root: str = "data"  # folder of CIFAR files or of the image folder
     download: bool = False  # download CIFAR into root when missing
-    valid_size: int = 2000  # training images held out for validation (ENAS CIFAR: 5000)
+    # training images held out for validation: a share if < 1, else a count (ENAS: 5000 of 50k)
+    valid_size: float = 0.1
     limit: int | None = None  # cap the training images (smoke runs); none: all
     valid_limit: int | None = None  # cap the validation images; none: all
     seed: int = 0  # seed of the embedded images and of the train/valid split
@@ -59,7 +66,11 @@ class DataConfig:
     workers: int = 0  # DataLoader worker processes
 
     def __post_init__(self) -> None:
-        for name in ("valid_size", "embedded_train", "embedded_test", "size", "cutout", "workers"):
+        if not (0 < self.valid_size < 1 or (self.valid_size >= 1
+                                            and float(self.valid_size).is_integer())):
+            raise ValueError(f"valid_size must be a share in (0, 1) or a whole count >= 1, got "
+                             f"{self.valid_size}")
+        for name in ("embedded_train", "embedded_test", "size", "cutout", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("limit", "valid_limit"):
@@ -148,8 +159,8 @@ def _shape_mask(shape: str, px: torch.Tensor, py: torch.Tensor, r: torch.Tensor)
         return inside & (torch.maximum(ax, ay) >= r - w)
     if shape == "plus":
         return inside & ((ax <= w / 1.5) | (ay <= w / 1.5))
-    if shape == "x":
-        return disk & (((px - py).abs() <= w) | ((px + py).abs() <= w))
+    if shape == "bar":
+        return inside & (ay <= w / 1.5)
     if shape == "stripes":
         return inside & (torch.remainder(py + r, 2 * w) < w)
     if shape == "checker":
@@ -171,10 +182,12 @@ def _transforms(cfg: DataConfig, *, train: bool, size: int, cutout: int) -> Call
     return v2.Compose(steps)
 
 
-def _split(n: int, valid: int, seed: int) -> tuple[list[int], list[int]]:
+def _split(n: int, valid_size: float, seed: int) -> tuple[list[int], list[int]]:
+    valid = max(1, round(valid_size * n)) if valid_size < 1 else int(valid_size)
     if not 0 < valid < n:
         raise ConfigError(
-            f"data.valid_size={valid} must be between 1 and the {n} training images minus one"
+            f"data.valid_size={valid_size:g} must leave training images: between 1 and the {n} "
+            "training images minus one, or a share such as 0.1"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return order[valid:], order[:valid]
@@ -185,8 +198,6 @@ def _cap(indices: Sequence[int], limit: int | None) -> list[int]:
 
 
 def _load_cifar(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    from torchvision import datasets
-
     cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
     folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
     try:
@@ -238,30 +249,61 @@ def build_splits(cfg: DataConfig, *, cutout: int | None = None) -> Splits:
     )
 
 
-def _image_folder(cfg: DataConfig, cut: int) -> Splits:
-    from torchvision import datasets
+class _Folder(datasets.ImageFolder):
+    """An image folder labelled with given class indices (the training folder's)."""
 
+    def __init__(self, root: str, index: dict[str, int], **kwargs: Any) -> None:
+        self.index = index
+        super().__init__(root, **kwargs)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return list(self.index), dict(self.index)
+
+
+def _class_folders(path: Path, exclude: tuple[str, ...] = ()) -> list[str]:
+    return sorted(e.name for e in path.iterdir() if e.is_dir() and e.name not in exclude
+                  and not e.name.startswith("."))
+
+
+def _image_folder(cfg: DataConfig, cut: int) -> Splits:
     root = Path(cfg.root)
     if not root.is_dir():
         raise ConfigError(f"imagefolder: '{root}' is not a folder (set --data-root DIR)")
-    train_root = root / "train" if (root / "train").is_dir() else root
     test_root = next((root / n for n in ("test", "val") if (root / n).is_dir()), None)
+    if (root / "train").is_dir():
+        train_root, classes = root / "train", _class_folders(root / "train")
+    else:  # class folders at the root; test/ and val/ beside them are splits, not classes
+        train_root, classes = root, _class_folders(root, ("test", "val"))
+    if not classes:
+        raise ConfigError(f"imagefolder '{train_root}': no class sub-folders (expected "
+                          "<root>/<class>/<image> or <root>/train/<class>/<image>)")
+    index = {name: i for i, name in enumerate(classes)}  # training classes, everywhere
+    if test_root is not None:
+        unknown = [n for n in _class_folders(test_root) if n not in index]
+        if unknown:
+            raise ConfigError(
+                f"imagefolder: '{test_root}' holds classes that the training folder "
+                f"'{train_root}' lacks: {', '.join(unknown)}; a network cannot learn them. "
+                f"Add their training images or move them out of '{test_root}'")
     resize = [v2.Resize(cfg.size), v2.CenterCrop(cfg.size)]
 
-    def folder(path: Path, train: bool, c: int) -> datasets.ImageFolder:
+    def folder(path: Path, train: bool, c: int, test: bool = False) -> datasets.ImageFolder:
         tail = _transforms(cfg, train=train, size=cfg.size, cutout=c)
-        try:
-            return datasets.ImageFolder(str(path), transform=v2.Compose([*resize, tail]))
+        try:  # a test folder may lack classes
+            return _Folder(str(path), index, transform=v2.Compose([*resize, tail]),
+                           allow_empty=test)
         except (FileNotFoundError, RuntimeError) as exc:
             raise ConfigError(f"imagefolder '{path}': {exc}") from None
 
     augmented, plain = folder(train_root, True, cut), folder(train_root, False, 0)
     n = len(augmented)
     if test_root is not None:
-        test: Dataset = folder(test_root, False, 0)
+        test: Dataset = folder(test_root, False, 0, test=True)
+        if len(test) == 0:
+            raise ConfigError(f"imagefolder '{test_root}': no images in its class folders")
         pool = list(range(n))
     else:  # NOTE: no test/ folder: a seeded tenth of the images becomes the test split.
-        rest, held = _split(n, max(1, n // 10), cfg.seed + 1)
+        rest, held = _split(n, 0.1, cfg.seed + 1)
         test, pool = Subset(plain, held), rest
     train_pos, valid_pos = _split(len(pool), cfg.valid_size, cfg.seed)
     train_idx = _cap([pool[i] for i in train_pos], cfg.limit)
@@ -269,5 +311,5 @@ def _image_folder(cfg: DataConfig, cut: int) -> Splits:
     return Splits(
         Subset(augmented, train_idx), Subset(plain, valid_idx), test,
         ConcatDataset([Subset(augmented, train_idx), Subset(augmented, valid_idx)]),
-        len(augmented.classes), 3,
+        len(classes), 3,
     )

@@ -63,16 +63,22 @@ class SepConv(nn.Sequential):
 class FactorizedReduce(nn.Module):
     """Halve the resolution without losing pixels: two offset 1x1 stride-2 convs, concatenated.
 
+    ENAS's ``_factorized_reduction``: no ReLU of its own; the official code puts one in front
+    only where it calibrates a cell input (``relu=True`` here), not in the stride-2 identity op,
+    the reduction of loose ends or the search network's reduction step.
+
     Args:
         c_in: Input channels.
         c_out: Output channels (split as evenly as possible between the two paths).
         norm_layer: ``norm_layer(channels) -> nn.Module``.
+        relu: Apply a ReLU first.
     """
 
-    def __init__(self, c_in: int, c_out: int, norm_layer: NormLayer) -> None:
+    def __init__(self, c_in: int, c_out: int, norm_layer: NormLayer, *,
+                 relu: bool = False) -> None:
         super().__init__()
         half = c_out // 2
-        self.relu = nn.ReLU(inplace=False)
+        self.relu = nn.ReLU(inplace=False) if relu else nn.Identity()
         self.conv1 = nn.Conv2d(c_in, half, 1, stride=2, bias=False)
         self.conv2 = nn.Conv2d(c_in, c_out - half, 1, stride=2, bias=False)
         self.norm = norm_layer(c_out)

@@ -1,8 +1,11 @@
 """The optimizer, schedule and epoch loader that the search and the retraining share.
 
-ENAS (Pham et al. 2018, official CIFAR scripts): Nesterov SGD with weight decay, cosine
-annealing with warm restarts stepped per epoch; an epoch is at most ``steps_per_epoch`` full
-batches of a seeded shuffle (the run's generator, so resume is exact).
+ENAS (Pham et al. 2018, official CIFAR scripts and ``src/utils.py``): Nesterov SGD, momentum
+0.9, with ENAS's L2 term (``l2_reg * sum(w^2)`` over every weight added to the loss, so every
+weight, used in this step or not, gets ``2 * l2_reg * w`` added to its gradient), cosine
+annealing with warm restarts stepped per epoch. An epoch is ``steps_per_epoch`` full batches of
+seeded shuffles (the run's generator, so resume is exact): the data cycles, so an epoch is as
+long on 2,000 images as on 45,000 (ENAS's CIFAR epoch is ``ceil(45000 / 160) = 282`` steps).
 """
 
 from __future__ import annotations
@@ -14,27 +17,53 @@ import torch
 from snexp.runtime import distributed
 from snexp.runtime.run import Run
 
-__all__ = ["epoch_loader", "sgd_with_restarts"]
+__all__ = ["add_l2_gradient", "epoch_loader", "sgd_with_restarts"]
 
 logger = logging.getLogger(__name__)
 _Restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
 
 
+def add_l2_gradient(optimizer: torch.optim.Optimizer, l2_reg: float) -> None:
+    """Make every ``optimizer.step()`` first add ``2 * l2_reg * w`` to each weight's gradient.
+
+    The gradient of ENAS's ``l2_reg * sum(w^2)`` loss term, for every parameter of the
+    optimizer, including those this step did not use (their gradient is just the L2 term, as
+    in the official code, where the L2 sum runs over all child variables). It is added at the
+    step, after a gradient clipping of the loss gradient (see ``OptimConfig.grad_clip``).
+    """
+    if l2_reg <= 0:
+        return
+
+    def hook(opt: torch.optim.Optimizer, args, kwargs) -> None:
+        with torch.no_grad():
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        p.grad = (2.0 * l2_reg) * p.detach().clone()
+                    else:
+                        p.grad.add_(p.detach(), alpha=2.0 * l2_reg)
+
+    optimizer.register_step_pre_hook(hook)
+
+
 def sgd_with_restarts(parameters, opt) -> tuple[torch.optim.SGD, _Restarts]:
     """ENAS's optimizer and schedule for ``opt`` (an ``OptimConfig``).
 
-    Nesterov SGD with weight decay; cosine annealing with warm restarts from ``lr_max`` to
-    ``lr_min``, stepped per epoch.
+    Nesterov SGD with ENAS's L2 term (:func:`add_l2_gradient`); cosine annealing with warm
+    restarts from ``lr_max`` to ``lr_min``, stepped per epoch.
     """
-    optimizer = torch.optim.SGD(parameters, lr=opt.lr_max, momentum=opt.momentum,
-                                nesterov=True, weight_decay=opt.weight_decay)
+    optimizer = torch.optim.SGD(parameters, lr=opt.lr_max, momentum=opt.momentum, nesterov=True)
+    add_l2_gradient(optimizer, opt.l2_reg)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
         optimizer, T_0=opt.t0, T_mult=opt.t_mul, eta_min=opt.lr_min)
     return optimizer, scheduler
 
 
 def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataLoader:
-    """Shuffled batches of one epoch, at most ``opt.steps_per_epoch`` of them (full ones).
+    """``opt.steps_per_epoch`` shuffled full batches (one pass over the split if ``None``).
+
+    The data cycles: when an epoch needs more images than the split holds, the next shuffle
+    of the split follows.
 
     Under torchrun ``opt.batch_size`` is per rank: the ranks deal out one shuffled order
     (:class:`snexp.runtime.distributed.ShardedSampler`), so K ranks take the steps of one process
@@ -42,8 +71,8 @@ def epoch_loader(run: Run, dataset, opt, workers: int) -> torch.utils.data.DataL
     """
     world, batch = run.world_size, opt.batch_size
     n = len(dataset)
-    if opt.steps_per_epoch is not None:
-        n = min(n, opt.steps_per_epoch * batch * world)
+    if opt.steps_per_epoch is not None:  # RandomSampler chains fresh permutations
+        n = opt.steps_per_epoch * batch * world
     sampler = torch.utils.data.RandomSampler(dataset, num_samples=n, generator=run.generator)
     if world > 1:
         sampler = distributed.ShardedSampler(sampler, run.rank, world)

@@ -11,7 +11,8 @@ child on one validation minibatch), for honest comparisons.
 - :class:`Reinforce`: the LSTM :class:`~nas.controller.Controller` trained with REINFORCE
   (Williams 1992) as in ENAS: reward plus ``entropy_weight`` times the policy entropy, a
   moving-average baseline (decay 0.99, updated before the advantage is taken, as the official
-  code does), Adam, gradients averaged over the ``num_aggregate`` samples of one update.
+  code does), Adam with the official beta1 = 0 and epsilon = 1e-3, gradients averaged over
+  the ``num_aggregate`` samples of one update.
 - :class:`RandomProposer`: uniform over the space (Li & Talwalkar 2019's baseline).
 - :class:`TPEProposer`: Optuna's TPE sampler through ``ask``/``tell``; each decision is a
   categorical parameter (:func:`arch_distributions`).
@@ -105,7 +106,9 @@ class Reinforce:
     def __init__(self, config: ControllerConfig, num_nodes: int, device: torch.device) -> None:
         self.config = config
         self.controller = Controller(config, num_nodes).to(device)
-        self.optimizer = torch.optim.Adam(self.controller.parameters(), lr=config.lr)
+        self.optimizer = torch.optim.Adam(  # ENAS: beta1 0, epsilon 1e-3
+            self.controller.parameters(), lr=config.lr, betas=(config.adam_beta1, 0.999),
+            eps=config.adam_eps)
         self.baseline = 0.0
 
     def ask(self, n: int) -> list[Architecture]:

@@ -3,12 +3,15 @@
 Per epoch:
 
 1. train the shared child on the train split, one architecture from the proposer per minibatch
-   (SGD, Nesterov momentum 0.9, weight decay 1e-4, gradient norm clipped to 5, lr cosine with
-   warm restarts 0.05 -> 5e-4, T0 = 10, Tmul = 2, stepped per epoch);
+   (SGD, Nesterov momentum 0.9, ENAS's L2 term 1e-4, gradient norm clipped to 5, lr cosine with
+   warm restarts 0.05 -> 5e-4, T0 = 10, Tmul = 2, stepped per epoch; the auxiliary head's loss
+   weighs 0.4 and dropout 0.1 precedes the classifier, as in ENAS's search script);
 2. train the proposer on the valid split: ``train_steps`` updates of ``num_aggregate``
    architectures, each rewarded with its accuracy on one valid minibatch;
 3. derive: evaluate ``derive_samples`` proposals (``derive_final`` after the last epoch) on the
-   whole valid split; each becomes a trial of the Optuna study; the best so far is written to
+   whole valid split; each becomes a trial of the Optuna study, tagged with the run directory
+   and the epoch (a run resumed after a kill between these trials and the epoch's checkpoint
+   repeats the epoch exactly and does not record them twice); the best so far is written to
    ``<out>/best_arch.json`` and drawn into ``<out>/cells.png``.
 
 All norms of the child run in training mode throughout (the BN branch uses batch statistics,
@@ -106,8 +109,11 @@ def _train_child(run: Run, net: nn.Module, proposer: Proposer, optimizer, loader
         x, y = run.to_device((x, y))
         arch = proposer.train_sample(1)[0]
         with run.autocast():
-            logits = net(x, arch).logits
+            out = net(x, arch)
+            logits = out.logits
             loss = nn.functional.cross_entropy(logits, y)
+            if out.aux is not None:
+                loss = loss + cfg.search.aux_weight * nn.functional.cross_entropy(out.aux, y)
         run.optimizer_step(loss, optimizer, clip_grad_norm=cfg.train.grad_clip)
         acc = float((logits.argmax(1) == y).float().mean())
         run.step_done(loss, {"child/loss": loss, "child/acc": acc, "child/lr": lr})
@@ -142,21 +148,34 @@ def _train_proposer(run: Run, net: nn.Module, proposer: Proposer, valid: list, c
 
 
 def _record_trials(study: optuna.Study | None, results: list[tuple[Architecture, float]],
-                   epoch: int, proposer: str) -> None:
+                   epoch: int, proposer: str, run_dir: str) -> int:
+    """Add one trial per result, unless this run already recorded this epoch's; the count added.
+
+    A kill after the trials but before the epoch's checkpoint makes the resumed run repeat the
+    epoch (exactly: same proposals, same accuracies); its trials are then already there.
+    """
     if not results or study is None:  # no study on ranks > 0
-        return
+        return 0
+    for trial in study.get_trials(deepcopy=False):
+        attrs = trial.user_attrs
+        if attrs.get("run") == run_dir and attrs.get("epoch") == epoch:
+            logger.info("epoch %d: its %d derive trials are already in the study (resumed "
+                        "after they were recorded); not adding them again", epoch, len(results))
+            return 0
     distributions = arch_distributions(results[0][0].num_nodes, results[0][0].primitives)
     for arch, acc in results:
         study.add_trial(optuna.trial.create_trial(
             params=arch_params(arch), distributions=distributions, value=acc,
-            user_attrs={"arch": str(arch), "epoch": epoch, "proposer": proposer}))
+            user_attrs={"arch": str(arch), "epoch": epoch, "proposer": proposer,
+                        "run": run_dir}))
+    return len(results)
 
 
 def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list,
             study: optuna.Study | None, n: int, epoch: int) -> tuple[Architecture, float]:
     archs = proposer.derive(n)
     results = [(arch, evaluate(net, arch, valid)) for arch in archs]
-    _record_trials(study, results, epoch + 1, proposer.name)
+    _record_trials(study, results, epoch + 1, proposer.name, str(run.dir.resolve()))
     best_arch, best_acc = max(results, key=lambda r: r[1])
     run.tracker.scalar("search/derive_acc", best_acc, run.step)
     run.tracker.text("search/sampled_arch", f"`{archs[0]}`", run.step)
@@ -211,7 +230,8 @@ def run_search(run: Run) -> SearchResult:
     child = ChildNet(
         splits.num_classes, norm=cfg.child.norm, layers=cfg.child.layers,
         filters=cfg.child.filters, num_nodes=cfg.child.num_nodes, dropout=cfg.child.dropout,
-        in_channels=splits.in_channels, norm_options=norm_options(cfg.child),
+        aux=cfg.search.aux_weight > 0, in_channels=splits.in_channels,
+        image_size=splits.valid[0][0].shape[-1], norm_options=norm_options(cfg.child),
     )
     net = run.prepare(child, find_unused_parameters=True)  # a step uses one arch's ops
     opt = cfg.train

@@ -214,6 +214,9 @@ class Architecture:
             raise ValueError("architecture JSON needs 'normal' and 'reduce' keys")
         cells = []
         for name in ("normal", "reduce"):
+            if not isinstance(data[name], list) or not data[name]:
+                raise ValueError(f"'{name}' must be a non-empty list of nodes "
+                                 f"[[op, input], [op, input]], got {data[name]!r}")
             nodes = []
             for k, node in enumerate(data[name]):
                 try:
@@ -248,7 +251,8 @@ def parse_arch(spec: str, primitives: Sequence[str] = PRIMITIVES) -> Architectur
 
     Args:
         spec: A path to a ``.json`` file (e.g. ``best_arch.json``), the ``str(arch)`` form, or
-            a flat list such as ``"[0, 0, 1, 4, ...]"`` or ``"0,0,1,4,..."``.
+            a flat list such as ``"[0, 0, 1, 4, ...]"``, ``"0,0,1,4,..."`` or ENAS's own
+            space-separated arc string (``"0 2 0 0 0 4 ..."``, as in its scripts).
         primitives: The op names known to this code.
 
     Returns:
@@ -263,7 +267,7 @@ def parse_arch(spec: str, primitives: Sequence[str] = PRIMITIVES) -> Architectur
     text = spec.strip()
     if text.startswith("normal"):
         return Architecture.from_string(text, primitives)
-    if re.fullmatch(r"\[?\s*\d+(\s*,\s*\d+)*\s*\]?", text):
+    if re.fullmatch(r"\[?\s*\d+([\s,]+\d+)*\s*\]?", text):
         return Architecture.from_flat([int(v) for v in re.findall(r"\d+", text)], primitives)
     path = Path(text).expanduser()
     if not path.is_file():

@@ -24,7 +24,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with cli_errors(PROG):
         cfg = parse_args(RetrainConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="retrain_quick")
-        arch = load_arch(cfg.retrain.arch)  # a bad --arch is refused before the run starts
+        # A bad --arch is refused before the run starts; --resume takes the run's own.
+        arch = None if cfg.runtime.resume else load_arch(cfg.retrain.arch)
         with Run(cfg, experiment="nas-train", safe_keys=SAFE_KEYS, prog=PROG) as run:
             retrain(run, arch)
 

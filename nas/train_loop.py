@@ -4,8 +4,12 @@ The fixed :class:`~nas.child.ChildNet` of one architecture trains on train + val
 auxiliary head (loss weight 0.4), drop path (keep probability annealed from 1 to 0.6 over the
 run, lower in deeper cells), cutout and SGD with the cosine schedule with warm restarts
 (ENAS's 630 epochs are 10 + 20 + ... + 320, i.e. six whole periods). Reports test top-1, the
-parameter count (without the auxiliary head) and the FLOPs of one image, and writes them to
-``<out>/result.json``.
+parameter count without the auxiliary head (``params``, ENAS's count) and the head's
+(``aux_params``) and the FLOPs of one image, and writes them to ``<out>/result.json``.
+
+The architecture is recorded in the run (``<out>/arch.json``, written before the first step);
+``--resume`` retrains that one and never reads ``--arch`` again, so a search that rewrites
+``best_arch.json`` meanwhile cannot switch the architecture of a run half-way.
 
 Under ``torchrun`` the network is data-parallel (DDP): ``--batch-size`` is per rank and the ranks
 read shares of one shuffled order (:func:`nas.optim.epoch_loader`), so K ranks train as
@@ -31,6 +35,7 @@ from nas.data import build_splits
 from nas.optim import epoch_loader, sgd_with_restarts
 from nas.space import Architecture, parse_arch
 from snexp.runtime import distributed
+from snexp.runtime.checkpoint import write_text_atomic
 from snexp.runtime.config import ConfigError
 from snexp.runtime.run import Run
 from snexp.runtime.track import progress
@@ -38,16 +43,17 @@ from snexp.runtime.track import progress
 __all__ = ["RetrainResult", "count_flops", "count_params", "load_arch", "retrain", "test_accuracy"]
 
 logger = logging.getLogger(__name__)
-RESULT_FILE = "result.json"
+RESULT_FILE, ARCH_FILE = "result.json", "arch.json"
 
 
 @dataclass(frozen=True)
 class RetrainResult:
-    """Test top-1 accuracy, parameters (no auxiliary head) and FLOPs per image."""
+    """Test top-1 accuracy, parameters (without / of the auxiliary head), FLOPs per image."""
 
     test_acc: float
     params: int
     flops: int
+    aux_params: int = 0
 
 
 def load_arch(spec: str | None) -> Architecture:
@@ -61,10 +67,25 @@ def load_arch(spec: str | None) -> Architecture:
         raise ConfigError(f"--arch: {exc}") from None
 
 
-def count_params(model: nn.Module) -> int:
-    """Parameters used at test time (the auxiliary head excluded)."""
-    aux = {id(p) for p in model.aux_head.parameters()} if model.aux_head is not None else set()
-    return sum(p.numel() for p in model.parameters() if id(p) not in aux)
+def count_params(model: ChildNet) -> int:
+    """Parameters used at test time (the auxiliary head excluded, as ENAS counts them)."""
+    return model.params()
+
+
+def recorded_arch(run: Run) -> Architecture:
+    """The architecture a resumed run was started with (``<out>/arch.json``)."""
+    text = None
+    if run.is_main:
+        path = run.dir / ARCH_FILE
+        if not path.is_file():
+            raise ConfigError(f"cannot resume: {path} is missing (the run records the "
+                              "architecture it trains there); start a new run with --arch")
+        text = path.read_text(encoding="utf-8")
+    text = distributed.broadcast_object(text)
+    try:
+        return Architecture.from_json(text)
+    except ValueError as exc:
+        raise ConfigError(f"cannot resume: {run.dir / ARCH_FILE}: {exc}") from None
 
 
 def count_flops(model: nn.Module, image: torch.Tensor) -> int:
@@ -108,19 +129,27 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
 
     Args:
         run: The run; ``run.config`` is a :class:`RetrainConfig`.
-        arch: The architecture; ``None`` reads ``run.config.retrain.arch``.
+        arch: The architecture of a new run; ``None`` reads ``run.config.retrain.arch``. A
+            resumed run ignores it and takes the one it recorded.
     """
     cfg: RetrainConfig = run.config
-    arch = arch if arch is not None else load_arch(cfg.retrain.arch)
+    if run.resumed:
+        arch = recorded_arch(run)
+    else:
+        arch = arch if arch is not None else load_arch(cfg.retrain.arch)
+        if run.is_main:
+            write_text_atomic(run.dir / ARCH_FILE, arch.to_json())
     splits = build_splits(cfg.data)
+    image = splits.test[0][0]
     model = ChildNet(
         splits.num_classes, arch, norm=cfg.child.norm, layers=cfg.child.layers,
         filters=cfg.child.filters, aux=cfg.retrain.aux_weight > 0, dropout=cfg.child.dropout,
-        in_channels=splits.in_channels, norm_options=norm_options(cfg.child),
+        in_channels=splits.in_channels, image_size=image.shape[-1],
+        norm_options=norm_options(cfg.child),
     )
-    params, flops = count_params(model), count_flops(model, splits.test[0][0])
-    logger.info("retraining %s: %.3f M parameters, %.1f MFLOPs per image", arch, params / 1e6,
-                flops / 1e6)
+    params, aux_params, flops = model.params(), model.aux_params(), count_flops(model, image)
+    logger.info("retraining %s: %.3f M parameters (+ %.3f M in the auxiliary head), %.1f MFLOPs "
+                "per image", arch, params / 1e6, aux_params / 1e6, flops / 1e6)
     net = run.prepare(model)
     opt = cfg.train
     optimizer, scheduler = sgd_with_restarts(model.parameters(), opt)
@@ -157,11 +186,11 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
             logger.info("epoch %d/%d: test acc %.4f", epoch + 1, opt.epochs, acc)
     if acc is None:  # resumed after the last epoch
         acc = run.state["test_acc"] = test_accuracy(model, test_loader, run)
-    result = RetrainResult(float(acc), params, flops)
+    result = RetrainResult(float(acc), params, flops, aux_params)
     if run.is_main:
-        (run.dir / RESULT_FILE).write_text(json.dumps(
-            {"test_acc": result.test_acc, "params": params, "flops": flops, "arch": str(arch)},
-            indent=2) + "\n", encoding="utf-8")
+        write_text_atomic(run.dir / RESULT_FILE, json.dumps(
+            {"test_acc": result.test_acc, "params": params, "aux_params": aux_params,
+             "flops": flops, "arch": str(arch), "flat": arch.to_flat()}, indent=2) + "\n")
     run.tracker.hparams(cfg, {"retrain/final_test_acc": result.test_acc}, step=run.step)
     logger.info("test top-1 %.4f | %.3f M parameters | %.1f MFLOPs per image | %s",
                 result.test_acc, params / 1e6, flops / 1e6, run.dir / RESULT_FILE)
