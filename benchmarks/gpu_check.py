@@ -310,9 +310,10 @@ def run_step(step: Step, out: Path, deadline: float) -> StepResult:
         return skipped(step.skip)
     if step.needs and not Path(step.needs).is_file():
         return skipped(f"no {_show([step.needs], out)} (an earlier step failed)")
-    timeout = min(step.timeout_s, deadline - time.monotonic())
-    if timeout < 10:
+    left = deadline - time.monotonic()
+    if left < 10:
         return skipped("out of the time budget (--budget)")
+    timeout = min(step.timeout_s, left)
     log = out / "logs" / (re.sub(r"[^\w.-]+", "_", step.name).strip("_") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
