@@ -26,6 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from snexp.norm import _cpu
+
 __all__: list[str] = []
 
 
@@ -205,11 +207,17 @@ def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor
 
 def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     """y (statistics dtype), BN batch statistics (2, C) or None, their count, saved tensors."""
-    mu, nrm, xc = centered(x)
+    fast = _cpu.usable(x)
+    if fast:  # one C++ pass per row: mean, then the centered sum of squares
+        mu, ss = torch.ops.snexp_cpu.row_stats(x)
+        xc = None
+    else:
+        mu, nrm, xc = centered(x)
+        ss = nrm.pow_(2)
     n, c = mu.shape
     m = math.prod(x.shape[2:])
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
-    stats = torch.stack([mu, nrm.pow_(2).div_(denom)])  # (2, N, C): mu_in, var_in
+    stats = torch.stack([mu, ss.div_(denom)])  # (2, N, C): mu_in, var_in
     cands, batch, count = _candidate_stats(stats, bn_mean, bn_var, m, spec)
     k = cands.shape[1]
     probs = torch.stack([mean_w, var_w]).to(stats.dtype)  # (2, K)
@@ -223,8 +231,11 @@ def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     b = torch.mul(mixed[0], a).neg_()
     if bias is not None:
         b = b + bias.to(b.dtype)
-    shape = xc.shape[:2] + (1,) * (xc.dim() - 2)
-    y = normalize(xc, a.view(shape), b.view(shape))
+    if fast:  # y = a (x - mu_in) + b in one C++ pass
+        y = torch.ops.snexp_cpu.normalize(x, mu, a.contiguous(), b.contiguous())
+    else:
+        shape = xc.shape[:2] + (1,) * (xc.dim() - 2)
+        y = normalize(xc, a.view(shape), b.view(shape))
     return y, batch, count, (mu, mixed, cands, probs)
 
 
@@ -267,5 +278,9 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
     p = e[1] * (-1.0 / denom)
     q = torch.sub(corr, e[0]).mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
-    dx = input_grad(x, dy, a.view(shape), p.view(shape), q.view(shape))
+    if _cpu.usable(x, dy, a):  # dx = a dy + p x + q in one C++ pass
+        dx = torch.ops.snexp_cpu.input_grad(x, dy, a.contiguous(), p.contiguous(),
+                                            q.contiguous())
+    else:
+        dx = input_grad(x, dy, a.view(shape), p.view(shape), q.view(shape))
     return dx, dweight, dbias, dmean_w, dvar_w
