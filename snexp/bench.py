@@ -1,8 +1,10 @@
 """Speed of SN against native normalizers: ``python -m snexp.bench``.
 
 For each input shape, times forward+backward (training mode) and forward (eval mode, no grad)
-of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d and the plain-autograd reference SN, and
-prints each as a ratio to BatchNorm2d measured in the same process. Implementations are timed
+of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d, the plain-autograd reference SN and
+``torch.compile``'d SN and BatchNorm2d, and prints each as a ratio to (eager) BatchNorm2d
+measured in the same process, plus compiled SN against compiled BatchNorm2d. The first line
+names the CPU (model, vector ISA) or GPU. Implementations are timed
 round-robin (one repetition of each in turn) and summarized by the median, so that a noisy
 shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
 
@@ -17,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import os
+import platform
 import statistics
 import sys
 import time
@@ -32,6 +36,7 @@ __all__ = ["DEFAULT_SHAPES", "run_benchmark", "format_table"]
 
 DEFAULT_SHAPES = ((32, 64, 32, 32), (8, 64, 56, 56), (128, 16, 32, 32), (4, 256, 14, 14))
 LAYERS = ("SN", "SSN", "BN", "GN32", "IN", "reference")
+COMPILED = ("SN compiled", "BN compiled")  # torch.compile (inductor) of the same layers
 
 
 class _ReferenceSN(nn.Module):
@@ -50,6 +55,8 @@ class _ReferenceSN(nn.Module):
 
 
 def _build(name: str, channels: int) -> nn.Module:
+    if name.endswith(" compiled"):
+        return torch.compile(_build(name.split()[0], channels), fullgraph=True)
     if name == "SN":
         return make_norm("sn", channels)
     if name == "SSN":
@@ -61,6 +68,27 @@ def _build(name: str, channels: int) -> nn.Module:
     if name == "IN":
         return make_norm("in", channels)
     return _ReferenceSN(make_norm("sn", channels))
+
+
+def cpu_description() -> str:
+    """The CPU's model name and vector ISA, e.g. ``'AMD EPYC 9B14, AVX-512 (ATen: AVX512)'``."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and model in ("", platform.machine()):
+                    model = value.strip()
+                elif key.strip() in ("flags", "Features") and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = ("AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags
+           else "NEON" if "asimd" in flags else "baseline")
+    if "amx_tile" in flags:
+        isa += " + AMX"
+    aten = torch.backends.cpu.get_cpu_capability()
+    return f"{model}, {isa} (ATen kernels: {aten}), {os.cpu_count()} logical CPUs"
 
 
 def tune_glibc_malloc() -> bool:
@@ -154,6 +182,14 @@ def format_table(rows: list[dict]) -> str:
         tr = statistics.median(by[(s, n)]["train_ratio"] for s in shapes)
         ev = statistics.median(by[(s, n)]["eval_ratio"] for s in shapes)
         summary.append(f"{n}: median fwd+bwd ratio {tr:.2f}, eval ratio {ev:.2f}")
+    if ("SN compiled" in layers) and ("BN compiled" in layers):
+        rel = [by[(s, "SN compiled")]["train_ms"] / by[(s, "BN compiled")]["train_ms"]
+               for s in shapes]
+        rel_eval = [by[(s, "SN compiled")]["eval_ms"] / by[(s, "BN compiled")]["eval_ms"]
+                    for s in shapes]
+        summary.append(f"SN compiled / BN compiled: median fwd+bwd ratio "
+                       f"{statistics.median(rel):.2f}, eval ratio "
+                       f"{statistics.median(rel_eval):.2f}")
     return "\n".join(lines) + "\n\n" + "\n".join(summary)
 
 
@@ -179,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-malloc-tune", action="store_true",
                         help="keep glibc's default heap trimming (noisier CPU timings)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the torch.compile'd SN and BN rows (compiling takes minutes)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
@@ -188,10 +226,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     tuned = False if args.no_malloc_tune else tune_glibc_malloc()
+    layers = LAYERS if args.no_compile else LAYERS + COMPILED
     rows = run_benchmark(args.shape or DEFAULT_SHAPES, device=args.device, dtype=dtype,
-                         repeats=args.repeats, channels_last=args.channels_last)
+                         repeats=args.repeats, channels_last=args.channels_last, layers=layers)
     name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
-            else f"CPU, {torch.get_num_threads()} threads")
+            else f"{cpu_description()}, {torch.get_num_threads()} torch threads")
     print(f"# snexp.bench: torch {torch.__version__}, {name}, {args.dtype}"
           f"{', channels_last' if args.channels_last else ''}"
           f"{', glibc malloc tuned' if tuned else ''}; ratios to BatchNorm2d "

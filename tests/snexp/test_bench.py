@@ -16,6 +16,18 @@ def test_run_benchmark_rows_and_table(capsys):
 
 
 def test_cli(capsys):
-    assert bench.main(["--shape", "2,8,4,4", "--repeats", "1", "--channels-last"]) == 0
+    assert bench.main(["--shape", "2,8,4,4", "--repeats", "1", "--channels-last",
+                       "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "ratios to BatchNorm2d" in out and "(2, 8, 4, 4)" in out
+
+
+def test_compiled_rows_and_cpu_description():
+    # compiled SN and BN are timed in the same process and compared with each other
+    rows = bench.run_benchmark([(2, 8, 4, 4)], repeats=1,
+                               layers=("SN", "BN") + bench.COMPILED)
+    assert {r["layer"] for r in rows} == {"SN", "BN", "SN compiled", "BN compiled"}
+    assert "SN compiled / BN compiled: median fwd+bwd ratio" in bench.format_table(rows)
+    desc = bench.cpu_description()
+    assert "ATen kernels:" in desc and any(isa in desc for isa in
+                                           ("AVX-512", "AVX2", "NEON", "baseline"))
