@@ -6,8 +6,8 @@ On a machine with one CUDA GPU (about 8 minutes in all)::
 
 runs, each as its own process with its own timeout, writing its log and outputs under ``--out``:
 
-- ``python -m snexp.bench --device cuda``, float32 and bfloat16: SN against cuDNN BatchNorm
-  (eager; compiled too when this ``snexp.bench`` offers ``--compile``, read from its ``--help``);
+- ``python -m snexp.bench --device cuda``, float32 and bfloat16: SN against cuDNN BatchNorm,
+  eager and ``torch.compile``d (how to ask for the compiled runs is read from its ``--help``);
 - the SN/BN step-time ratio of the NAS child and controller (``benchmarks/nas_search.py``);
 - ``nas.train`` for a few steps, the same under ``torchrun --nproc-per-node=1`` with
   ``--sync-norm`` (NCCL on CUDA), and an NCCL probe: a one-rank NCCL group, an all-reduce and a
@@ -170,17 +170,12 @@ def plan(out: Path, inputs: dict[str, str], *, cuda: bool, tiny: bool,
         cuda: Run on the GPU; otherwise CPU, where GPU-only steps are skipped and ``--amp``
             and ``--compile`` left out.
         tiny: The smallest sizes (seconds per step), instead of short GPU-sized runs.
-        bench_help: ``python -m snexp.bench --help``, to find a ``--compile`` flag.
+        bench_help: ``python -m snexp.bench --help``: how to ask it for compiled runs.
     """
     device = ["--device", "cuda" if cuda else "cpu"]
-    gpu_only = "" if cuda else "a GPU check: needs CUDA"
     amp = ["--amp", "bf16"] if cuda else []
     no_amp = "" if cuda else "CPU: without --amp bf16"
-    bench = [PY, "-m", "snexp.bench", *device, *(["--shape", "2,8,8,8", "--repeats", "3"]
-                                                 if tiny else [])]
-    compiled = "--compile" in help_options(bench_help)
-    eager_only = "" if compiled or "compile" in bench_help else (
-        "snexp.bench has no --compile yet: eager only")
+    bench, bench_note, compiled = bench_argv(bench_help, cuda=cuda, tiny=tiny)
     ratio = [PY, "benchmarks/nas_search.py", *device,
              *(["--layers", "1", "--filters", "4", "--nodes", "2", "--batch", "4", "--steps",
                 "2", "--rounds", "1", "--samples", "2"] if tiny else
@@ -214,18 +209,9 @@ def plan(out: Path, inputs: dict[str, str], *, cuda: bool, tiny: bool,
               "--export", str(out / "stylize.pt2")]
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
     slow = 3.0 if tiny and not cuda else 1.0  # the tiny CPU mode runs on slow shared cores
-    steps = [
-        Step("bench fp32", (*bench,), 120 * slow, bench_figure, note=eager_only),
-        Step("bench bf16", (*bench, "--dtype", "bfloat16"), 120, bench_figure, skip=gpu_only,
-             note=eager_only),
-    ]
-    if compiled:
-        steps += [
-            Step("bench fp32 compiled", (*bench, "--compile"), 180 * slow, bench_figure),
-            Step("bench bf16 compiled", (*bench, "--dtype", "bfloat16", "--compile"), 180,
-                 bench_figure, skip=gpu_only),
-        ]
-    return steps + [
+    bench_time = 300 if compiled else 120  # compiling SN and BN for every shape takes long
+    return [
+        Step("bench fp32", (*bench,), bench_time * slow, bench_figure, note=bench_note),
         Step("NAS SN/BN step ratio", (*ratio,), 120 * slow, nas_ratio_figure),
         Step("nas.train", (PY, *nas_train, "--out", str(out / "nas-train")), 120 * slow,
              epoch_figure),
@@ -241,8 +227,27 @@ def plan(out: Path, inputs: dict[str, str], *, cuda: bool, tiny: bool,
              needs=str(out / "stylize" / "model.pt")),
         Step("nas.search", (*search,), 180 * slow, epoch_figure,
              note="" if cuda else "CPU: without --amp bf16 --compile"),
+        # last: with its compiled rows the second benchmark is the step the budget may cut
+        Step("bench bf16", (*bench, "--dtype", "bfloat16"), bench_time, bench_figure,
+             skip="" if cuda else "a GPU check: needs CUDA", note=bench_note),
     ]
 
+
+def bench_argv(bench_help: str, *, cuda: bool, tiny: bool) -> tuple[list[str], str, bool]:
+    """``snexp.bench``'s command, a note and whether it compiles, from its ``--help``.
+
+    A bench that times compiled SN/BN by default (``--no-compile`` offered) keeps them on CUDA
+    and skips them on CPU, where compiling takes minutes; one with a ``--compile`` flag gets it
+    on CUDA; one with neither is eager only, and the note says so.
+    """
+    argv = [PY, "-m", "snexp.bench", "--device", "cuda" if cuda else "cpu"]
+    argv += ["--shape", "2,8,8,8", "--repeats", "3"] if tiny else []
+    offered = help_options(bench_help)
+    if "--no-compile" in offered:
+        return (argv, "", True) if cuda else (argv + ["--no-compile"], "CPU: --no-compile", False)
+    if "--compile" in offered:
+        return (argv + ["--compile"], "", True) if cuda else (argv, "CPU: eager only", False)
+    return argv, "this snexp.bench times no compiled runs: eager only", False
 
 # -- running --------------------------------------------------------------------------------
 
@@ -410,31 +415,44 @@ def _read(path: str) -> str:
         return ""
 
 
-def nccl_probe() -> int:
-    """Run under torchrun: an NCCL group, one all-reduce and a SyncSwitchNorm fwd+bwd."""
+def probe_collectives(device) -> tuple[bool, str]:
+    """In a joined process group: one all-reduce and a ``SyncSwitchNorm`` fwd+bwd on ``device``.
+
+    Returns whether both came out right, and a one-line summary.
+    """
     import torch
     import torch.distributed as dist
 
     import snexp
 
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    torch.cuda.set_device(device)
-    dist.init_process_group("nccl", device_id=device)
     world = dist.get_world_size()
     ones = torch.ones(3, device=device)
     dist.all_reduce(ones)
     norm = snexp.SyncSwitchNorm(8).to(device)
     x = torch.randn(4, 8, 16, 16, device=device, requires_grad=True)
     norm(x).square().mean().backward()
-    torch.cuda.synchronize(device)
-    dist.destroy_process_group()
     summed, finite = bool((ones == world).all()), bool(torch.isfinite(x.grad).all())
+    return summed and finite, (f"{world} rank(s): all_reduce {'ok' if summed else 'WRONG'}, "
+                               f"SyncSwitchNorm fwd+bwd {'finite' if finite else 'NOT finite'}")
+
+
+def nccl_probe() -> int:
+    """Run under torchrun: join an NCCL group on ``cuda:LOCAL_RANK`` and probe it."""
+    import torch
+    import torch.distributed as dist
+
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    dist.init_process_group("nccl", device_id=device)
+    try:
+        ok, summary = probe_collectives(device)
+        torch.cuda.synchronize(device)
+    finally:
+        dist.destroy_process_group()
     version = torch.cuda.nccl.version()
     version = ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
-    print(f"NCCL probe: NCCL {version}, {world} rank(s): all_reduce "
-          f"{'ok' if summed else 'WRONG'}, SyncSwitchNorm fwd+bwd "
-          f"{'finite' if finite else 'NOT finite'}", flush=True)
-    return 0 if summed and finite else 1
+    print(f"NCCL probe: NCCL {version}, {summary}", flush=True)
+    return 0 if ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -144,16 +144,21 @@ def _by_name(steps):
     return {s.name: s for s in steps}
 
 
+BENCH_HELP = "usage: python -m snexp.bench [-h] [--device DEVICE] [--no-compile]\n"
+
+
 def test_the_gpu_plan_uses_cuda_bf16_compile_256px_sync_norm_and_nccl(tmp_path):
-    steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=True, tiny=False, bench_help=""))
-    assert list(steps) == ["bench fp32", "bench bf16", "NAS SN/BN step ratio", "nas.train",
+    steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=True, tiny=False, bench_help=BENCH_HELP))
+    assert list(steps) == ["bench fp32", "NAS SN/BN step ratio", "nas.train",
                            "torchrun nas.train --sync-norm", "NCCL probe", "stylize.train",
-                           "stylize.apply --export", "nas.search"]
+                           "stylize.apply --export", "nas.search", "bench bf16"]
     assert not any(s.skip for s in steps.values())
     # every command runs on CUDA; the probe runs under torchrun and picks cuda:LOCAL_RANK
     assert all(" ".join(s.argv[s.argv.index("--device"):][:2]) == "--device cuda"
                for n, s in steps.items() if n != "NCCL probe")
+    # the bench compiles by default: both dtypes keep their compiled rows
     assert steps["bench bf16"].argv[-2:] == ("--dtype", "bfloat16")
+    assert not any("--no-compile" in s.argv for s in steps.values())
     search, stylize = steps["nas.search"].argv, steps["stylize.train"].argv
     assert "--compile" in search and search[search.index("--amp") + 1] == "bf16"
     assert stylize[stylize.index("--amp") + 1] == "bf16"
@@ -162,22 +167,29 @@ def test_the_gpu_plan_uses_cuda_bf16_compile_256px_sync_norm_and_nccl(tmp_path):
     ddp = steps["torchrun nas.train --sync-norm"]
     assert "--nproc-per-node=1" in ddp.argv and "--sync-norm" in ddp.argv
     assert ddp.env == {"NCCL_DEBUG": "INFO"}
-    # without a --compile flag in snexp.bench's help the table says so
-    assert steps["bench fp32"].note == "snexp.bench has no --compile yet: eager only"
-    # the GPU steps fit the check's 8 minutes only through the budget: each alone fits
-    assert max(s.timeout_s for s in steps.values()) <= 180
 
 
-def test_compiled_bench_steps_appear_when_snexp_bench_offers_compile(tmp_path):
-    help_text = "usage: python -m snexp.bench [-h] [--device DEVICE] [--compile]\n"
-    steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=True, tiny=False, bench_help=help_text))
-    assert steps["bench fp32 compiled"].argv[-1] == "--compile"
-    assert steps["bench bf16 compiled"].argv[-3:] == ("--dtype", "bfloat16", "--compile")
-    assert steps["bench fp32"].note == ""
+@pytest.mark.parametrize("help_text, cuda, extra, note", [
+    # compiled rows by default: kept on CUDA, skipped on CPU (minutes of compiling)
+    (BENCH_HELP, True, [], ""),
+    (BENCH_HELP, False, ["--no-compile"], "CPU: --no-compile"),
+    # an opt-in flag: asked for on CUDA only
+    ("[-h] [--compile]", True, ["--compile"], ""),
+    ("[-h] [--compile]", False, [], "CPU: eager only"),
+    # neither: the table says the bench is eager only
+    ("[-h] [--device DEVICE]", True, [], "this snexp.bench times no compiled runs: eager only"),
+])
+def test_the_bench_command_follows_the_compile_flags_snexp_bench_offers(help_text, cuda, extra,
+                                                                        note):
+    argv, got_note, compiled = gc.bench_argv(help_text, cuda=cuda, tiny=False)
+    device = "cuda" if cuda else "cpu"
+    assert argv == [sys.executable, "-m", "snexp.bench", "--device", device, *extra]
+    assert got_note == note
+    assert compiled == (cuda and "compile" in help_text)
 
 
 def test_the_tiny_cpu_plan_skips_bf16_and_nccl_and_leaves_out_amp_and_compile(tmp_path):
-    steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=False, tiny=True, bench_help=""))
+    steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=False, tiny=True, bench_help=BENCH_HELP))
     skipped = {n: s.skip for n, s in steps.items() if s.skip}
     assert skipped == {"bench bf16": "a GPU check: needs CUDA", "NCCL probe": "NCCL needs CUDA"}
     ran = [s for s in steps.values() if not s.skip]
@@ -187,6 +199,20 @@ def test_the_tiny_cpu_plan_skips_bf16_and_nccl_and_leaves_out_amp_and_compile(tm
     broken = {"error": "inputs not made: OSError: disk full", "vgg_note": ""}
     steps = _by_name(gc.plan(tmp_path, broken, cuda=False, tiny=True, bench_help=""))
     assert steps["stylize.train"].skip == "inputs not made: OSError: disk full"
+
+
+def test_the_probe_all_reduces_and_runs_sync_switchnorm_in_a_process_group(tmp_path):
+    import torch.distributed as dist
+
+    # gloo on CPU stands in for NCCL: the same calls, one rank
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdzv'}", rank=0,
+                            world_size=1)
+    try:
+        ok, summary = gc.probe_collectives(torch.device("cpu"))
+    finally:
+        dist.destroy_process_group()
+    assert ok
+    assert summary == "1 rank(s): all_reduce ok, SyncSwitchNorm fwd+bwd finite"
 
 
 # -- command line ---------------------------------------------------------------------------
@@ -227,7 +253,8 @@ def _set_keys(help_text: str) -> set[str]:
 
 @pytest.mark.slow
 def test_every_flag_of_the_gpu_plan_is_one_its_entry_point_offers(tmp_path):
-    steps = gc.plan(tmp_path, INPUTS, cuda=True, tiny=False, bench_help="[--compile]")
+    bench_help = gc.read_help([sys.executable, "-m", "snexp.bench"])
+    steps = gc.plan(tmp_path, INPUTS, cuda=True, tiny=False, bench_help=bench_help)
     helps: dict[tuple[str, ...], str] = {}
     for step in steps:
         argv = list(step.argv)
@@ -235,8 +262,6 @@ def test_every_flag_of_the_gpu_plan_is_one_its_entry_point_offers(tmp_path):
             argv = argv[argv.index("--nproc-per-node=1") + 1:]
             argv = [sys.executable, *argv]
         program = argv[:3] if argv[1] == "-m" else argv[:2]
-        if "--compile" in argv and "snexp.bench" in argv:
-            continue  # only planned when snexp.bench offers it
         if tuple(program) not in helps:
             helps[tuple(program)] = gc.read_help(program)
         help_text = helps[tuple(program)]
