@@ -46,15 +46,17 @@ void row_stats_impl(const T* xp, T* mup, T* ssp, int64_t rows, int64_t m) {
   at::parallel_for(0, rows, grain(m), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = xp + r * m;
-      // double accumulators for float32 rows: exact enough for any row length
-      double s = 0;
+      // Vector-lane partial sums in the element type (as ATen's reductions); the variance
+      // is summed around the mean (a second read of the row, from cache), never as
+      // sum(x^2) - m mean^2, which loses every digit when |mean| >> std.
+      T s = 0;
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < m; ++i) s += row[i];
-      const double mean = m ? s / m : 0.0;
-      double q = 0;
+      const T mean = m ? s / static_cast<T>(m) : T(0);
+      T q = 0;
 #pragma omp simd reduction(+ : q)
       for (int64_t i = 0; i < m; ++i) {
-        const double d = row[i] - mean;
+        const T d = row[i] - mean;
         q += d * d;
       }
       mup[r] = static_cast<T>(mean);
