@@ -11,6 +11,7 @@ use, so that ``import snexp`` loads no optuna, sqlalchemy, tensorboard, tqdm or 
 from snexp.inspect import Importance, importance, log_importance
 from snexp.norm import (
     NORM_KINDS,
+    NormSpec,
     SparseSwitchNorm1d,
     SparseSwitchNorm2d,
     SparseSwitchNorm3d,
@@ -47,7 +48,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "Importance", "NORM_KINDS", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
+    "Importance", "NORM_KINDS", "NormSpec", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
     "SparseSwitchNorm3d", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm",
     "convert_norm", "importance", "load_official_state_dict", "log_importance", "make_norm",
     "norm_layer", "recompute_batch_stats", "set_sparsity", "sparsemax", "sparsestmax",

@@ -1,6 +1,6 @@
 """Normalization layers: Switchable Normalization, its sparse and synchronized variants."""
 
-from snexp.norm.factory import NORM_KINDS, convert_norm, make_norm, norm_layer
+from snexp.norm.factory import NORM_KINDS, NormSpec, convert_norm, make_norm, norm_layer
 from snexp.norm.official import load_official_state_dict
 from snexp.norm.sparse import (
     SparseSwitchNorm1d,
@@ -14,7 +14,7 @@ from snexp.norm.switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, reco
 from snexp.norm.sync import SyncSwitchNorm
 
 __all__ = [
-    "NORM_KINDS", "SparseSwitchNorm1d", "SparseSwitchNorm2d", "SparseSwitchNorm3d",
+    "NORM_KINDS", "NormSpec", "SparseSwitchNorm1d", "SparseSwitchNorm2d", "SparseSwitchNorm3d",
     "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm", "convert_norm",
     "load_official_state_dict", "make_norm", "norm_layer", "recompute_batch_stats",
     "set_sparsity", "sparsemax", "sparsestmax",

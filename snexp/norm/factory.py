@@ -14,15 +14,20 @@ gn     nn.GroupNorm(groups, C), ``groups=32``         ``groups`` must divide C
 none   nn.Identity
 =====  =============================================  ====================================
 
-Models take a ``norm`` argument (a kind string, a callable or ``None``), resolve it once with
-:func:`norm_layer`, and call the result as ``norm_layer(channels)`` (torchvision's
-``norm_layer`` convention; timm's ``get_norm_layer``).
+Models take a ``norm`` argument (a kind string, a :class:`NormSpec`, a callable or ``None``),
+resolve it once with :func:`norm_layer`, and call the result as ``norm_layer(channels)``
+(torchvision's ``norm_layer`` convention; timm's ``get_norm_layer``). A normalizer with its
+options travels as one value, a :class:`NormSpec`, which also reads and prints as text, so that
+configs and flags can carry it: ``"sn(momentum=0.003, candidates=in+ln+bn)"``, ``"gn(groups=8)"``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -30,7 +35,7 @@ from torch import nn
 from snexp.norm.sparse import SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d
 from snexp.norm.switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _SwitchNorm
 
-__all__ = ["NORM_KINDS", "norm_layer", "make_norm", "convert_norm"]
+__all__ = ["NORM_KINDS", "NormSpec", "norm_layer", "make_norm", "convert_norm"]
 
 
 def _group_norm(num_features: int, groups: int = 32, **options) -> nn.GroupNorm:
@@ -75,13 +80,96 @@ def _resolve_kind(kind: str) -> str:
     return name
 
 
-def norm_layer(norm: str | Callable[..., nn.Module] | None = "sn", dims: int = 2,
+_SPEC = re.compile(r"^\s*([A-Za-z_-]+)\s*(?:\((.*)\))?\s*$", re.S)
+
+
+def _parse_value(text: str) -> Any:
+    text = text.strip()
+    low = text.lower()
+    if low in ("none", "null"):
+        return None
+    if low in ("true", "false"):
+        return low == "true"
+    if "+" in text or low in _CANDIDATE_NAMES or re.fullmatch(r"gn\d+", low):
+        return tuple(v.strip() for v in text.split("+") if v.strip())
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+_CANDIDATE_NAMES = ("in", "ln", "bn")
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """One normalizer as a value: its kind and its layer options.
+
+    Reads and prints as text, ``kind(key=value, ...)``, with tuples written ``a+b``:
+    ``NormSpec.parse("sn(momentum=0.003, candidates=in+ln)")``. :func:`norm_layer` resolves it
+    once into ``norm_layer(channels)``. Options are checked by the layer when it is built.
+
+    Attributes:
+        kind: a registry kind (see the module docstring).
+        options: the layer's keyword options, as sorted ``(name, value)`` pairs.
+
+    Example:
+        >>> spec = NormSpec.parse("gn(groups=8)")
+        >>> spec.layer()(64)
+        GroupNorm(8, 64, eps=1e-05, affine=True)
+        >>> str(NormSpec("sn", {"momentum": 0.003}))
+        'sn(momentum=0.003)'
+    """
+
+    kind: str = "sn"
+    options: tuple[tuple[str, Any], ...] = ()
+
+    def __init__(self, kind: str = "sn", options: Mapping[str, Any] | None = None,
+                 **more: Any) -> None:
+        merged = {**dict(options or {}), **more}
+        merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+        object.__setattr__(self, "kind", _resolve_kind(kind))
+        object.__setattr__(self, "options", tuple(sorted(merged.items())))
+
+    @classmethod
+    def parse(cls, text: str | NormSpec) -> NormSpec:
+        """Read ``"kind"`` or ``"kind(key=value, ...)"``; ``a+b`` is a tuple, ``none`` None."""
+        if isinstance(text, NormSpec):
+            return text
+        match = _SPEC.match(str(text))
+        if not match:
+            raise ValueError(f"norm spec {text!r}: write kind(key=value, ...), e.g. "
+                             f"'sn(momentum=0.003, candidates=in+ln+bn)' or 'gn(groups=8)'")
+        options = {}
+        for part in filter(str.strip, (match.group(2) or "").split(",")):
+            key, eq, value = part.partition("=")
+            if not eq or not key.strip().isidentifier():
+                raise ValueError(f"norm spec {text!r}: option {part.strip()!r} is not "
+                                 f"key=value")
+            options[key.strip()] = _parse_value(value)
+        return cls(match.group(1), options)
+
+    def layer(self, dims: int = 2) -> Callable[[int], nn.Module]:
+        """The ``norm_layer(channels)`` callable (see :func:`norm_layer`)."""
+        return norm_layer(self.kind, dims, **dict(self.options))
+
+    def __str__(self) -> str:
+        def fmt(v: Any) -> str:
+            return "+".join(map(str, v)) if isinstance(v, tuple) else str(v)
+        inner = ", ".join(f"{k}={fmt(v)}" for k, v in self.options)
+        return f"{self.kind}({inner})" if inner else self.kind
+
+
+def norm_layer(norm: str | NormSpec | Callable[..., nn.Module] | None = "sn", dims: int = 2,
                **options) -> Callable[[int], nn.Module]:
     """Resolve ``norm`` once into a callable ``norm_layer(num_features) -> nn.Module``.
 
     Args:
-        norm: a kind (see module docstring), a class or callable taking the channel count
-            first (options are bound with ``functools.partial``), or ``None`` for no norm.
+        norm: a kind (see module docstring), a :class:`NormSpec` or its text
+            (``"sn(momentum=0.003)"``), a class or callable taking the channel count first
+            (options are bound with ``functools.partial``), or ``None`` for no norm.
         dims: spatial rank of the input: 1 for (N, C, L) or (N, C), 2 for images, 3 for video.
         **options: keyword options of the layer (e.g. ``candidates``, ``groups``, ``momentum``).
 
@@ -95,6 +183,11 @@ def norm_layer(norm: str | Callable[..., nn.Module] | None = "sn", dims: int = 2
     """
     if dims not in (1, 2, 3):
         raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+    if isinstance(norm, str) and "(" in norm:
+        norm = NormSpec.parse(norm)
+    if isinstance(norm, NormSpec):
+        options = {**dict(norm.options), **options}
+        norm = norm.kind
     if norm is None:
         builder = _identity
     elif isinstance(norm, str):

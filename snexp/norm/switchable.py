@@ -24,7 +24,14 @@ _COMPAT = ("paper", "official")
 
 
 class _SwitchNorm(nn.Module):
-    """Common base of all Switchable Normalization layers (see :class:`SwitchNorm2d`)."""
+    """Common base of all Switchable Normalization layers (see :class:`SwitchNorm2d`).
+
+    Parameters: ``weight``, ``bias`` (C,) and the importance logits ``mean_weight``,
+    ``var_weight`` (K,), one per candidate; ``importance_weights()`` gives their softmax.
+    NOTE: the logits keep the authors' names (``mean_weight``/``var_weight``), so that their
+    checkpoints load (:func:`snexp.load_official_state_dict`) and ours read alike; they are
+    logits, not weights.
+    """
 
     _ranks: tuple[int, ...] = (4,)
     _layout = "(N, C, H, W)"
@@ -36,11 +43,11 @@ class _SwitchNorm(nn.Module):
         eps: float = 1e-5,
         momentum: float | None = 0.1,
         candidates: tuple[str, ...] = ("in", "ln", "bn"),
+        *,
         moving_average: bool = True,
         last_gamma: bool = False,
         affine: bool = True,
         compat: str = "paper",
-        *,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -183,6 +190,7 @@ class SwitchNorm2d(_SwitchNorm):
         momentum: running-average factor, PyTorch convention (the authors' 0.9 is our 0.1);
             ``None`` for a cumulative average. Default 0.1.
         candidates: ordered subset of "in", "ln", "bn", "gn<G>". Default ("in", "ln", "bn").
+        (keyword-only from here on)
         moving_average: ``True`` blends batch statistics into the running buffers while
             training; ``False`` is the paper's batch-average mode: call
             :func:`recompute_batch_stats` before evaluation.
@@ -212,8 +220,8 @@ class SwitchNorm1d(_SwitchNorm):
     _layout = "(N, C) or (N, C, L)"
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 candidates: tuple[str, ...] = ("ln", "bn"), *args, **kwargs) -> None:
-        super().__init__(num_features, eps, momentum, candidates, *args, **kwargs)
+                 candidates: tuple[str, ...] = ("ln", "bn"), **kwargs) -> None:
+        super().__init__(num_features, eps, momentum, candidates, **kwargs)
 
 
 class SwitchNorm3d(_SwitchNorm):

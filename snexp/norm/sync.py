@@ -52,8 +52,8 @@ class SyncSwitchNorm(_SwitchNorm):
         out = module
         if isinstance(module, _SwitchNorm) and not isinstance(module, cls):
             out = cls(module.num_features, module.eps, module.momentum, module.candidates,
-                      module.moving_average, module.last_gamma, module.affine, module.compat,
-                      process_group=process_group,
+                      moving_average=module.moving_average, last_gamma=module.last_gamma,
+                      affine=module.affine, compat=module.compat, process_group=process_group,
                       device=module.mean_weight.device, dtype=module.mean_weight.dtype)
             out.load_state_dict(module.state_dict())
             out.train(module.training)

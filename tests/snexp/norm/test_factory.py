@@ -96,3 +96,34 @@ def test_convert_back_and_to_other_kinds():
     assert isinstance(layer, snexp.SwitchNorm1d)
     with pytest.raises(ValueError, match="unknown norm kind"):
         snexp.convert_norm(net, "xx")
+
+
+def test_norm_spec_reads_prints_and_builds():
+    # one value carries the kind and its options; text round-trips; the layer gets the options
+    spec = snexp.NormSpec.parse("SN(momentum=0.003, candidates=in+ln)")
+    assert spec == snexp.NormSpec("sn", {"candidates": ("in", "ln"), "momentum": 0.003})
+    assert str(spec) == "sn(candidates=in+ln, momentum=0.003)"
+    assert snexp.NormSpec.parse(str(spec)) == spec
+    layer = spec.layer()(8)
+    assert isinstance(layer, snexp.SwitchNorm2d)
+    assert layer.momentum == 0.003 and layer.candidates == ("in", "ln")
+    assert snexp.norm_layer("gn(groups=4)")(8).num_groups == 4
+    assert isinstance(snexp.make_norm(spec, 8, dims=1), snexp.SwitchNorm1d)
+    assert snexp.norm_layer(spec, momentum=0.5)(8).momentum == 0.5  # explicit options win
+    assert str(snexp.NormSpec.parse("bn")) == "bn"
+
+
+@pytest.mark.parametrize("text,match", [("xx(a=1)", "unknown norm kind"),
+                                        ("sn(momentum)", "key=value"),
+                                        ("sn(momentum=0.1", "kind\\(key=value")])
+def test_norm_spec_refuses_bad_text(text, match):
+    # a mistyped spec names what is wrong and how it should look
+    with pytest.raises(ValueError, match=match):
+        snexp.NormSpec.parse(text)
+
+
+def test_rare_layer_options_are_keyword_only():
+    # moving_average, last_gamma, affine and compat cannot be passed by position
+    with pytest.raises(TypeError):
+        snexp.SwitchNorm2d(4, 1e-5, 0.1, ("in", "bn"), False)
+    assert snexp.SwitchNorm2d(4, affine=False).weight is None
