@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from snexp import norm_layer as resolve_norm
 from snexp.norm.functional import parse_candidates, switch_norm
+from snexp.norm.switchable import check_options
 
 __all__ = ["StyleNorm", "ConditionalAffine", "ConditionalSwitchNorm2d", "style_norm_layer"]
 
@@ -61,8 +62,10 @@ class ConditionalAffine(StyleNorm):
 class ConditionalSwitchNorm2d(StyleNorm):
     """Switchable Normalization with per-style affine parameters and importance logits.
 
-    The arithmetic is :func:`snexp.norm.functional.switch_norm`; this module only chooses its
-    arguments from the style weights. The BN branch keeps running statistics per style
+    It stands on the same SN op as :class:`snexp.SwitchNorm2d`
+    (:func:`snexp.norm.functional.switch_norm`, with the same option checks); this module only
+    holds one set of parameters per style and chooses the op's arguments from the style
+    weights. The BN branch keeps running statistics per style
     (``running_mean[s]``), because each style shifts the activations differently.
 
     Args:
@@ -86,6 +89,7 @@ class ConditionalSwitchNorm2d(StyleNorm):
         compat: str = "paper",
     ) -> None:
         super().__init__()
+        check_options(num_features, eps, momentum, compat)
         self.num_features, self.num_styles = num_features, num_styles
         self.eps, self.momentum, self.compat = float(eps), momentum, compat
         self.candidates = parse_candidates(candidates, num_features)

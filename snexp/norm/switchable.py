@@ -23,6 +23,19 @@ __all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "recompute_batch_stat
 _COMPAT = ("paper", "official")
 
 
+def check_options(num_features: int, eps: float, momentum: float | None, compat: str) -> None:
+    """Validate SN's scalar options (shared by every layer built on the SN op)."""
+    if not isinstance(num_features, int) or num_features <= 0:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if momentum is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1] (PyTorch convention: the authors' "
+                         f"0.9 is our 0.1) or None, got {momentum!r}")
+    if compat not in _COMPAT:
+        raise ValueError(f"compat must be one of {_COMPAT}, got {compat!r}")
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps!r}")
+
+
 class _SwitchNorm(nn.Module):
     """Common base of all Switchable Normalization layers (see :class:`SwitchNorm2d`).
 
@@ -52,15 +65,7 @@ class _SwitchNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if momentum is not None and not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (PyTorch convention: the authors' "
-                             f"0.9 is our 0.1) or None, got {momentum!r}")
-        if compat not in _COMPAT:
-            raise ValueError(f"compat must be one of {_COMPAT}, got {compat!r}")
-        if eps <= 0:
-            raise ValueError(f"eps must be positive, got {eps!r}")
+        check_options(num_features, eps, momentum, compat)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.eps = float(eps)
