@@ -6,8 +6,9 @@ On a machine with one CUDA GPU (about 8 minutes in all)::
 
 runs, each as its own process with its own timeout, writing its log and outputs under ``--out``:
 
-- ``python -m snexp.bench --device cuda``, float32 and bfloat16: SN against cuDNN BatchNorm,
-  eager and ``torch.compile``d (how to ask for the compiled runs is read from its ``--help``);
+- ``python -m snexp.bench --device cuda``, float32 (first) and bfloat16 (last: the step the
+  budget may cut): SN against cuDNN BatchNorm, eager and ``torch.compile``d (how to ask for the
+  compiled runs is read from its ``--help``);
 - the SN/BN step-time ratio of the NAS child and controller (``benchmarks/nas_search.py``);
 - ``nas.train`` for a few steps, the same under ``torchrun --nproc-per-node=1`` with
   ``--sync-norm`` (NCCL on CUDA), and an NCCL probe: a one-rank NCCL group, an all-reduce and a
@@ -20,10 +21,11 @@ past the time budget (``--budget``) are skipped. The table (step, command, statu
 seconds) is printed and written to ``<out>/gpu_check.md``, every result to
 ``<out>/results.json``; the exit status is 1 when a step failed. ``--device cpu --tiny`` runs
 the same steps at the smallest sizes on CPU (the tests do): the bf16 benchmark and the NCCL
-probe are skipped there, and ``--amp bf16``/``--compile`` are left out.
+probe are skipped there, and ``--amp bf16``/``--compile`` (and the bench's compiled rows) are
+left out.
 
-This script imports neither ``snexp`` nor ``nas``/``stylize``, so a broken package shows up as
-failed steps in the table rather than as a traceback of the check.
+The check imports neither ``snexp`` nor ``nas``/``stylize`` (only its NCCL probe does, in its
+own step), so a broken package shows up as failed steps in the table, not as a traceback.
 """
 
 from __future__ import annotations
