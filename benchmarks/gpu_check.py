@@ -471,7 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="smallest sizes: seconds per step (a CPU dry run)")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for all steps; later ones are skipped past it "
-                             "(default 480, 1800 with --device cpu)")
+                             "(default 450: 8 minutes with start-up and a last stop; 1800 "
+                             "with --device cpu)")
     parser.add_argument("--nccl-probe", action="store_true",
                         help="(run by the check under torchrun) the NCCL probe step alone")
     args = parser.parse_args(argv)
@@ -497,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          "--device cpu --tiny, or the check on a machine with a GPU")
     out = args.out.resolve() if args.out else Path(tempfile.mkdtemp(prefix="gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
-    budget = args.budget if args.budget is not None else (480.0 if cuda else 1800.0)
+    budget = args.budget if args.budget is not None else (450.0 if cuda else 1800.0)
     deadline = time.monotonic() + budget
 
     start = time.monotonic()
