@@ -1,0 +1,324 @@
+"""Does SN adapt to the batch size? BN, GN, SN (and IN, LN, SSN) from 32 images down to 2.
+
+The SN paper's central claim (Luo et al. 2018, arXiv 1806.10779, Table 1 and Fig. 4) at CPU
+scale: for every normalizer, batch size and seed, one small ResNet (:mod:`batch_size_run`) is
+trained on the same images with the linearly scaled learning rate, then tested; SN's learned
+importance is read per layer and averaged over layers. Prints a table of test accuracy (mean
++- std over seeds) and of SN's importance, and writes::
+
+    <out>/study.json                  every run: test_acc, curves, importance, lr, steps, ...
+    <out>/accuracy.png                test accuracy vs batch size, one line per norm
+    <out>/importance.png              SN's mean/var importance (averaged over layers) per batch
+    <out>/<norm>-b<batch>-s<seed>/    each run's directory (config.toml, tb/, checkpoints/,
+                                      result.json); ``-d<K>`` is added with ``--devices K``
+
+::
+
+    python benchmarks/batch_size_study.py --out runs/batch-study --quick   # <= 10 min, 2 cores
+    python benchmarks/batch_size_study.py --out runs/batch-study --seeds 0,1
+
+Finished runs (with ``result.json``) are read, not rerun, and interrupted ones resumed from
+their last checkpoint, so the study can be stopped (Ctrl-C) and started again; a run directory
+made with other settings is refused, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from batch_size_run import NORMS, RunConfig, train
+
+from nas.data import build_splits
+from snexp.runtime.checkpoint import write_text_atomic
+from snexp.runtime.config import (
+    CONFIG_FILE,
+    ConfigError,
+    cli_errors,
+    flatten,
+    load_config,
+    override,
+    resolve_config,
+)
+from snexp.runtime.run import Run, RunStopped
+
+PROG = "python benchmarks/batch_size_study.py"
+RESULT_FILE = "result.json"
+QUICK = {"norms": "bn,gn,sn", "batch_sizes": "32,8,2", "epochs": 2}  # runs of the full grid
+FULL = {"norms": "bn,gn,sn,in,ln", "batch_sizes": "32,16,8,4,2", "epochs": 2}
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--{name} {text!r}: give a comma list of integers") from None
+    if not values or (min(values) < 1 and name != "seeds"):
+        raise ConfigError(f"--{name} {text!r}: give a comma list of integers >= 1")
+    return values
+
+
+# everyday flags -> keys of RunConfig (each has a --set equivalent)
+FLAGS = {"--epochs": "train.epochs", "--devices": "train.devices", "--base-lr": "train.base_lr",
+         "--base-batch": "train.base_batch", "--importance-lr-mult": "train.importance_lr_mult",
+         "--width": "model.width", "--dataset": "data.dataset", "--data-root": "data.root",
+         "--device": "runtime.device"}
+GRID_KEYS = ("model.norm", "train.batch_size", "runtime.seed", "runtime.out")
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = flatten(RunConfig())
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
+    parser.add_argument("--out", type=Path, default=Path("runs/batch-study"),
+                        help="study directory (default: runs/batch-study)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"reduced grid: norms {QUICK['norms']}, batch sizes "
+                             f"{QUICK['batch_sizes']}, {QUICK['epochs']} epoch")
+    parser.add_argument("--norms", help=f"comma list of {', '.join(NORMS)} "
+                                        f"(default: {FULL['norms']})")
+    parser.add_argument("--batch-sizes", help="comma list of images per normalization batch "
+                                              f"(default: {FULL['batch_sizes']})")
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    for flag, key in FLAGS.items():
+        default = FULL["epochs"] if key == "train.epochs" else defaults[key]
+        parser.add_argument(flag, dest=key, help=f"(default: {default}; --set {key}=...)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="any key of a run's config.toml, e.g. data.embedded_train=2000 "
+                             f"(repeatable; not {', '.join(GRID_KEYS)}, which the grid sets)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default: 1; see the README: tiny batches run "
+                             "slower with more threads, much slower on a busy machine)")
+    parser.add_argument("--no-figures", action="store_true", help="skip the two PNG figures")
+    return parser
+
+
+def build_configs(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[RunConfig]]:
+    """Parse the command line into one :class:`RunConfig` per (seed, norm, batch size).
+
+    Settings are layered as in every entry point: defaults (the full grid's epochs, or
+    ``--quick``'s) < flags < ``--set``; the grid then sets norm, batch size, seed and directory.
+
+    Raises:
+        ConfigError: A bad flag value, with what is allowed.
+    """
+    args = _parser().parse_args(argv)
+    preset = QUICK if args.quick else FULL
+    norms = [n.strip().lower() for n in (args.norms or preset["norms"]).split(",") if n.strip()]
+    unknown = sorted(set(norms) - set(NORMS))
+    if unknown or not norms:
+        raise ConfigError(f"--norms: unknown norm(s) {unknown}; choose from {', '.join(NORMS)}")
+    sizes = _ints(args.batch_sizes or preset["batch_sizes"], "batch-sizes")
+    seeds = _ints(args.seeds, "seeds")
+    fixed = [s for s in args.set if s.split("=", 1)[0].strip() in GRID_KEYS]
+    if fixed:
+        raise ConfigError(f"--set {fixed[0]}: the grid sets {', '.join(GRID_KEYS)}; use "
+                          "--norms, --batch-sizes, --seeds and --out")
+    values = vars(args)
+    sets = [f"train.epochs={preset['epochs']}", "runtime.checkpoint_every=1000"]
+    sets += [f"{key}={values[key]}" for key in FLAGS.values() if values[key] is not None]
+    base = resolve_config(RunConfig, sets=sets + args.set)
+    configs = []
+    for seed in seeds:
+        for norm in norms:
+            for size in sizes:
+                name = run_name(norm, size, seed, base.train.devices)
+                configs.append(override(base, {
+                    "model.norm": norm, "train.batch_size": size, "runtime.seed": seed,
+                    "runtime.out": str(args.out / name)}))
+    return args, configs
+
+
+def run_name(norm: str, batch_size: int, seed: int, devices: int = 1) -> str:
+    """The run directory's name inside the study directory."""
+    return f"{norm}-b{batch_size}-s{seed}" + (f"-d{devices}" if devices > 1 else "")
+
+
+def _settings(cfg: RunConfig) -> dict:
+    return {k: v for k, v in flatten(cfg).items() if not k.startswith("runtime.")
+            or k in ("runtime.seed",)}
+
+
+def plan(cfg: RunConfig) -> str:
+    """What to do with a run: ``reuse``, ``resume``, ``restart`` (begun, no checkpoint) or
+    ``new``.
+
+    Raises:
+        ConfigError: The directory holds a run with other settings, or is not a run directory.
+    """
+    folder = Path(cfg.runtime.out)
+    if not folder.exists() or not any(folder.iterdir()):
+        return "new"
+    saved = folder / CONFIG_FILE
+    if not saved.is_file():
+        raise ConfigError(f"{folder} exists but holds no {CONFIG_FILE}, so it is not a run of "
+                          "this study; move it away or choose another --out")
+    old, new = _settings(load_config(RunConfig, saved)), _settings(cfg)
+    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    if diff:
+        raise ConfigError(f"{folder} holds a run made with other settings ({'; '.join(diff)}); "
+                          "rerun with the settings it was made with, or choose another --out")
+    if (folder / RESULT_FILE).is_file():
+        return "reuse"
+    return "resume" if (folder / "checkpoints" / "last.pt").is_file() else "restart"
+
+
+def run_one(cfg: RunConfig, what: str, splits) -> dict:
+    """Train (or resume) one run and write its ``result.json``; returns the record."""
+    folder = Path(cfg.runtime.out)
+    cfg = override(cfg, {"runtime.resume": what == "resume",
+                         "runtime.overwrite": what == "restart"})
+    print(f"$ {folder.name} ({what})", flush=True)
+    with Run(cfg, experiment="batch-size-study", prog=PROG) as run:
+        result = train(run, splits)
+    record = {"norm": cfg.model.norm, "batch_size": cfg.train.batch_size,
+              "devices": cfg.train.devices, "seed": cfg.runtime.seed, "dir": folder.name,
+              **result}
+    write_text_atomic(folder / RESULT_FILE, json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per (norm, batch size): test accuracy mean/std/seeds and, for SN/SSN, the importance
+    averaged over layers and seeds."""
+    groups: dict[tuple[str, int], list[dict]] = {}
+    for r in records:
+        groups.setdefault((r["norm"], r["batch_size"]), []).append(r)
+    out = []
+    for (norm, size), runs in groups.items():
+        mean, std = _mean_std([r["test_acc"] for r in runs])
+        row = {"norm": norm, "batch_size": size, "seeds": len(runs), "test_acc_mean": mean,
+               "test_acc_std": std}
+        imps = [r["importance"] for r in runs if r.get("importance")]
+        if imps:
+            row["importance"] = {which: {c: statistics.mean(i[which][c] for i in imps)
+                                         for c in imps[0][which]} for which in ("mean", "var")}
+        out.append(row)
+    return {"rows": out}
+
+
+def format_tables(summary: dict) -> str:
+    """The accuracy table (norm x batch size) and the importance table (per batch size)."""
+    rows = summary["rows"]
+    norms = list(dict.fromkeys(r["norm"] for r in rows))
+    sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
+    cell = {(r["norm"], r["batch_size"]): r for r in rows}
+    lines = ["test accuracy, mean +- std over seeds (number of seeds)",
+             f"{'norm':5s}" + "".join(f"{'batch ' + str(s):>22s}" for s in sizes)]
+    for norm in norms:
+        cells = [cell.get((norm, s)) for s in sizes]
+        lines.append(f"{norm:5s}" + "".join(
+            f"{r['test_acc_mean']:.3f} +- {r['test_acc_std']:.3f} ({r['seeds']})".rjust(22)
+            if r else "-".rjust(22) for r in cells))
+    for norm in norms:
+        with_imp = [cell[(norm, s)] for s in sizes if "importance" in cell.get((norm, s), {})]
+        if not with_imp:
+            continue
+        cands = list(with_imp[0]["importance"]["mean"])
+        lines += ["", f"{norm} importance averaged over layers and seeds",
+                  f"{'batch':>5s}  " + " ".join(f"mean:{c:<4s}" for c in cands) + "  " +
+                  " ".join(f"var:{c:<5s}" for c in cands)]
+        for r in with_imp:
+            imp = r["importance"]
+            lines.append(f"{r['batch_size']:5d}  " +
+                         " ".join(f"{imp['mean'][c]:9.3f}" for c in cands) + "  " +
+                         " ".join(f"{imp['var'][c]:9.3f}" for c in cands))
+    return "\n".join(lines)
+
+
+def draw_figures(summary: dict, out: Path) -> list[Path]:
+    """``accuracy.png`` (test accuracy vs batch size per norm) and ``importance.png`` (SN's
+    importance per batch size, the paper's bars); returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary["rows"]
+    written = []
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for norm in dict.fromkeys(r["norm"] for r in rows):
+        pts = sorted((r["batch_size"], r["test_acc_mean"], r["test_acc_std"])
+                     for r in rows if r["norm"] == norm)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                    marker="o", capsize=3, label=norm.upper())
+    sizes = sorted({r["batch_size"] for r in rows})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(s) for s in sizes])
+    ax.invert_xaxis()
+    ax.set_xlabel("images per normalization batch")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    fig.tight_layout()
+    written.append(out / "accuracy.png")
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    switch = [r for r in rows if "importance" in r]
+    norms = list(dict.fromkeys(r["norm"] for r in switch))
+    if norms:
+        fig, axes = plt.subplots(len(norms), 2, figsize=(8, 3 * len(norms)), squeeze=False)
+        for row, norm in zip(axes, norms):
+            mine = sorted((r for r in switch if r["norm"] == norm),
+                          key=lambda r: -r["batch_size"])
+            for ax, which in zip(row, ("mean", "var")):
+                bottom = [0.0] * len(mine)
+                for cand in mine[0]["importance"][which]:
+                    vals = [r["importance"][which][cand] for r in mine]
+                    ax.bar(range(len(mine)), vals, bottom=bottom, label=cand.upper())
+                    bottom = [b + v for b, v in zip(bottom, vals)]
+                ax.set_xticks(range(len(mine)), [str(r["batch_size"]) for r in mine])
+                ax.set_ylim(0, 1)
+                ax.set_title(f"{norm.upper()} {which} importance (avg over layers)")
+                ax.set_xlabel("images per normalization batch")
+            row[0].legend(loc="lower left")
+        fig.tight_layout()
+        written.append(out / "importance.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    with cli_errors(PROG):
+        args, configs = build_configs(argv)
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: give 1 or more")
+        torch.set_num_threads(args.threads)
+        plans = [plan(cfg) for cfg in configs]  # every directory checked before any work
+        splits = build_splits(configs[0].data) if set(plans) != {"reuse"} else None
+        records = []
+        for cfg, what in zip(configs, plans):
+            folder = Path(cfg.runtime.out)
+            if what == "reuse":
+                records.append(json.loads((folder / RESULT_FILE).read_text()))
+                continue
+            try:
+                records.append(run_one(cfg, what, splits))
+            except RunStopped as exc:
+                print(f"{PROG}: {exc}\nThe study stopped in {folder}; run the same command "
+                      "again to resume it there (finished runs are kept).", file=sys.stderr)
+                sys.exit(exc.exit_code)
+        summary = summarize(records)
+        (args.out / "study.json").write_text(json.dumps(
+            {"runs": records, "summary": summary["rows"],
+             "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                         "device": configs[0].runtime.device}}, indent=1) + "\n")
+        print("\n" + format_tables(summary))
+        if not args.no_figures:
+            for path in draw_figures(summary, args.out):
+                print(f"figure: {path}")
+        print(f"(every number: {args.out / 'study.json'})")
+
+
+if __name__ == "__main__":
+    main()
