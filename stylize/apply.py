@@ -13,6 +13,7 @@ longest side (larger N: finer brush strokes relative to the image), then resizes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from snexp.runtime.config import ConfigError, cli_errors, parse_args
 from snexp.runtime.device import select_device
-from stylize.data import find_images, load_image
+from stylize.data import UNREADABLE, find_images, image_size, load_image
 from stylize.export import export_model
 from stylize.infer import preserve_color, stylize
 from stylize.saved import load_model
@@ -46,7 +47,7 @@ class ApplyConfig:
     style_mix: tuple[float, ...] = ()  # weights blending the styles, e.g. 0.5,0.5
     preserve_color: bool = False  # keep the content's colours (luminance-only transfer)
     tile: int | None = None  # stylize in tiles of this many pixels (large images)
-    overlap: int = 32  # pixels by which tiles overlap and are blended
+    overlap: int | None = None  # tile overlap in pixels; none: the network's, 2 x reach + 4
     export: str | None = None  # write the model as .onnx or .pt2 instead of stylizing
     device: str = "auto"  # auto, cpu, cuda, cuda:N or mps
     overwrite: bool = False  # replace existing output files
@@ -65,8 +66,9 @@ def resolve_style(num_styles: int, names: Sequence[str], index: int | None,
                           + ", ".join(f"{i}={n}" for i, n in enumerate(names)))
     if not mix:
         return index
-    if len(mix) != num_styles or min(mix) < 0 or sum(mix) <= 0:
-        raise ConfigError(f"--style-mix needs {num_styles} non-negative weights with a "
+    if (len(mix) != num_styles or not all(math.isfinite(m) for m in mix) or min(mix) < 0
+            or sum(mix) <= 0):
+        raise ConfigError(f"--style-mix needs {num_styles} finite non-negative weights with a "
                           f"positive sum (styles: {', '.join(names)}), got {list(mix)}")
     weights = torch.tensor(mix, dtype=torch.float32)
     return weights / weights.sum()
@@ -87,11 +89,38 @@ def _pairs(cfg: ApplyConfig) -> list[tuple[Path, Path]]:
         pairs = [(src, dst)]
     else:
         raise ConfigError(f"--input {src} does not exist")
+    _check_images(pairs)
     existing = [str(d) for _, d in pairs if d.exists()]
     if existing and not cfg.overwrite:
         raise ConfigError(f"output exists: {', '.join(existing[:3])}"
                           f"{' ...' if len(existing) > 3 else ''}; pass --overwrite to replace")
     return pairs
+
+
+MIN_INPUT_SIZE = 16  # smallest side of an input image
+
+
+def _check_images(pairs: Sequence[tuple[Path, Path]]) -> None:
+    """Refuse, before any output is written, inputs too small to stylize and outputs whose
+    extension names no image format."""
+    known = Image.registered_extensions()
+    for _, dst in pairs:
+        if dst.suffix.lower() not in known:
+            raise ConfigError(
+                f"--output {dst}: '{dst.suffix or '(no extension)'}' is not an image file "
+                "extension, so the format to write is unknown; name the file e.g. out.jpg or "
+                "out.png (or pass an existing folder)")
+    for src, _ in pairs:
+        try:
+            width, height = image_size(src)
+        except UNREADABLE as exc:
+            raise ConfigError(f"cannot read image '{src}' ({type(exc).__name__}: {exc})"
+                              ) from None
+        if min(width, height) < MIN_INPUT_SIZE:
+            raise ConfigError(
+                f"--input {src} is {width}x{height} pixels: stylize.apply needs at least "
+                f"{MIN_INPUT_SIZE} px on each side (the network downsamples by 4 and its "
+                "brush strokes are tens of pixels wide); nothing was written")
 
 
 def _stylize_file(net, src: Path, dst: Path, style, cfg: ApplyConfig, device) -> None:
@@ -129,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         if cfg.input is None or cfg.output is None:
             raise ConfigError("--input PATH and --output PATH are required (or --export FILE)")
-        if cfg.tile is not None and (cfg.tile < 16 or not 0 <= cfg.overlap < cfg.tile):
+        if cfg.tile is not None and (cfg.tile < 16 or (
+                cfg.overlap is not None and not 0 <= cfg.overlap < cfg.tile)):
             raise ConfigError(f"--tile must be >= 16 and --overlap in [0, tile), got "
                               f"{cfg.tile} and {cfg.overlap}")
         device = select_device(cfg.device)

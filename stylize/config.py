@@ -30,8 +30,11 @@ class ModelConfig:
     blocks: int = 5  # residual blocks at the lowest resolution
     candidates: tuple[str, ...] = ("in", "ln", "bn")  # SN/SSN candidate statistics
     groups: int = 32  # groups of gn (must divide every width)
+    pixel_scale: float = 255.0  # the network computes on pixels x this: 255 as the reference
 
     def __post_init__(self) -> None:
+        if not 0 < self.pixel_scale < float("inf"):
+            raise ValueError(f"pixel_scale must be positive and finite, got {self.pixel_scale}")
         if self.width <= 0:
             raise ValueError(f"width must be positive, got {self.width}")
         if self.blocks < 0:

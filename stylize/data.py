@@ -5,6 +5,10 @@ of photos works (``--content-dir``); every image is resized (shorter side) and c
 with torchvision transforms. Files that cannot be read are skipped and counted, never a crash;
 Pillow's decompression-bomb limit stays on. Without a folder, :class:`SyntheticScenes` draws
 scenes in code (gradients, textures, shapes), so everything runs offline.
+
+Every image is read as it is shown (:func:`open_rgb`): turned by its EXIF orientation (phone
+photos), 16-bit values scaled to 8 bits (not clipped), palette and grayscale expanded, CMYK
+converted, and transparency composited over white.
 """
 
 from __future__ import annotations
@@ -17,22 +21,67 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageFilter, ImageOps, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import transforms
 
 from snexp.runtime.config import ConfigError
 
-__all__ = ["IMAGE_SUFFIXES", "ContentFolder", "SyntheticScenes", "content_transform",
-           "find_images", "load_image", "preview_batch"]
+__all__ = ["IMAGE_SUFFIXES", "MIN_STYLE_SIZE", "UNREADABLE", "ContentFolder", "SyntheticScenes",
+           "check_content_dir", "content_transform", "find_images", "image_files", "image_size",
+           "load_image", "open_rgb", "preview_batch"]
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # What a broken, truncated, non-image or oversized file raises in Pillow.
-_UNREADABLE = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError,
+UNREADABLE = (OSError, UnidentifiedImageError, Image.DecompressionBombError, ValueError,
                SyntaxError)
+
+
+MIN_STYLE_SIZE = 16  # smallest side of a style image (VGG16 pools it 3 times before relu4_3)
+_CHECKED = 16  # content images fully decoded when a folder is scanned (spread over the folder)
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """The image at ``path`` as an 8-bit RGB picture, as a viewer shows it.
+
+    EXIF orientation is applied; 16-bit and 32-bit integer images (``I;16``, ``I``) are scaled
+    to 8 bits by their bit depth (``convert("RGB")`` would clip them to white); palette and
+    grayscale images are expanded; CMYK is converted; transparent images (RGBA, LA, palette
+    with transparency) are composited over white.
+
+    Raises:
+        OSError, ValueError, ...: Pillow's errors for unreadable files (:data:`UNREADABLE`).
+    """
+    with Image.open(path) as img:
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        values = np.asarray(img, dtype=np.float64)  # (H, W)
+        top = 65535.0 if img.mode.startswith("I;16") or values.max(initial=0) <= 65535 else (
+            float(values.max()))
+        img = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        top = 1.0 if values.max(initial=0) <= 1.0 else 255.0
+        img = Image.fromarray(np.clip(values / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image as shown (EXIF orientation applied), from its header."""
+    with Image.open(path) as img:
+        width, height = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def content_transform(size: int) -> transforms.Compose:
@@ -55,13 +104,64 @@ def load_image(path: str | Path, size: int | None = None) -> Tensor:
     if not path.is_file():
         raise ConfigError(f"image '{path}' not found")
     try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except _UNREADABLE as exc:
+        img = open_rgb(path)
+    except UNREADABLE as exc:
         raise ConfigError(f"cannot read image '{path}' ({type(exc).__name__}: {exc})") from None
     if size is not None:
         img = transforms.Resize(size, antialias=True)(img)
     return transforms.functional.to_tensor(img)
+
+
+def image_files(root: str | Path) -> list[Path]:
+    """Files under ``root`` (recursively, sorted) with an image suffix; nothing is opened."""
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def check_content_dir(root: str | Path) -> None:
+    """Refuse a ``--content-dir`` that is missing or whose sampled images do not decode.
+
+    Cheap enough to run before a run directory is touched: the folder is listed and up to 16
+    files spread over it are decoded.
+
+    Raises:
+        ConfigError: Not a folder, no image file in it, or none of the sample decodes.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"--content-dir {root} is not a folder")
+    files = image_files(root)
+    if not files:
+        raise ConfigError(
+            f"--content-dir {root} holds no image ({', '.join(IMAGE_SUFFIXES)}, searched "
+            "recursively); point it at a folder of photos such as COCO 2014 train (train2014/)")
+    _check_sample(files, root)
+
+
+def _check_sample(files: Sequence[Path], root: str | Path) -> set[int]:
+    """Decode up to 16 of ``files`` spread over the list; the indices that fail.
+
+    Raises:
+        ConfigError: None of them decodes (truncated or corrupt files).
+    """
+    n = len(files)
+    picks = list(range(n)) if n <= _CHECKED else sorted(
+        {i * (n - 1) // (_CHECKED - 1) for i in range(_CHECKED)})
+    bad: dict[int, str] = {}
+    for i in picks:
+        try:
+            open_rgb(files[i])
+        except UNREADABLE as exc:
+            bad[i] = f"{files[i]} ({type(exc).__name__}: {exc})"
+    if len(bad) == len(picks):
+        raise ConfigError(
+            f"--content-dir {root}: none of the {len(picks)} images tried decodes (of {n} "
+            f"found), e.g. {next(iter(bad.values()))}; the files are truncated or corrupt. "
+            "Point --content-dir at a folder of readable photos")
+    if bad:
+        logger.warning("content: %d of %d sampled images do not decode and are skipped "
+                       "(first: %s)", len(bad), len(picks), next(iter(bad.values())))
+    return set(bad)
 
 
 def find_images(root: str | Path) -> tuple[list[Path], list[Path]]:
@@ -70,17 +170,15 @@ def find_images(root: str | Path) -> tuple[list[Path], list[Path]]:
     Returns:
         ``(readable, skipped)``: files with an image suffix that open, and those that do not.
     """
-    files = sorted(p for p in Path(root).rglob("*")
-                   if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     readable, skipped = [], []
-    for path in files:
+    for path in image_files(root):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 with Image.open(path) as img:
                     img.size  # header only: the pixels are decoded when used
             readable.append(path)
-        except _UNREADABLE:
+        except UNREADABLE:
             skipped.append(path)
     return readable, skipped
 
@@ -122,8 +220,10 @@ class ContentFolder(Dataset):
                 f"--content-dir {root} holds no readable image ({', '.join(IMAGE_SUFFIXES)}, "
                 f"searched recursively; {len(skipped)} unreadable); point it at a folder of "
                 "photos such as COCO 2014 train (train2014/)")
+        folder = cls(files, size)
+        folder.failed |= _check_sample(files, root)  # all failing: refused here, before work
         logger.info("content: %d images under %s", len(files), root)
-        return cls(files, size)
+        return folder
 
     def __len__(self) -> int:
         return len(self.files)
@@ -134,13 +234,14 @@ class ContentFolder(Dataset):
             if i in self.failed:
                 continue
             try:
-                with Image.open(self.files[i]) as img:
-                    return self.transform(img.convert("RGB"))
-            except _UNREADABLE as exc:
+                return self.transform(open_rgb(self.files[i]))
+            except UNREADABLE as exc:
                 self.failed.add(i)
                 logger.warning("content: skipped unreadable %s (%s); %d skipped while loading",
                                self.files[i], type(exc).__name__, len(self.failed))
-        raise RuntimeError("no readable image left in the content folder")
+        raise ConfigError(f"no image of the content folder decodes ({len(self.files)} files, "
+                          f"e.g. {self.files[0]}): they are truncated or corrupt; point "
+                          "--content-dir at a folder of readable photos")
 
 
 class SyntheticScenes(Dataset):

@@ -24,14 +24,14 @@ from snexp import Importance
 from snexp.runtime.run import Run
 from snexp.runtime.track import progress
 from stylize.cond import ConditionalSwitchNorm2d
-from stylize.config import DataConfig, ModelConfig, StylizeConfig, norm_options
+from stylize.config import DataConfig, ModelConfig, StylizeConfig, TrainConfig, norm_options
 from stylize.data import ContentFolder, SyntheticScenes, load_image, preview_batch
 from stylize.loss import Losses, PerceptualLoss
 from stylize.net import TransformerNet, style_weights
 from stylize.saved import save_model
 
-__all__ = ["build_content", "build_network", "render_previews", "style_importance",
-           "style_names", "train", "train_step"]
+__all__ = ["build_content", "build_network", "plan_steps", "render_previews",
+           "style_importance", "style_names", "train", "train_step"]
 
 logger = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
@@ -46,7 +46,8 @@ def style_names(paths: Sequence[str]) -> list[str]:
 def build_network(model: ModelConfig, num_styles: int) -> TransformerNet:
     """The transformation network a model config describes."""
     return TransformerNet(model.norm, width=model.width, blocks=model.blocks,
-                          num_styles=num_styles, norm_options=norm_options(model))
+                          num_styles=num_styles, norm_options=norm_options(model),
+                          pixel_scale=model.pixel_scale)
 
 
 def build_content(data: DataConfig) -> tuple[Dataset, Tensor]:
@@ -58,7 +59,7 @@ def build_content(data: DataConfig) -> tuple[Dataset, Tensor]:
     """
     size, k = data.image_size, data.preview_count
     if data.content_dir is None:
-        logger.info(
+        logger.warning(
             "no --content-dir: training on %d embedded, procedurally drawn scenes (shapes, "
             "gradients, textures), fine for trying things out. For real results train on "
             "photos, e.g. COCO 2014 train (83k images, as Johnson et al. and the SN paper): "
@@ -72,6 +73,42 @@ def build_content(data: DataConfig) -> tuple[Dataset, Tensor]:
         return Subset(folder, range(held, len(folder))), previews
     logger.info("content: fewer than %d images, so the previews show training images", 5 * k)
     return folder, previews
+
+
+LONG_RUN = 1000  # steps from which training on the embedded scenes gets a loud warning
+_NO_PHOTOS = (
+    "\n" + "!" * 79 + "\n"
+    "NO PHOTOS: this run trains %d steps on %d embedded, procedurally drawn scenes (each seen "
+    "about %.0f times), not on photos. The result will not look like Johnson et al.'s; for that "
+    "pass --content-dir path/to/coco/train2014 (COCO 2014 train, 83k photos).\n" + "!" * 79)
+
+
+def plan_steps(train_cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(epochs, steps)`` a run trains: ``--steps`` wins over ``--epochs`` when given.
+
+    With ``steps`` set, the data cycles through as many epochs as needed (the last one cut at
+    the step count); without it, ``epochs`` full passes.
+    """
+    if train_cfg.steps is not None:
+        return math.ceil(train_cfg.steps / steps_per_epoch), train_cfg.steps
+    return train_cfg.epochs, train_cfg.epochs * steps_per_epoch
+
+
+class _Interval:
+    """Sums of the loss terms since the last log; :meth:`pop` returns their means."""
+
+    def __init__(self) -> None:
+        self.sums: list[Tensor] | None = None
+        self.count = 0
+
+    def add(self, losses: Losses) -> None:
+        self.sums = list(losses) if self.sums is None else [a + b for a, b in
+                                                             zip(self.sums, losses)]
+        self.count += 1
+
+    def pop(self) -> dict[str, float]:
+        sums, count, self.sums, self.count = self.sums or [], self.count, None, 0
+        return {f"loss/{k}": float(v) / count for k, v in zip(Losses._fields, sums)}
 
 
 def train_step(net: nn.Module, criterion: PerceptualLoss, content: Tensor, style: int,
@@ -150,33 +187,39 @@ def train(run: Run, loss_net: nn.Module) -> TransformerNet:
     loader = run.dataloader(train_set, batch_size=batch, shuffle=True,
                             drop_last=len(train_set) >= batch * run.world_size,
                             num_workers=cfg.data.workers)
-    planned = cfg.train.epochs * len(loader)
-    if cfg.train.steps is not None:
-        planned = min(planned, cfg.train.steps)
+    epochs, planned = plan_steps(cfg.train, len(loader))
+    if cfg.data.content_dir is None and planned >= LONG_RUN:
+        logger.warning(_NO_PHOTOS, planned, len(train_set), planned * batch / len(train_set))
     ranks = f" x {run.world_size} ranks = {batch * run.world_size}" if run.world_size > 1 else ""
-    logger.info("training %d step(s): %s norm, width %g, %d style(s) %s, batch %d%s at %d px, "
-                "lr %g", planned, cfg.model.norm, cfg.model.width, len(names), ", ".join(names),
-                batch, ranks, cfg.data.image_size, cfg.train.lr)
-    limit = cfg.train.steps if cfg.train.steps is not None else math.inf
+    logger.info("training %d step(s) (%d epoch(s) of %d): %s norm, width %g, %d style(s) %s, "
+                "batch %d%s at %d px, style %s px, lr %g", planned, epochs, len(loader),
+                cfg.model.norm, cfg.model.width, len(names), ", ".join(names), batch, ranks,
+                cfg.data.image_size, "x".join(str(n) for n in styles[0].shape[-2:]),
+                cfg.train.lr)
     bar = progress(total=planned, initial=min(run.step, planned), desc="stylize", rank=run.rank)
     last_visual = -1
-    for _ in run.epochs(cfg.train.epochs):
-        if run.step >= limit:
+    interval = _Interval()
+    for _ in run.epochs(epochs):
+        if run.step >= planned:
             break
         model.train()
         for content in run.batches(loader):
             losses = train_step(model, criterion, run.to_device(content),
                                 run.step % len(styles), optimizer, run)
-            values = {f"loss/{k}": float(v) for k, v in losses._asdict().items()}
-            log_now = (run.step + 1) % cfg.log.every == 0
-            metrics = {**values, "lr": optimizer.param_groups[0]["lr"]} if log_now else None
+            interval.add(losses)
+            # the mean over the interval (single batches vary ~100x), and always the last step
+            log_now = (run.step + 1) % cfg.log.every == 0 or run.step + 1 >= planned
+            metrics = None
+            if log_now:
+                means = interval.pop()
+                metrics = {**means, "lr": optimizer.param_groups[0]["lr"]}
+                bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in means.items()})
             run.step_done(losses.total, metrics)
             bar.update(1)
-            bar.set_postfix({k[5:]: f"{v:.3g}" for k, v in values.items()})
             if run.step % cfg.log.preview_every == 0 and run.is_main:
                 _log_visuals(run, net, previews, names)
                 last_visual = run.step
-            if run.step >= limit:
+            if run.step >= planned:
                 break
         else:
             continue  # the epoch ran to its end: run.epochs counts it and checkpoints

@@ -4,7 +4,11 @@ Johnson et al. (2016), Sec. 3.2-3.3, as in the PyTorch reference (pytorch/exampl
 ``fast_neural_style``): content loss is the MSE of relu2_2 features; style loss is the sum over
 relu1_2, relu2_2, relu3_3 and relu4_3 of the MSE between Gram matrices normalized by C*H*W
 (eq. 3-5 of Gatys et al. / Johnson et al.); images are normalized with the ImageNet mean and
-std before VGG. The style targets are computed once; content targets without autograd.
+std before VGG. The style targets are computed once; content targets without autograd and only
+up to the content layer (the reference runs the whole VGG on the content and uses relu2_2: the
+same loss, about a third of the target's cost). Gram matrices and the losses are computed in
+float32 even under bf16/fp16 autocast (autocast would otherwise recast ``bmm`` to low
+precision, which at convergence inflated the style loss several-fold).
 
 VGG16 weights are never downloaded here: they come from torchvision's cache
 (``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``) or a file given by the user, and a
@@ -13,6 +17,8 @@ missing file stops the run with a message that says which file to put where.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,14 +30,15 @@ from torch import Tensor, nn
 
 from snexp.runtime.config import ConfigError
 
-__all__ = ["VGG16_FILE", "VGG16_URL", "Losses", "PerceptualLoss", "VGG16Features", "VGGOutputs",
-           "default_vgg_path", "gram_matrix", "imagenet_normalize", "load_vgg16",
-           "total_variation"]
+__all__ = ["VGG16_FILE", "VGG16_SHA256_PREFIX", "VGG16_URL", "Losses", "PerceptualLoss",
+           "VGG16Features", "VGGOutputs", "default_vgg_path", "gram_matrix",
+           "imagenet_normalize", "load_vgg16", "sha256_of", "total_variation"]
 
 logger = logging.getLogger(__name__)
 
 VGG16_FILE = "vgg16-397923af.pth"  # torchvision's VGG16_Weights.IMAGENET1K_V1 file name
 VGG16_URL = "https://download.pytorch.org/models/" + VGG16_FILE
+VGG16_SHA256_PREFIX = "397923af"  # torchvision names its files by their SHA-256's first digits
 _MEAN = (0.485, 0.456, 0.406)
 _STD = (0.229, 0.224, 0.225)
 # Index of the last layer of each slice in torchvision's vgg16().features.
@@ -63,11 +70,20 @@ def imagenet_normalize(x: Tensor) -> Tensor:
     return (x - mean) / std
 
 
+def _full_precision(x: Tensor) -> contextlib.AbstractContextManager:
+    """A block where autocast is off on ``x``'s device (float32 stays float32)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
 def gram_matrix(features: Tensor) -> Tensor:
-    """Gram matrices (N, C, C) of features (N, C, H, W), divided by C*H*W, in float32."""
+    """Gram matrices (N, C, C) of features (N, C, H, W), divided by C*H*W, in float32.
+
+    Computed in float32 also inside a bf16/fp16 autocast region.
+    """
     n, c, h, w = features.shape
-    f = features.float().reshape(n, c, h * w)  # (N, C, HW)
-    return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)  # (N, C, C)
+    with _full_precision(features):
+        f = features.float().reshape(n, c, h * w)  # (N, C, HW)
+        return torch.bmm(f, f.transpose(1, 2)) / (c * h * w)  # (N, C, C)
 
 
 def total_variation(y: Tensor) -> Tensor:
@@ -117,14 +133,34 @@ class VGG16Features(nn.Module):
             outs.append(x)
         return VGGOutputs(*outs)
 
+    def feature(self, x: Tensor, layer: str) -> Tensor:
+        """Only the feature ``layer`` (e.g. "relu2_2"): the slices after it are not run."""
+        for name, part in zip(VGGOutputs._fields, self.slices):
+            x = part(x)
+            if name == layer:
+                return x
+        raise ValueError(f"unknown VGG16 layer {layer!r}; one of {', '.join(VGGOutputs._fields)}")
+
 
 def default_vgg_path() -> Path:
     """Where torchvision caches VGG16: ``$TORCH_HOME/hub/checkpoints/vgg16-397923af.pth``."""
     return Path(torch.hub.get_dir()) / "checkpoints" / VGG16_FILE
 
 
+def sha256_of(path: str | Path) -> str:
+    """The hex SHA-256 digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def load_vgg16(path: str | Path | None = None) -> VGG16Features:
     """The VGG16 loss network with ImageNet weights, read with ``weights_only=True``.
+
+    A file whose SHA-256 does not begin with torchvision's ``397923af`` loads with a warning
+    naming it: other VGG16 weights (or random ones) give other losses.
 
     Args:
         path: A weights file; ``None`` uses torchvision's cache (:func:`default_vgg_path`).
@@ -151,7 +187,14 @@ def load_vgg16(path: str | Path | None = None) -> VGG16Features:
         reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         raise ConfigError(f"cannot use {file} as VGG16 weights ({reason}); it should be "
                           f"torchvision's {VGG16_FILE} ({VGG16_URL})") from None
-    logger.info("loss network: VGG16 from %s", file)
+    digest = sha256_of(file)
+    if not digest.startswith(VGG16_SHA256_PREFIX):
+        logger.warning(
+            "the VGG16 weights in %s are not torchvision's %s: their SHA-256 begins %s, not %s. "
+            "Losses (and every loss figure in the README) assume torchvision's ImageNet VGG16; "
+            "a different or random VGG trains a different stylization", file, VGG16_FILE,
+            digest[:8], VGG16_SHA256_PREFIX)
+    logger.info("loss network: VGG16 from %s (SHA-256 %s...)", file, digest[:8])
     return net
 
 
@@ -194,21 +237,36 @@ class PerceptualLoss(nn.Module):
         """The target Gram matrices (1, C, C) of style ``style``, one per layer."""
         return [getattr(self, f"gram_{style}_{name}") for name in self.layers]
 
-    def terms(self, output: Tensor, content: Tensor, style: int) -> tuple[Tensor, Tensor]:
-        """Unweighted content and style losses (used for tuning objectives)."""
+    def content_target(self, content: Tensor) -> Tensor:
+        """The content layer's features of the content images, without autograd.
+
+        Only the slices up to the content layer run when the loss network offers
+        ``feature(x, layer)`` (:class:`VGG16Features` does).
+        """
         with torch.no_grad():
-            target = getattr(self.loss_net(imagenet_normalize(content)), self.content_layer)
+            x = imagenet_normalize(content)
+            feature = getattr(self.loss_net, "feature", None)
+            if feature is not None:
+                return feature(x, self.content_layer)
+            return getattr(self.loss_net(x), self.content_layer)
+
+    def terms(self, output: Tensor, content: Tensor, style: int) -> tuple[Tensor, Tensor]:
+        """Unweighted content and style losses, float32 (used for tuning objectives)."""
+        target = self.content_target(content)
         feats = self.loss_net(imagenet_normalize(output))
-        content_loss = F.mse_loss(getattr(feats, self.content_layer).float(), target.float())
-        style_loss = sum(
-            F.mse_loss(gram_matrix(f), g.expand(f.shape[0], -1, -1))
-            for f, g in zip(feats, self.style_grams(style)))
+        with _full_precision(output):
+            content_loss = F.mse_loss(getattr(feats, self.content_layer).float(),
+                                      target.float())
+            style_loss = sum(
+                F.mse_loss(gram_matrix(f), g.expand(f.shape[0], -1, -1))
+                for f, g in zip(feats, self.style_grams(style)))
         return content_loss, style_loss
 
     def forward(self, output: Tensor, content: Tensor, style: int = 0) -> Losses:
         content_loss, style_loss = self.terms(output, content, style)
-        content_loss = self.content_weight * content_loss
-        style_loss = self.style_weight * style_loss
-        tv = (self.tv_weight * total_variation(output.float()) if self.tv_weight
-              else output.new_zeros((), dtype=torch.float32))
-        return Losses(content_loss, style_loss, tv, content_loss + style_loss + tv)
+        with _full_precision(output):
+            content_loss = self.content_weight * content_loss
+            style_loss = self.style_weight * style_loss
+            tv = (self.tv_weight * total_variation(output.float()) if self.tv_weight
+                  else output.new_zeros((), dtype=torch.float32))
+            return Losses(content_loss, style_loss, tv, content_loss + style_loss + tv)

@@ -9,8 +9,13 @@ instead of transposed convs), and a final 9x9 conv to RGB. Every norm comes from
 ``snexp.norm_layer`` (SN by default, as in the SN paper's style-transfer experiment); with
 several styles they are style-conditional (``stylize.cond``).
 
-# NOTE: images are in [0, 1] here (the reference works in [0, 255]); the output is not
-# squashed (as in the reference) and is clamped only for display and saving.
+Pixel range: callers pass and get images in [0, 1], but by default the network computes on
+0-255 pixels, as the reference does: ``forward(x) = body(255 x) / 255``. This is the reference's
+function of its weights (same initialization scale relative to the pixels, same training
+dynamics: the first outputs are near 0 rather than grey noise that overshoots to white);
+``pixel_scale=1`` is the 0-1 parametrization of earlier versions, kept for their model files.
+# NOTE: the output is not squashed (as in the reference) and is clamped only for display and
+# saving.
 # NOTE: input sizes that are not multiples of 4 work: each upsampled map is cropped to the
 # size of the encoder map it mirrors, so the output always has the input's height and width.
 """
@@ -107,6 +112,8 @@ class TransformerNet(nn.Module):
         num_styles: Styles learned at once; above 1 every norm is style-conditional.
         norm_options: Options of the norm layers, e.g. ``{"candidates": ("in", "ln")}`` or
             ``{"groups": 8}``; ``None`` for the defaults.
+        pixel_scale: The body computes on ``pixel_scale * x`` and its output is divided by it:
+            255 (default) is the reference's 0-255 parametrization, 1 the 0-1 one.
 
     Example:
         >>> net = TransformerNet("sn", width=0.25)
@@ -115,14 +122,18 @@ class TransformerNet(nn.Module):
     """
 
     def __init__(self, norm: str = "sn", *, width: float = 1.0, blocks: int = 5,
-                 num_styles: int = 1, norm_options: Mapping[str, Any] | None = None) -> None:
+                 num_styles: int = 1, norm_options: Mapping[str, Any] | None = None,
+                 pixel_scale: float = 255.0) -> None:
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
+        if not pixel_scale > 0 or pixel_scale == float("inf"):
+            raise ValueError(f"pixel_scale must be positive and finite, got {pixel_scale}")
         if blocks < 0:
             raise ValueError(f"blocks must be >= 0, got {blocks}")
         self.norm, self.width, self.blocks, self.num_styles = norm, width, blocks, num_styles
         self.norm_options = dict(norm_options or {})
+        self.pixel_scale = float(pixel_scale)
         c1, c2, c3 = (max(1, round(width * c)) for c in (32, 64, 128))
         layer = style_norm_layer(norm, num_styles, **self.norm_options)
         self.conv1 = _ConvBlock(3, c1, 9, norm_layer=layer)
@@ -133,12 +144,25 @@ class TransformerNet(nn.Module):
         self.up2 = _ConvBlock(c2, c1, 3, norm_layer=layer, upsample=True)
         self.conv_out = _ConvBlock(c1, 3, 9, norm_layer=None, relu=False)
 
+    @property
+    def reach(self) -> int:
+        """How far (pixels) an input pixel can influence the output: the receptive field's radius.
+
+        The sum of ``kernel // 2`` times the layer's stride relative to the input: 4 (9x9), 1
+        and 2 (the stride-2 3x3 convs), 4 per residual conv at 1/4 resolution, 2 and 1 (the
+        upsampling 3x3 convs), 4 (9x9); plus 4 for the alignment of the 1/2 and 1/4 grids
+        (nearest upsampling and stride 2). 58 px at 5 blocks (57 measured from gradients).
+        """
+        return 4 + 1 + 2 + 8 * self.blocks + 2 + 1 + 4 + 4
+
     def forward(self, x: Tensor, style: int | Tensor | None = None) -> Tensor:
         """Stylize ``x`` (N, 3, H, W) in [0, 1]; ``style``: an index or weights (S,)."""
         if x.shape[-2] < MIN_SIZE or x.shape[-1] < MIN_SIZE:
             raise ValueError(f"TransformerNet needs images of at least {MIN_SIZE}x{MIN_SIZE} "
                              f"pixels, got {tuple(x.shape[-2:])}")
         s = style_weights(style, self.num_styles, device=x.device)
+        if self.pixel_scale != 1.0:
+            x = x * self.pixel_scale  # the reference's 0-255 pixels
         y1 = self.conv1(x, s)  # (N, c1, H, W)
         y2 = self.down1(y1, s)  # (N, c2, ceil(H/2), ceil(W/2))
         y = self.down2(y2, s)  # (N, c3, ceil(H/4), ceil(W/4))
@@ -146,4 +170,5 @@ class TransformerNet(nn.Module):
             y = block(y, s)
         y = self.up1(y, s, size=(y2.shape[-2], y2.shape[-1]))  # (N, c2, ceil(H/2), ceil(W/2))
         y = self.up2(y, s, size=(y1.shape[-2], y1.shape[-1]))  # (N, c1, H, W)
-        return self.conv_out(y)  # (N, 3, H, W)
+        y = self.conv_out(y)  # (N, 3, H, W)
+        return y / self.pixel_scale if self.pixel_scale != 1.0 else y

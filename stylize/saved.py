@@ -4,7 +4,10 @@ The file holds only tensors and plain containers, so ``torch.load(weights_only=T
 and loading never runs code::
 
     {"format": 1, "state_dict": {...}, "norm": "sn", "norm_options": {"candidates": [...]},
-     "width": 1.0, "blocks": 5, "styles": ["starry"], "config": {"train.lr": 0.001, ...}}
+     "width": 1.0, "blocks": 5, "pixel_scale": 255.0, "styles": ["starry"],
+     "config": {"train.lr": 0.001, ...}}
+
+Files written before ``pixel_scale`` was recorded hold 0-1 networks and load with scale 1.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ def save_model(path: str | Path, net: TransformerNet, *, styles: Sequence[str],
         "norm_options": _plain(net.norm_options),
         "width": float(net.width),
         "blocks": int(net.blocks),
+        "pixel_scale": float(net.pixel_scale),
         "styles": list(styles),
         "config": _plain(flatten(config)) if config is not None else {},
     }, path)
@@ -77,7 +81,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu"
     options = {k: tuple(v) if isinstance(v, list) else v
                for k, v in obj["norm_options"].items()}
     net = TransformerNet(obj["norm"], width=obj["width"], blocks=obj["blocks"],
-                         num_styles=len(obj["styles"]), norm_options=options)
+                         num_styles=len(obj["styles"]), norm_options=options,
+                         pixel_scale=float(obj.get("pixel_scale", 1.0)))
     net.load_state_dict(obj["state_dict"])
     net.eval()
     return net, {k: v for k, v in obj.items() if k != "state_dict"}

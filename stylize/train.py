@@ -19,6 +19,7 @@ from pathlib import Path
 from snexp.runtime.config import ConfigError, cli_errors, parse_args
 from snexp.runtime.run import Run
 from stylize.config import PRESETS, StylizeConfig
+from stylize.data import MIN_STYLE_SIZE, check_content_dir, load_image
 from stylize.loop import train
 from stylize.loss import load_vgg16
 
@@ -47,13 +48,28 @@ SAFE_KEYS = ("train.epochs", "train.steps", "log.*", "loss.vgg_weights", "data.w
 
 
 def check_inputs(cfg: StylizeConfig) -> None:
-    """Refuse a run without styles or with missing style files, before anything is written."""
+    """Refuse bad inputs before anything is written.
+
+    No style, a style file that is missing, unreadable or smaller than 16 px on a side, or a
+    ``--content-dir`` that is missing, empty or whose sampled images do not decode.
+    """
     if not cfg.data.styles:
         raise ConfigError("no style image: pass --style FILE (repeat it to train one network "
                           "on several styles)")
     missing = [p for p in cfg.data.styles if not Path(p).expanduser().is_file()]
     if missing:
         raise ConfigError(f"style image(s) not found: {', '.join(missing)}")
+    for path in cfg.data.styles:
+        image = load_image(Path(path).expanduser())  # decodes it: ConfigError if it cannot
+        height, width = image.shape[-2:]
+        if min(height, width) < MIN_STYLE_SIZE:
+            raise ConfigError(
+                f"style image {path} is {width}x{height} pixels: a style needs at least "
+                f"{MIN_STYLE_SIZE} px on each side (the loss network pools it 3 times), and "
+                "its strokes and textures are what is learnt; use a picture of the style, "
+                "ideally 256 px or more")
+    if cfg.data.content_dir is not None:
+        check_content_dir(cfg.data.content_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -17,14 +17,22 @@ from stylize.net import TransformerNet
 from stylize.saved import save_model
 
 
-def _trained_like(norm="sn", num_styles=1):
-    """A small network with non-trivial norm parameters and running statistics."""
-    torch.manual_seed(0)
-    net = TransformerNet(norm, width=0.125, blocks=1, num_styles=num_styles)
+def _lively(net):
+    """Non-trivial norm parameters, and an output layer that spans [0, 1] as a trained one."""
     with torch.no_grad():
         for name, p in net.named_parameters():
             if "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
+        # at initialization the 0-255 network outputs ~0 (black); a trained one spans 0-255
+        net.conv_out.conv.weight.mul_(net.pixel_scale)
+        net.conv_out.conv.bias.mul_(net.pixel_scale).add_(net.pixel_scale / 2)
+    return net
+
+
+def _trained_like(norm="sn", num_styles=1):
+    """A small network with non-trivial norm parameters and running statistics."""
+    torch.manual_seed(0)
+    net = _lively(TransformerNet(norm, width=0.125, blocks=1, num_styles=num_styles))
     net.train()
     for s in range(num_styles):
         net(torch.rand(2, 3, 24, 24), s if num_styles > 1 else None)
@@ -155,3 +163,67 @@ def test_onnx_export_without_the_extra_says_what_to_install(tmp_path, model_file
     err = " ".join(capsys.readouterr().err.split())
     assert info.value.code == 2 and "pip install" in err and "onnx" in err
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_tiles_join_without_seams_on_the_full_network(caplog):
+    torch.manual_seed(0)
+    net = _lively(TransformerNet("sn"))  # Johnson's network: 5 blocks, width 1, reach 58 px
+    net.train()
+    net(torch.rand(2, 3, 32, 32))  # running statistics for the BN branch
+    net.eval()
+    x = SyntheticScenes(1, 200, seed=5)[0][None, :, :176]  # (1, 3, 176, 200)
+    full = stylize(net, x)
+    with caplog.at_level("WARNING"):
+        tiled = stylize(net, x, tile=160)  # default overlap 120 px: 2 x 2 tiles
+    assert "seams" not in caplog.text
+    # every pixel equals the whole-image result to far below one 8-bit level
+    assert 0.05 < full.std() and (tiled - full).abs().max() * 255 < 0.05
+
+
+def test_an_overlap_below_the_reach_warns_and_shows_at_the_joins(caplog):
+    net = _trained_like("sn")  # 1 block: reach 26 px, exact from 53 px of overlap
+    x = SyntheticScenes(1, 96, seed=5)[0][None]
+    with caplog.at_level("WARNING"):
+        rough = stylize(net, x, tile=64, overlap=16)
+    assert "seams may show" in caplog.text
+    assert (rough - stylize(net, x)).abs().max() * 255 > 0.5
+
+
+def _bad_apply(tmp_path, model_file, capsys, *flags):
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(model_file[0]), *flags])
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1000, 3)])
+def test_tiny_input_is_refused_before_anything_is_written(tmp_path, model_file, capsys, size):
+    Image.new("RGB", size, (90, 90, 90)).save(tmp_path / "tiny.png")
+    err = _bad_apply(tmp_path, model_file, capsys, "--input", str(tmp_path / "tiny.png"),
+                     "--output", str(tmp_path / "out.png"))
+    assert f"{size[0]}x{size[1]} pixels" in err and not (tmp_path / "out.png").exists()
+
+
+def test_output_without_an_image_extension_is_refused(tmp_path, model_file, photo, capsys):
+    err = _bad_apply(tmp_path, model_file, capsys, "--input", str(photo), "--output",
+                     str(tmp_path / "result"))
+    assert "not an image file extension" in err and not (tmp_path / "result").exists()
+
+
+def test_style_mix_refuses_non_finite_weights(tmp_path, photo, capsys):
+    path = save_model(tmp_path / "m.pt", _trained_like("sn", num_styles=2), styles=["a", "b"])
+    for mix in ("nan,1", "inf,1"):
+        err = _bad_apply(tmp_path, (path,), capsys, "--input", str(photo), "--output",
+                         str(tmp_path / "o.png"), "--style-mix", mix)
+        assert "finite" in err and not (tmp_path / "o.png").exists()
+
+
+def test_portrait_photo_is_stylized_and_saved_upright(tmp_path, model_file):
+    img = Image.new("RGB", (40, 24), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # viewers turn it 90 degrees: 24 wide, 40 high
+    img.save(tmp_path / "portrait.jpg", exif=exif)
+    main(["--model", str(model_file[0]), "--input", str(tmp_path / "portrait.jpg"), "--output",
+          str(tmp_path / "out.png")])
+    assert Image.open(tmp_path / "out.png").size == (24, 40)

@@ -108,3 +108,61 @@ def test_vgg16_features_take_torchvisions_layer_slices():
     # relu1_2, relu2_2, relu3_3 and relu4_3 end the four slices
     assert [type(s[-1]).__name__ for s in net.slices] == ["ReLU"] * 4
     assert [len(s) for s in net.slices] == [4, 5, 7, 7]
+
+
+def test_gram_matrix_stays_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    f = (torch.randn(2, 16, 12, 12) + 1).to(torch.bfloat16)  # bf16 features, as autocast gives
+    exact = gram_matrix(f.double()).float()  # the same bf16 values, multiplied in float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        g = gram_matrix(f)
+    # autocast does not recast bmm to bf16: float32 result, float32 accuracy (bf16 would be
+    # off by ~1e-2 relative: 8 bits of mantissa)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_losses_are_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    style, content = torch.rand(1, 3, 8, 8), torch.rand(2, 3, 8, 8)
+    output = content + 0.1 * torch.randn_like(content)
+    criterion = PerceptualLoss(Identity4(), [style[0]], content_weight=2.0, style_weight=3.0,
+                               tv_weight=0.5)
+    plain = criterion(output, content, 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = criterion(output, content, 0)
+    # with a loss network that makes no bf16 features, autocast changes nothing at all
+    for a, b in zip(mixed, plain):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_content_target_runs_vgg_only_up_to_the_content_layer():
+    torch.manual_seed(0)
+    net = VGG16Features()
+    x = torch.rand(1, 3, 32, 32)
+    criterion = PerceptualLoss(net, [x[0]])
+    calls = []
+    for i, part in enumerate(net.slices):
+        part.register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    target = criterion.content_target(x)
+    # relu2_2 ends the second slice: slices 3 and 4 do not run; same values as a full pass
+    assert calls == [0, 1]
+    torch.testing.assert_close(target, net(imagenet_normalize(x)).relu2_2)
+
+
+def test_vgg_file_with_another_hash_loads_with_a_warning_naming_it(random_vgg_file, caplog,
+                                                                    monkeypatch):
+    import logging
+
+    import stylize.loss as loss
+
+    with caplog.at_level(logging.WARNING, logger="stylize.loss"):
+        load_vgg16(random_vgg_file)
+    # random weights: the SHA-256 does not begin with torchvision's 397923af
+    assert str(random_vgg_file) in caplog.text and "397923af" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(loss, "VGG16_SHA256_PREFIX", loss.sha256_of(random_vgg_file)[:8])
+    with caplog.at_level(logging.WARNING, logger="stylize.loss"):
+        load_vgg16(random_vgg_file)
+    assert "SHA-256" not in caplog.text  # a matching prefix: no warning

@@ -128,3 +128,69 @@ def test_multi_style_network_gives_each_style_its_own_output(norm):
     torch.testing.assert_close(net(x, torch.tensor([0.0, 1.0])), b)
     with pytest.raises(ValueError, match="out of range"):
         net(x, 2)
+
+
+def _reference_forward(state: dict, x255: torch.Tensor, blocks: int) -> torch.Tensor:
+    """pytorch/examples' TransformerNet as equations, on 0-255 pixels, with IN layers.
+
+    Written from the reference's structure (reflection-padded convs, affine instance norms,
+    nearest x2 upsampling, residual blocks without a final ReLU), reading our weights.
+    """
+    import torch.nn.functional as F
+
+    def conv(x, name, stride=1):
+        w = state[f"{name}.conv.weight"]
+        x = F.pad(x, [w.shape[-1] // 2] * 4, mode="reflect")
+        return F.conv2d(x, w, state[f"{name}.conv.bias"], stride)
+
+    def inorm(x, name):
+        return F.instance_norm(x, weight=state[f"{name}.norm.weight"],
+                               bias=state[f"{name}.norm.bias"], eps=1e-5)
+
+    y = F.relu(inorm(conv(x255, "conv1"), "conv1"))
+    y = F.relu(inorm(conv(y, "down1", 2), "down1"))
+    y = F.relu(inorm(conv(y, "down2", 2), "down2"))
+    for i in range(blocks):
+        r = F.relu(inorm(conv(y, f"res.{i}.block1"), f"res.{i}.block1"))
+        y = y + inorm(conv(r, f"res.{i}.block2"), f"res.{i}.block2")
+    y = F.relu(inorm(conv(F.interpolate(y, scale_factor=2.0), "up1"), "up1"))
+    y = F.relu(inorm(conv(F.interpolate(y, scale_factor=2.0), "up2"), "up2"))
+    return conv(y, "conv_out")
+
+
+def test_default_pixel_range_is_the_references_function_of_the_weights():
+    torch.manual_seed(0)
+    net = TransformerNet("in", width=0.25, blocks=2).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.rand(2, 3, 32, 36)
+    reference = _reference_forward(net.state_dict(), 255 * x, blocks=2)  # 0-255 in and out
+    # our [0, 1] images in and out are the reference's 0-255 ones divided by 255
+    assert net.pixel_scale == 255.0
+    torch.testing.assert_close(net(x) * 255, reference, atol=2e-3, rtol=1e-4)
+    # the 0-1 parametrization (pixel_scale=1) of the same weights is another function
+    same_weights = TransformerNet("in", width=0.25, blocks=2, pixel_scale=1.0).eval()
+    same_weights.load_state_dict(net.state_dict())
+    assert (same_weights(x) - net(x)).abs().max() > 1e-2
+
+
+def test_default_network_starts_near_black_not_grey_noise():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 32, 32)
+    out = TransformerNet("sn", width=0.25, blocks=1)(x)
+    # at initialization the last conv's output (0-255 scale) is a few units: / 255 -> near 0
+    assert out.abs().max() < 0.1
+
+
+@pytest.mark.parametrize("blocks", [0, 2, 5])
+def test_reach_bounds_the_receptive_field_measured_from_gradients(blocks):
+    net = TransformerNet("none", width=0.125, blocks=blocks)
+    x = torch.rand(1, 3, 136, 136, requires_grad=True)
+    net(x)[0, :, 66, 67].sum().backward()
+    rows, cols = x.grad.abs().sum((0, 1)).nonzero().unbind(1)
+    measured = max(int((rows - 66).abs().max()), int((cols - 67).abs().max()))
+    # 18 + 8 per block: never below the measured radius (which is 17 + 8 per block)
+    assert net.reach == 18 + 8 * blocks
+    assert measured <= net.reach <= measured + 2

@@ -6,10 +6,11 @@ import pytest
 import torch
 from stylize_helpers import read_events, tiny_config
 
+from snexp.runtime.config import override
 from snexp.runtime.run import Run
 from stylize.loop import train
 from stylize.saved import load_model
-from stylize.train import main
+from stylize.train import FLAGS, main
 
 
 def test_losses_fall_and_tensorboard_has_every_tag(tmp_path, style_files, tiny_loss_net):
@@ -103,3 +104,108 @@ def test_resume_through_the_cli_ends_where_an_uninterrupted_run_ends(tmp_path, s
             torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)
     scalars, _ = read_events(tmp_path / "b" / "tb")
     assert len(scalars["loss/total"]) == 5
+
+
+def _photos(folder, count, size=(40, 30)):
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("RGB", size, (40 * i, 255 - 40 * i, 90)).save(folder / f"{i}.png")
+    return folder
+
+
+def test_steps_run_exactly_and_the_logged_loss_is_the_interval_mean(tmp_path, style_files,
+                                                                    tiny_loss_net,
+                                                                    monkeypatch):
+    import stylize.loop as loop
+
+    totals = []
+
+    def recording_step(*args):
+        losses = real_step(*args)
+        totals.append(float(losses.total))
+        return losses
+
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=7, every=5, preview_every=100,
+                      content_dir=str(_photos(tmp_path / "photos", 6)))
+    cfg = override(cfg, {"train.epochs": 1})  # --steps wins over --epochs
+    with Run(cfg, experiment="stylize", console=False) as run:
+        train(run, tiny_loss_net)
+        assert run.step == 7 and run.epoch == 2  # 6 photos, batch 2: 3 steps an epoch
+    scalars, _ = read_events(tmp_path / "run" / "tb")
+    # logged at step 5 (the mean of steps 1-5) and at the last step (the mean of 6-7)
+    assert len(totals) == 7
+    expected = [sum(totals[:5]) / 5, sum(totals[5:]) / 2]
+    assert scalars["loss/total"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("preset, per_epoch, epochs, steps", [
+    ("quick", 64, 2, 100),  # 256 scenes at batch 4; the second epoch is cut at step 100
+    ("quick", 1, 100, 100),  # 6 photos at batch 4 (last partial batch dropped): they cycle
+    ("johnson", 1024, 40, 40000),  # 4096 scenes: 1024 steps an epoch
+])
+def test_presets_run_their_steps_whatever_the_data(style_files, preset, per_epoch, epochs,
+                                                   steps):
+    from snexp.runtime.config import parse_args
+    from stylize.config import PRESETS, StylizeConfig
+    from stylize.loop import plan_steps
+
+    cfg = parse_args(StylizeConfig, ["--config", preset, "--style", style_files[0],
+                                     "--epochs", "1"],
+                     prog="t", flags=FLAGS, presets=PRESETS, default_config="quick")
+    # --steps (here the preset's) wins over --epochs
+    assert plan_steps(cfg.train, per_epoch) == (epochs, steps)
+    # without steps, epochs full passes
+    assert plan_steps(override(cfg, {"train.steps": None, "train.epochs": 3}).train,
+                      per_epoch) == (3, 3 * per_epoch)
+
+
+def test_a_long_run_without_photos_warns_loudly(tmp_path, style_files, tiny_loss_net, caplog,
+                                                monkeypatch):
+    import logging
+
+    import stylize.loop as loop
+
+    monkeypatch.setattr(loop, "LONG_RUN", 2)  # as if 2 steps were a paper-scale run
+    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=2, synthetic_count=8)
+    with caplog.at_level(logging.WARNING, logger="stylize.loop"):
+        with Run(cfg, experiment="stylize", console=False) as run:
+            train(run, tiny_loss_net)
+    assert "NO PHOTOS: this run trains 2 steps on 8 embedded" in caplog.text
+    assert "--content-dir" in caplog.text
+
+
+@pytest.mark.parametrize("size", [(1, 1), (1000, 3)])
+def test_tiny_style_image_is_refused_before_anything_is_written(tmp_path, size, capsys):
+    from PIL import Image
+
+    style = tmp_path / "tiny.png"
+    Image.new("RGB", size, (9, 9, 9)).save(style)
+    with pytest.raises(SystemExit) as info:
+        main(["--style", str(style), "--out", str(tmp_path / "run")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and f"{size[0]}x{size[1]} pixels" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_content_dir_of_truncated_images_stops_the_cli_before_anything_is_written(
+        tmp_path, style_files, capsys):
+    import numpy as np
+    from PIL import Image
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        noise = np.random.default_rng(i).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(photos / f"{i}.png")
+        data = (photos / f"{i}.png").read_bytes()
+        (photos / f"{i}.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
+    with pytest.raises(SystemExit) as info:
+        main(["--style", style_files[0], "--content-dir", str(photos), "--out",
+              str(tmp_path / "run")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert info.value.code == 2 and "truncated or corrupt" in err
+    assert not (tmp_path / "run").exists()
