@@ -72,12 +72,16 @@ class OptimConfig:
     # ENAS's convention: l2_reg * sum(w^2) over every weight is added to the loss, so the
     # gradient gains 2 * l2_reg * w (torch's weight_decay would be 2 * l2_reg).
     l2_reg: float = 1e-4  # ENAS child_l2_reg (search 1e-4, final 2e-4)
-    grad_clip: float = 5.0  # clip the loss gradient's norm to this (before the L2 term)
+    # NOTE: ENAS's flag is 5, but its "norm" clip mode returns the unclipped gradients, so the
+    # official code never clips; 0 turns clipping off here.
+    grad_clip: float = 5.0  # clip the loss gradient's global norm to this (before the L2 term)
     eval_batch_size: int = 500  # images per evaluation batch
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.batch_size, self.t0, self.t_mul, self.eval_batch_size) < 1:
             raise ValueError("epochs, batch_size, t0, t_mul and eval_batch_size must be >= 1")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if not 0.0 <= self.l2_reg < 1.0 or not self.lr_max > 0 or not 0 <= self.lr_min:
             raise ValueError(f"need 0 <= l2_reg < 1, lr_max > 0 and lr_min >= 0; got "
                              f"{self.l2_reg}, {self.lr_max}, {self.lr_min}")

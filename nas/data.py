@@ -23,16 +23,17 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
-from snexp.runtime.config import ConfigError
+from snexp.runtime.config import ConfigError, Range
 
-__all__ = ["Cutout", "DataConfig", "ImageTensors", "Splits", "build_splits", "make_shapes"]
+__all__ = ["Cutout", "DataConfig", "ImageTensors", "Splits", "build_splits", "make_shapes",
+           "write_shapes_folder"]
 
 _STATS = {  # per-channel mean and std used to standardize inputs
     "embedded": ((0.5, 0.5, 0.5), (0.3, 0.3, 0.3)),
@@ -60,7 +61,7 @@ class DataConfig:
     seed: int = 0  # seed of the embedded images and of the train/valid split
     embedded_train: int = 12000  # embedded images generated for train + valid
     embedded_test: int = 2000  # embedded test images
-    size: int = 32  # image side (embedded and imagefolder)
+    size: Annotated[int, Range(ge=1)] = 32  # image side (embedded and imagefolder)
     augment: bool = True  # random crop (padding 4) and horizontal flip of training images
     cutout: int = 0  # cutout square side on training images (0: off; ENAS retraining 16)
     workers: int = 0  # DataLoader worker processes
@@ -143,6 +144,27 @@ def make_shapes(n: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.
         mask[idx] = _shape_mask(shape, px[idx], py[idx], r[idx]).float()
     images = bg + mask[:, None] * (fg - bg) + noise  # (n, 3, H, W)
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def write_shapes_folder(root: str | Path, n: int, seed: int = 0, test_share: float = 0.1) -> Path:
+    """Save ``n`` embedded images as PNGs in ``root/train/<class>/`` and ``root/test/<class>/``.
+
+    A small image folder to try ``--dataset imagefolder`` on, e.g.
+    ``python -c "from nas.data import write_shapes_folder as w; w('data/shapes', 1800)"``.
+    Refuses a ``root`` that exists, so nothing is overwritten.
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if root.exists():
+        raise FileExistsError(f"{root} exists; pass a new folder")
+    images, labels = make_shapes(n, seed)
+    n_test = round(test_share * n)
+    for i, (image, label) in enumerate(zip(images, labels.tolist())):
+        folder = root / ("test" if i < n_test else "train") / SHAPES[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i:05d}.png")
+    return root
 
 
 def _shape_mask(shape: str, px: torch.Tensor, py: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,9 @@ Per epoch:
    repeats the epoch exactly and does not record them twice); the best so far is written to
    ``<out>/best_arch.json`` and drawn into ``<out>/cells.png``.
 
+At the end ``<out>/search.json`` holds the mean reward of every epoch and the best derived
+accuracy (what ``benchmarks/nas_study.py`` tabulates).
+
 All norms of the child run in training mode throughout (the BN branch uses batch statistics,
 also while rewards are measured). Their running averages are updated but never read (the
 update is a few (C,)-sized ops; a measured 2x slowdown of ``moving_average=False`` did not
@@ -31,6 +34,7 @@ the ranks' shares of each batch. Rank 0 alone writes the Optuna trials, ``best_a
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -56,7 +60,7 @@ from snexp.runtime.track import open_study, progress
 __all__ = ["SearchResult", "evaluate", "run_search"]
 
 logger = logging.getLogger(__name__)
-BEST_FILE, CELLS_FILE = "best_arch.json", "cells.png"
+BEST_FILE, CELLS_FILE, SUMMARY_FILE = "best_arch.json", "cells.png", "search.json"
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def _train_child(run: Run, net: nn.Module, proposer: Proposer, optimizer, loader
             loss = nn.functional.cross_entropy(logits, y)
             if out.aux is not None:
                 loss = loss + cfg.search.aux_weight * nn.functional.cross_entropy(out.aux, y)
-        run.optimizer_step(loss, optimizer, clip_grad_norm=cfg.train.grad_clip)
+        run.optimizer_step(loss, optimizer, clip_grad_norm=cfg.train.grad_clip or None)
         acc = float((logits.argmax(1) == y).float().mean())
         run.step_done(loss, {"child/loss": loss, "child/acc": acc, "child/lr": lr})
         value = loss.item()
@@ -275,11 +279,17 @@ def run_search(run: Run) -> SearchResult:
                 (epoch + 1) % cfg.search.importance_every == 0 or last):
             _log_importance(run, child)
         run.state["last_reward"] = ctrl_m.get("reward")
+        run.state["rewards"] = [*run.state.get("rewards", []), ctrl_m.get("reward")]
         logger.info(
             "epoch %d/%d: child loss %.3f acc %.3f | reward %.3f | derived valid acc %.3f "
             "(best %.3f)", epoch + 1, opt.epochs, child_m["loss"], child_m["acc"],
             ctrl_m.get("reward", math.nan), derived, run.best)
     best = Architecture.from_flat(run.state["best_arch"])
+    if run.is_main:  # what a study reads: per-epoch mean rewards and the best derived accuracy
+        write_text_atomic(run.dir / SUMMARY_FILE, json.dumps({
+            "best_valid_acc": float(run.best), "rewards": run.state.get("rewards", []),
+            "controller": cfg.controller.kind, "controller_norm": cfg.controller.norm,
+            "child_norm": cfg.child.norm, "arch": str(best)}, indent=2) + "\n")
     run.tracker.hparams(cfg, {"search/final_best_valid_acc": float(run.best)}, step=run.step)
     logger.info("best architecture (valid acc %.4f), saved to %s: %s", run.best,
                 run.dir / BEST_FILE, best)

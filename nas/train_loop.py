@@ -174,7 +174,7 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
                 loss = nn.functional.cross_entropy(out.logits, y)
                 if out.aux is not None:
                     loss = loss + cfg.retrain.aux_weight * nn.functional.cross_entropy(out.aux, y)
-            run.optimizer_step(loss, optimizer, clip_grad_norm=opt.grad_clip)
+            run.optimizer_step(loss, optimizer, clip_grad_norm=opt.grad_clip or None)
             train_acc = float((out.logits.argmax(1) == y).float().mean())
             run.step_done(loss, {"retrain/loss": loss, "retrain/acc": train_acc, "retrain/lr": lr})
             bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{train_acc:.3f}")

@@ -62,6 +62,55 @@ def test_image_folder_with_class_subfolders(tmp_path):
     assert splits.num_classes == 2 and splits.train[0][0].shape == (3, 16, 16)
 
 
+COLORS = {"ant": (255, 0, 0), "bee": (0, 255, 0), "cat": (0, 0, 255)}
+
+
+def _images(folder, classes, n=3):
+    for cls in classes:
+        (folder / cls).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (20, 20), COLORS[cls]).save(folder / cls / f"{i}.png")
+
+
+def _color_of(image) -> str:
+    # the only strong channel of a standardized solid-colour image names its class
+    return list(COLORS)[int(image.mean((1, 2)).argmax())]
+
+
+@pytest.mark.parametrize("layout", ["train+test", "test lacks classes", "root+test"])
+def test_image_folder_labels_come_from_the_training_folder(tmp_path, layout):
+    if layout == "root+test":  # class folders at the root, test/ beside them
+        _images(tmp_path, COLORS)
+        _images(tmp_path / "test", ["bee", "cat"])
+    else:
+        _images(tmp_path / "train", COLORS)
+        _images(tmp_path / "test", ["bee", "cat"] if layout == "test lacks classes" else COLORS)
+    splits = build_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), valid_size=2,
+                                     size=8, augment=False))
+    # three classes (test/ is no class), indexed by the training folder's sorted names
+    assert splits.num_classes == 3
+    for ds in (splits.train, splits.valid, splits.test):
+        for i in range(len(ds)):
+            image, label = ds[i]
+            assert list(COLORS)[label] == _color_of(image)
+    assert {splits.test[i][1] for i in range(len(splits.test))} >= {1, 2}
+
+
+def test_image_folder_refuses_a_test_class_unknown_to_training(tmp_path):
+    _images(tmp_path / "train", ["ant", "bee"])
+    _images(tmp_path / "test", ["ant", "cat"])
+    with pytest.raises(ConfigError, match="classes that the training folder .* lacks: cat"):
+        build_splits(DataConfig(dataset="imagefolder", root=str(tmp_path), valid_size=2))
+
+
+def test_valid_size_below_one_is_a_share():
+    # 0.1 of 300 training images; it adapts to small data instead of being refused
+    splits = build_splits(DataConfig(embedded_train=300, embedded_test=10, valid_size=0.1))
+    assert (len(splits.train), len(splits.valid)) == (270, 30)
+    with pytest.raises(ValueError, match="whole count"):
+        DataConfig(valid_size=2.5)
+
+
 def test_cutout_zeroes_a_square_only():
     torch.manual_seed(0)
     img = torch.ones(3, 32, 32)

@@ -46,6 +46,7 @@ SEARCH = [*DATA, "--epochs", "2", "--set", "data.valid_limit=32",
           "--set", "search.reward_batch_size=16", "--set", "search.importance_every=1"]
 ARCH = "0,0,1,1, 2,2,1,4, 0,3,1,0, 2,1,0,2"  # 2 nodes per cell
 RETRAIN = [*DATA, "--epochs", "2", "--arch", ARCH, "--set", "data.limit=40",
+           "--set", "train.steps_per_epoch=5",  # the 40 + 40 images once
            "--set", "data.cutout=0", "--set", "retrain.drop_path_keep=1.0"]
 # (run, entry point, extra flags): each a separate torchrun job on both ranks
 RUNS = [("search", "search", []), ("half", "search", ["--epochs", "1"]),

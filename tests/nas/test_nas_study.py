@@ -14,7 +14,7 @@ SMALL = ["data.embedded_train=240", "data.embedded_test=40", "data.valid_size=40
 SEARCH = [*SMALL, "child.num_nodes=2", "data.valid_limit=32", "controller.train_steps=2",
           "controller.num_aggregate=3", "train.steps_per_epoch=3", "search.derive_samples=2",
           "search.derive_final=3", "search.reward_batch_size=16"]
-RETRAIN = [*SMALL, "data.limit=32"]
+RETRAIN = [*SMALL, "data.limit=32", "train.steps_per_epoch=4"]
 
 
 def _study():
@@ -54,3 +54,35 @@ def test_unknown_proposer_is_refused(tmp_path, capsys):
     assert stop.value.code == 2
     assert "unknown proposer(s) ['bogus']" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_unknown_controller_norm_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        _study().main(["--out", str(tmp_path), "--controller-norms", "sn,bn"])
+    assert stop.value.code == 2 and "unknown controller norm(s) ['bn']" in capsys.readouterr().err
+
+
+def test_controller_norm_arms_run_the_lstm_with_each_norm_and_a_bn_child(tmp_path, capsys,
+                                                                          monkeypatch):
+    study, calls = _study(), []
+
+    def fake_run(module, out, args, done):  # writes what the real runs would
+        calls.append((module, args))
+        out.mkdir(parents=True, exist_ok=True)
+        if module == "nas.search":
+            (out / "best_arch.json").write_text(json.dumps({"valid_acc": 0.5}))
+            (out / "search.json").write_text(json.dumps({"rewards": [0.2, 0.4]}))
+        else:
+            (out / "result.json").write_text(json.dumps(
+                {"test_acc": 0.75, "params": 9, "arch": "a"}))
+
+    monkeypatch.setattr(study, "_run", fake_run)
+    study.main(["--out", str(tmp_path), "--controller-norms", "sn,ln", "--seeds", "0,1"])
+    searches = [args for module, args in calls if module == "nas.search"]
+    # the SN paper's setting: the LSTM controller with each norm, BN in the child
+    assert [s[:4] for s in searches] == [["--controller", "lstm", "--set", f"controller.norm={n}"]
+                                         for n in ("sn", "sn", "ln", "ln")]
+    assert all(s[s.index("--norm") + 1] == "bn" for s in searches)
+    rows = json.loads((tmp_path / "study.json").read_text())
+    assert sorted(rows) == ["lstm-ln", "lstm-sn"] and rows["lstm-sn"][0]["reward"] == 0.4
+    assert "0.4000 +- 0.0000" in capsys.readouterr().out

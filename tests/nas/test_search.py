@@ -32,6 +32,7 @@ RETRAIN = [
     "--epochs", "1", "--set", "data.embedded_train=240", "--set", "data.embedded_test=40",
     "--set", "data.valid_size=40", "--set", "data.limit=32", "--set", "child.layers=1",
     "--set", "child.filters=4", "--set", "train.batch_size=16",
+    "--set", "train.steps_per_epoch=4",  # the 32 + 40 images once
 ]
 
 
@@ -147,6 +148,12 @@ def test_other_proposers_search_on_the_same_budget(tmp_path, kind):
     ("{oops", "not valid JSON"),
     ('{"normal": [[["identity", 3], ["identity", 1]]], "reduce": [[["identity", 0], '
      '["identity", 1]]]}', "input 3 is invalid"),
+    ('{"normal": 5, "reduce": []}', "'normal' must be a non-empty list"),
+    ('[1, 2]', "needs 'normal' and 'reduce' keys"),
+    ('{"normal": [[["identity", 0]]], "reduce": [[["identity", 0]]]}',
+     "expected [[op, input], [op, input]]"),
+    ('{"normal": [[["identity", "a"], ["identity", 1]]], "reduce": [[["identity", 0], '
+     '["identity", 1]]]}', "'a' is not an integer"),
 ])
 def test_a_bad_arch_file_gives_a_clear_error_and_creates_nothing(tmp_path, capsys, content,
                                                                  message):
@@ -163,3 +170,45 @@ def test_search_flags_reach_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         search_cli.main(["--norm", "xn", "--out", str(tmp_path / "x")])
     assert "'xn' is not a valid value for child.norm" in capsys.readouterr().err
+
+
+def test_enas_arc_string_is_an_architecture():
+    from nas.space import parse_arch
+
+    text = "0 2 0 0 0 4 0 1 0 4 1 1 1 0 0 1 0 2 1 1 1 0 1 0 0 3 0 2 1 1 3 1 1 0 0 4 0 3 1 1"
+    arch = parse_arch(text)
+    # ENAS's script order: normal cell then reduction cell, [in_1, op_1, in_2, op_2] per node
+    assert arch.to_flat() == [int(v) for v in text.split()]
+    assert arch.normal[0] == (0, 2, 0, 0) and arch.reduce[-1] == (0, 3, 1, 1)
+
+
+def test_a_resumed_epoch_does_not_record_its_derive_trials_twice(tmp_path):
+    from nas.search_loop import _record_trials
+
+    study = optuna.create_study(direction="maximize")
+    arch = Architecture.from_flat([0, 0, 1, 4] * 2 + [1, 2, 0, 3] * 2)
+    results = [(arch, 0.5), (arch, 0.25)]
+    assert _record_trials(study, results, 1, "lstm", "/runs/a") == 2
+    # killed before the checkpoint: the resumed run repeats epoch 1 and records nothing new
+    assert _record_trials(study, results, 1, "lstm", "/runs/a") == 0
+    # the next epoch, and another run sharing the study, still record theirs
+    assert _record_trials(study, results, 2, "lstm", "/runs/a") == 2
+    assert _record_trials(study, results, 1, "lstm", "/runs/b") == 2
+    assert len(study.get_trials()) == 6
+
+
+@pytest.mark.slow
+def test_retrain_resume_keeps_the_architecture_it_started_with(tmp_path):
+    first = Architecture.from_flat([0, 0, 1, 4, 2, 1, 0, 2] * 2)
+    other = Architecture.from_flat([1, 3, 0, 2, 2, 4, 1, 1] * 2)
+    arch_file, out = tmp_path / "best_arch.json", tmp_path / "retrain"
+    arch_file.write_text(first.to_json())
+    train_cli.main([*RETRAIN, "--arch", str(arch_file), "--out", str(out)])
+    # a search rewrites best_arch.json meanwhile; the resumed run still trains the first
+    arch_file.write_text(other.to_json())
+    train_cli.main([*RETRAIN, "--epochs", "2", "--arch", str(arch_file), "--out", str(out),
+                    "--resume"])
+    result = json.loads((out / "result.json").read_text())
+    assert result["arch"] == str(first) and result["flat"] == first.to_flat()
+    assert Architecture.from_json((out / "arch.json").read_text()) == first
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
