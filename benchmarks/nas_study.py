@@ -14,6 +14,7 @@ valid accuracy and of the retrained test accuracy, and writes every number to
 
     python benchmarks/nas_study.py --out runs/nas-study [--seeds 0,1,2]
         [--proposers lstm,random,tpe | --controller-norms sn,ln,gn,none]
+        [--search-config quick] [--retrain-config retrain_quick]
         [--search-epochs 8] [--retrain-epochs 6]
         [--search-set KEY=VALUE ...] [--retrain-set KEY=VALUE ...]
 
@@ -64,6 +65,10 @@ def main(argv: list[str] | None = None) -> None:
                              "proposers: comma list of sn, ln, gn, none")
     parser.add_argument("--norm", default=None,
                         help="norm of the child (default: sn; bn with --controller-norms)")
+    parser.add_argument("--search-config", default=None,
+                        help="nas.search preset (default: quick; paper scale: enas_cifar10)")
+    parser.add_argument("--retrain-config", default=None, help="nas.train preset (default: "
+                        "retrain_quick; paper scale: enas_cifar10_final)")
     parser.add_argument("--search-epochs", type=int, default=None,
                         help="search epochs (default: the preset's)")
     parser.add_argument("--retrain-epochs", type=int, default=None,
@@ -87,10 +92,12 @@ def main(argv: list[str] | None = None) -> None:
         arms = {f"lstm-{n}": ["--controller", "lstm", "--set", f"controller.norm={n}"]
                 for n in norms}
     norm = args.norm or ("bn" if args.controller_norms is not None else "sn")
-    search_args = ["--norm", norm] + [a for kv in args.search_set for a in ("--set", kv)]
+    search_args = ["--config", args.search_config] if args.search_config else []
+    search_args += ["--norm", norm] + [a for kv in args.search_set for a in ("--set", kv)]
     if args.search_epochs is not None:
         search_args += ["--epochs", str(args.search_epochs)]
-    retrain_args = ["--norm", norm] + [a for kv in args.retrain_set for a in ("--set", kv)]
+    retrain_args = ["--config", args.retrain_config] if args.retrain_config else []
+    retrain_args += ["--norm", norm] + [a for kv in args.retrain_set for a in ("--set", kv)]
     if args.retrain_epochs is not None:
         retrain_args += ["--epochs", str(args.retrain_epochs)]
 

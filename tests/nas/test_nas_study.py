@@ -77,12 +77,14 @@ def test_controller_norm_arms_run_the_lstm_with_each_norm_and_a_bn_child(tmp_pat
                 {"test_acc": 0.75, "params": 9, "arch": "a"}))
 
     monkeypatch.setattr(study, "_run", fake_run)
-    study.main(["--out", str(tmp_path), "--controller-norms", "sn,ln", "--seeds", "0,1"])
+    study.main(["--out", str(tmp_path), "--controller-norms", "sn,ln", "--seeds", "0,1",
+                "--search-config", "enas_cifar10"])
     searches = [args for module, args in calls if module == "nas.search"]
     # the SN paper's setting: the LSTM controller with each norm, BN in the child
     assert [s[:4] for s in searches] == [["--controller", "lstm", "--set", f"controller.norm={n}"]
                                          for n in ("sn", "sn", "ln", "ln")]
     assert all(s[s.index("--norm") + 1] == "bn" for s in searches)
+    assert all(s[s.index("--config") + 1] == "enas_cifar10" for s in searches)
     rows = json.loads((tmp_path / "study.json").read_text())
     assert sorted(rows) == ["lstm-ln", "lstm-sn"] and rows["lstm-sn"][0]["reward"] == 0.4
     assert "0.4000 +- 0.0000" in capsys.readouterr().out
