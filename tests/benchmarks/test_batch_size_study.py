@@ -149,23 +149,23 @@ def test_ghost_batches_normalize_each_device_share_alone(tmp_path, monkeypatch, 
 
 def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, capsys):
     argv = ["--norms", "sn", "--batch-sizes", "4", "--epochs", "2", "--no-figures",
-            "--set", "runtime.deterministic=true", *TINY]
+            "--set", "runtime.deterministic=true", *TINY, "--set", "data.embedded_train=48"]
     study.main(["--out", str(tmp_path / "whole"), *argv])
     whole = json.loads((tmp_path / "whole" / "study.json").read_text())["runs"][0]
 
     build, calls = bsr.build_model, []
 
-    def stop_at_step_30(*args, **kwargs):  # SIGINT in the 2nd epoch (24 steps per epoch)
+    def stop_in_epoch_2(*args, **kwargs):  # SIGINT at step 17 (12 steps per epoch)
         model = build(*args, **kwargs)
 
         def hook(module, inp):
             calls.append(1)
-            if len(calls) == 30 and module.training:
+            if len(calls) == 18 and module.training:  # 12 steps, 1 test batch, 5 steps
                 os.kill(os.getpid(), signal.SIGINT)
         model.stem.register_forward_pre_hook(hook)
         return model
 
-    monkeypatch.setattr(bsr, "build_model", stop_at_step_30)
+    monkeypatch.setattr(bsr, "build_model", stop_in_epoch_2)
     with pytest.raises(SystemExit) as stop:
         study.main(["--out", str(tmp_path / "cut"), *argv])
     assert stop.value.code == 128 + signal.SIGINT
@@ -178,6 +178,30 @@ def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, caps
     for key in ("steps", "images", "test_curve", "test_acc", "importance"):
         assert cut[key] == whole[key], key
     assert [c["loss"] for c in cut["curve"]] == pytest.approx([c["loss"] for c in whole["curve"]])
+    # python -m snexp.inspect reads the study's checkpoints: one row per SN layer
+    assert inspect_main([str(tmp_path / "cut" / "sn-b4-s0" / "checkpoints" / "last.pt")]) == 0
+    table = capsys.readouterr().out
+    assert "stages.1.shortcut.1" in table and len(table.strip().splitlines()) == 2 + 9
+
+
+def test_an_image_folder_trains_with_its_own_classes(tmp_path):
+    from PIL import Image
+
+    for split, count in (("train", 12), ("test", 4)):
+        for k, colour in enumerate(("red", "blue", "green")):
+            folder = tmp_path / "images" / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (20, 20), colour).save(folder / f"{i}.png")
+    study.main(["--out", str(tmp_path / "study"), "--dataset", "imagefolder", "--data-root",
+                str(tmp_path / "images"), "--norms", "gn", "--batch-sizes", "4", "--epochs", "1",
+                "--no-figures", "--set", "model.width=8"])
+    (run,) = json.loads((tmp_path / "study" / "study.json").read_text())["runs"]
+    # 36 training images (train + the one-image valid split): 9 steps of 4
+    assert run["steps"] == 9 and 0.0 <= run["test_acc"] <= 1.0
+    model = torch.load(tmp_path / "study" / "gn-b4-s0" / "checkpoints" / "last.pt",
+                       weights_only=True)["objects"]["model"]
+    assert model["fc.weight"].shape == (3, 32)  # three classes, 4 x 8 channels
 
 
 @pytest.mark.slow
