@@ -4,6 +4,7 @@ Example::
 
     python -m stylize.tune --style starry.jpg --trials 30 --steps 200
     python -m stylize.tune --style starry.jpg --storage study.db --out runs/tune-w2  # 2nd worker
+    python -m stylize.tune --out runs/tune-w2 --resume     # after Ctrl-C/SIGTERM: go on
     optuna-dashboard sqlite:///runs/stylize-tune/<run>/optuna.db               # Pareto front
 
 Thin: parse, check the inputs before anything is written, run :func:`stylize.tuning.tune`.
@@ -19,7 +20,7 @@ from stylize.config import PRESETS
 from stylize.loss import load_vgg16
 from stylize.train import FLAGS as TRAIN_FLAGS
 from stylize.train import check_inputs
-from stylize.tuning import TuneConfig, tune
+from stylize.tuning import SAFE_KEYS, TuneConfig, check_overwrite, tune
 
 __all__ = ["FLAGS", "main"]
 
@@ -39,8 +40,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         cfg = parse_args(TuneConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="tune")
         check_inputs(cfg)
+        check_overwrite(cfg)
         loss_net = load_vgg16(cfg.loss.vgg_weights)
-        with Run(cfg, experiment="stylize-tune", prog=PROG) as run:
+        with Run(cfg, experiment="stylize-tune", safe_keys=SAFE_KEYS, prog=PROG) as run:
             tune(run, loss_net)
 
 

@@ -6,6 +6,11 @@ measures the unweighted content and style losses on held-out images: the two obj
 minimized, whose Pareto front ``optuna-dashboard`` shows. The study lives in a storage (SQLite
 in the run directory by default, or any URL), so several workers can share it.
 
+Stopping: SIGTERM or a first Ctrl-C stops the study after the current training step of the
+current trial; that trial is marked failed by Optuna and re-queued with the same parameters,
+and ``python -m stylize.tune --out DIR --resume`` continues: the re-queued trial first, then the
+trials this worker still owes (counted in the run's checkpoint, written after every trial).
+
 # NOTE: Optuna does not accept ``trial.report`` in multi-objective studies (so no pruning);
 # the intermediate held-out losses are stored as trial user attributes (``curve``) and logged
 # to TensorBoard (``trial<N>/content``, ``trial<N>/style``).
@@ -15,14 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import sqlite3
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import optuna
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from snexp.runtime.config import RuntimeConfig, flatten
+from snexp.runtime.config import ConfigError, RuntimeConfig, flatten
 from snexp.runtime.run import Run
 from snexp.runtime.samplers import WorkerSeededSampler
 from snexp.runtime.track import open_study
@@ -31,7 +38,10 @@ from stylize.data import load_image
 from stylize.loop import build_content, build_network, train_step
 from stylize.loss import PerceptualLoss
 
-__all__ = ["SearchConfig", "TuneConfig", "evaluate", "tune"]
+__all__ = ["SAFE_KEYS", "SearchConfig", "TuneConfig", "check_overwrite", "evaluate", "tune"]
+
+# Keys that may change on --resume: how many trials this worker runs, data loading processes.
+SAFE_KEYS = ("tune.trials", "data.workers", "loss.vgg_weights")
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +97,47 @@ def evaluate(net: nn.Module, criterion: PerceptualLoss, images: torch.Tensor
     return content / criterion.num_styles, style / criterion.num_styles
 
 
+def _completed_trials(path: Path) -> int:
+    """COMPLETE trials in an Optuna SQLite file (0 if it holds no Optuna tables)."""
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            return int(db.execute("SELECT count(*) FROM trials WHERE state = 'COMPLETE'")
+                       .fetchone()[0])
+    except sqlite3.Error:
+        return 0
+
+
+def check_overwrite(cfg: TuneConfig) -> None:
+    """Refuse ``--overwrite`` of a run directory whose Optuna database holds completed trials.
+
+    Raises:
+        ConfigError: ``--overwrite`` would delete completed trials (the message names the file
+            and the count, and how to continue or discard them).
+    """
+    if not cfg.runtime.overwrite or not cfg.runtime.out:
+        return
+    out = Path(cfg.runtime.out).expanduser()
+    for db in sorted(out.glob("*.db")) if out.is_dir() else []:
+        done = _completed_trials(db)
+        if done:
+            raise ConfigError(
+                f"--overwrite would delete {db}, which holds {done} completed trial(s) of "
+                f"this study; continue it with --out {out} --resume, or move or delete that "
+                "file yourself if you want to discard them")
+
+
 def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
-    """Run ``cfg.tune.trials`` trials of the study; returns the study."""
+    """Run this worker's ``cfg.tune.trials`` trials of the study; returns the study.
+
+    On ``--resume`` only the trials not yet finished run. A stop (SIGTERM, Ctrl-C) ends the
+    current trial after its current step: Optuna marks it failed, a copy with the same
+    parameters is queued, and :class:`~snexp.runtime.run.RunInterrupted` is raised after the
+    checkpoint is written.
+    """
     cfg: TuneConfig = run.config
     search = cfg.tune
+    run.attach()  # no module: the checkpoint holds the trial count and the RNG states
+    done = int(run.state.get("trials_done", 0))
     styles = [run.to_device(load_image(p, cfg.data.style_size)) for p in cfg.data.styles]
     train_set, held_out = build_content(cfg.data)
     held_out = run.to_device(held_out)
@@ -126,6 +173,11 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
             losses = train_step(model, criterion, run.to_device(content), step % len(styles),
                                 optimizer, run)
             step += 1
+            if run.stop_requested:
+                study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
+                logger.warning("trial %d stopped at step %d: marked failed and re-queued with "
+                               "the same parameters", trial.number, step)
+                run.check_stop()  # writes the checkpoint, raises RunInterrupted
             if not torch.isfinite(losses.total):
                 raise optuna.TrialPruned(f"loss became {float(losses.total)} at step {step}")
             if step % search.report_every == 0 or step == search.steps:
@@ -138,7 +190,15 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
                     trial.number, norm, style_weight, lr, curve[-1][1], curve[-1][2])
         return curve[-1][1], curve[-1][2]
 
-    study.optimize(objective, n_trials=search.trials, catch=())
+    def count(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        run.state["trials_done"] = run.state.get("trials_done", 0) + 1
+        run.save()
+
+    run.save()  # a worker killed before its first trial ends can --resume too
+    if done:
+        logger.info("resuming: %d of this worker's %d trials are done", done, search.trials)
+    if search.trials > done:
+        study.optimize(objective, n_trials=search.trials - done, catch=(), callbacks=[count])
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     for t in front:
         logger.info("Pareto front: trial %d %s -> content %.4g, style %.4g", t.number,

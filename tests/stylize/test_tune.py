@@ -48,3 +48,63 @@ def test_two_workers_share_one_storage(tmp_path, style_files, tiny_loss_net):
     assert len(study.trials) == 6
     # the second worker, started with the same --seed, proposes other trials (its own seed)
     assert study.trials[3].params != study.trials[0].params
+
+
+def test_sigterm_stops_after_the_current_step_and_resume_continues(tmp_path, style_files,
+                                                                   tiny_loss_net, monkeypatch):
+    import os
+    import signal
+
+    import pytest
+
+    import stylize.tuning as tuning
+    from snexp.runtime.config import override
+    from snexp.runtime.run import RunInterrupted
+
+    steps = []
+
+    def step_then_signal(*args):
+        steps.append(1)
+        if len(steps) == 6:  # trial 1, its 2nd step (4 steps a trial)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args)
+
+    real_step = tuning.train_step
+    monkeypatch.setattr(tuning, "train_step", step_then_signal)
+    cfg = _config(tmp_path / "w1", style_files[:1])
+    with pytest.raises(RunInterrupted, match="--resume"):
+        with Run(cfg, experiment="t", console=False) as run:
+            tune(run, tiny_loss_net)
+    # the signal stopped trial 1 right after that step: no further step, no further trial
+    assert len(steps) == 6
+    study = optuna.load_study(study_name="stylize",
+                              storage=f"sqlite:///{tmp_path / 'w1' / 'optuna.db'}")
+    states = [t.state for t in study.trials]
+    S = optuna.trial.TrialState
+    # trial 1 is failed, never left RUNNING, and queued again with the same parameters
+    assert states == [S.COMPLETE, S.FAIL, S.WAITING]
+    assert study.trials[2].system_attrs["fixed_params"] == study.trials[1].params
+    monkeypatch.setattr(tuning, "train_step", real_step)
+    with Run(override(cfg, {"runtime.resume": True}), experiment="t", console=False) as run:
+        study = tune(run, tiny_loss_net)
+    # resumed: the re-queued trial, then the one trial this worker still owed (3 in all)
+    states = [t.state for t in study.trials]
+    assert states == [S.COMPLETE, S.FAIL, S.COMPLETE, S.COMPLETE]
+    assert study.trials[2].params == study.trials[1].params
+
+
+def test_overwrite_never_silently_deletes_completed_trials(tmp_path, style_files,
+                                                           tiny_loss_net):
+    import pytest
+
+    from snexp.runtime.config import ConfigError, override
+    from stylize.tuning import check_overwrite
+
+    cfg = _config(tmp_path / "w1", style_files[:1])
+    cfg = override(cfg, {"tune.trials": 1})
+    with Run(cfg, experiment="t", console=False) as run:
+        tune(run, tiny_loss_net)
+    # --overwrite is refused, naming the file and the count; nothing is deleted
+    with pytest.raises(ConfigError, match=r"optuna.db, which holds 1 completed trial"):
+        check_overwrite(override(cfg, {"runtime.overwrite": True}))
+    assert (tmp_path / "w1" / "optuna.db").is_file()
