@@ -321,7 +321,7 @@ def run_step(step: Step, out: Path, deadline: float) -> StepResult:
     if left < 10:
         return skipped("out of the time budget (--budget)")
     timeout = min(step.timeout_s, left)
-    log = out / "logs" / (re.sub(r"[^\w.-]+", "_", step.name).strip("_") + ".log")
+    log = out / "logs" / (re.sub(r"[^\w.]+", "_", step.name).strip("_") + ".log")
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     with open(log, "w") as fh:
