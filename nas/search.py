@@ -12,6 +12,7 @@ from nas.config import COMMON_FLAGS, PRESETS, SearchConfig
 from nas.search_loop import run_search
 from snexp.runtime.config import cli_errors, parse_args
 from snexp.runtime.run import Run
+from snexp.runtime.track import check_study_storage
 
 PROG = "python -m nas.search"
 FLAGS = {
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     with cli_errors(PROG):
         cfg = parse_args(SearchConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="quick")
+        check_study_storage(cfg.search.storage)  # inputs are checked before --out is touched
         with Run(cfg, experiment="nas-search", safe_keys=SAFE_KEYS, prog=PROG) as run:
             run_search(run)
 

@@ -13,15 +13,23 @@ reads a state dict (or a checkpoint holding one) with ``weights_only=True``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from snexp.norm.sparse import sparsestmax
 from snexp.norm.switchable import _SwitchNorm
+
+_PROG = "python -m snexp.inspect"
+
+
+class _UsageError(Exception):
+    """A mistake on the command line: one line on stderr, status 2 (no runtime import)."""
 
 __all__ = ["Importance", "importance", "importance_from_state_dict", "format_importance",
            "plot_importance", "log_importance"]
@@ -79,6 +87,10 @@ def importance_from_state_dict(state: Mapping) -> dict[str, Importance]:
 
     Layers saved by snexp name their candidates in their extra state; logits without it are
     read in the authors' order ([IN, LN, BN], or [LN, BN] for two).
+
+    Raises:
+        ValueError: A layer's ``var_weight`` is missing or has another length than its
+            ``mean_weight`` (an incomplete or edited state dict).
     """
     sd = _find_state_dict(state)
     out = {}
@@ -95,7 +107,13 @@ def importance_from_state_dict(state: Mapping) -> dict[str, Importance]:
             cands = ("in", "ln", "bn") if k == 3 else ("ln", "bn")[:k]
         weights = []
         for logits_key, fixed_key in (("mean_weight", "mean_fixed"), ("var_weight", "var_fixed")):
+            if prefix + logits_key not in sd:
+                raise ValueError(f"layer '{name}' has mean_weight but no {logits_key}: the "
+                                 "state dict is incomplete (not all of an SN layer was saved)")
             logits = sd[prefix + logits_key].float().flatten()
+            if logits.numel() != k:
+                raise ValueError(f"layer '{name}': {logits_key} holds {logits.numel()} logits, "
+                                 f"mean_weight {k}; the state dict is inconsistent")
             fixed = sd.get(prefix + fixed_key)
             if fixed is not None and float(fixed.sum()) > 0:
                 w = fixed.float()
@@ -174,33 +192,73 @@ def log_importance(writer, model: nn.Module, step: int, *, prefix: str = "sn_imp
         writer.add_figure(f"{prefix}/figure", _figure(imp), step)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m snexp.inspect",
-        description="Print the SN importance weights stored in a checkpoint.")
-    parser.add_argument("checkpoint", help="a .pt file: a state dict or a checkpoint holding one")
-    parser.add_argument("--png", help="also draw the stacked-bar figure into this PNG file")
-    args = parser.parse_args(argv)
+def _load(path: str) -> object:
+    """The object saved in ``path`` (``weights_only``), or a _UsageError saying what is wrong."""
+    file = Path(path)
+    if not file.exists():
+        raise _UsageError(f"no such file: {path}")
+    if not file.is_file():
+        raise _UsageError(f"{path} is a folder, not a checkpoint file")
+    if file.stat().st_size == 0:
+        raise _UsageError(f"{path} is empty (0 bytes): a write was interrupted or the wrong "
+                          "file was given; pass a file written by torch.save of a state dict")
     try:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        print(f"error: no such file: {args.checkpoint}", file=sys.stderr)
-        return 2
+        return torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        print(f"error: cannot read {args.checkpoint} as a PyTorch checkpoint with "
-              f"weights_only=True ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
-              f"pass a file written by torch.save of a state dict", file=sys.stderr)
-        return 2
-    imp = importance_from_state_dict(state)
+        lines = str(exc).strip().splitlines()
+        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+        raise _UsageError(
+            f"cannot read {path} as a PyTorch checkpoint with weights_only=True ({reason}); "
+            "pass a file written by torch.save of a state dict"
+        ) from None
+
+
+def _check_png(path: str) -> None:
+    """Refuse a --png whose folder is missing or whose extension matplotlib cannot write."""
+    target = Path(path)
+    folder = target.parent
+    if not folder.is_dir():
+        raise _UsageError(f"--png {path}: folder '{folder}' does not exist; create it first "
+                          "or pick another path")
+    if not os.access(folder, os.W_OK):
+        raise _UsageError(f"--png {path}: folder '{folder}' is not writable")
+    if target.suffix.lower() not in ("", ".png"):
+        raise _UsageError(f"--png {path}: the figure is a PNG file; name it *.png")
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.png:
+        _check_png(args.png)  # before the work, not after it
+    state = _load(args.checkpoint)
+    try:
+        imp = importance_from_state_dict(state)
+    except ValueError as exc:
+        raise _UsageError(f"{args.checkpoint}: {exc}") from None
     if not imp:
-        print(f"error: {args.checkpoint} holds no SN layers (no '*.mean_weight' keys)",
-              file=sys.stderr)
-        return 2
+        raise _UsageError(f"{args.checkpoint} holds no SN layers (no '*.mean_weight' keys)")
     print(format_importance(imp))
     if args.png:
         plot_importance(imp, args.png)
         print(f"figure written to {args.png}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m snexp.inspect CHECKPOINT [--png FILE]``; returns the exit status.
+
+    A mistake (missing, empty or unreadable file, a checkpoint missing keys, a --png into a
+    missing folder) is one line on stderr and status 2, found before any work.
+    """
+    parser = argparse.ArgumentParser(
+        prog=_PROG, description="Print the SN importance weights stored in a checkpoint.")
+    parser.add_argument("checkpoint", help="a .pt file: a state dict or a checkpoint holding one")
+    parser.add_argument("--png", help="also draw the stacked-bar figure into this PNG file")
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except _UsageError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 from snexp.runtime.config import cli_errors, parse_args
 from snexp.runtime.run import Run
+from snexp.runtime.track import check_study_storage
 from stylize.config import PRESETS
 from stylize.loss import load_vgg16
 from stylize.train import FLAGS as TRAIN_FLAGS
@@ -41,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          flags=FLAGS, presets=PRESETS, default_config="tune")
         check_inputs(cfg)
         check_overwrite(cfg)
+        check_study_storage(cfg.tune.storage)
         loss_net = load_vgg16(cfg.loss.vgg_weights)
         with Run(cfg, experiment="stylize-tune", safe_keys=SAFE_KEYS, prog=PROG) as run:
             tune(run, loss_net)

@@ -1,10 +1,11 @@
 """Checkpoint files and reproducibility state: atomic save, safe load, RNG capture, seeding.
 
-A checkpoint is one dict of plain containers and tensors, written atomically (temporary file,
-fsync, ``os.replace``) and read with ``torch.load(weights_only=True)``: a SIGKILL at any moment
-leaves the previous checkpoint intact, and loading never executes code. The RNG helpers capture
-python, numpy (its bit_generator state, with the key as a tensor so that ``weights_only`` reads
-it) and torch CPU/CUDA/MPS generators, so that a resumed run draws the same numbers.
+A checkpoint is one dict of plain containers and tensors, written atomically (a uniquely named
+temporary file, fsync, ``os.replace``) and read with ``torch.load(weights_only=True)``: a SIGKILL
+at any moment leaves the previous checkpoint intact, and loading never executes code. The RNG
+helpers capture python, numpy (its bit_generator state, with the key as a tensor so that
+``weights_only`` reads it) and torch CPU/CUDA/MPS generators, so that a resumed run draws the
+same numbers.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 
 from snexp.runtime.config import ConfigError
+from snexp.runtime.marker import record_output
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rank_seed", "rng_state", "save_checkpoint",
            "seed_everything", "seed_worker", "set_rng_state", "unwrap_model", "write_text_atomic"]
@@ -42,7 +44,9 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``obj`` with ``torch.save`` atomically: temporary file, fsync, ``os.replace``.
 
     If the process dies at any moment, ``path`` holds either the old or the new checkpoint,
-    never a torn one. A leftover ``.tmp`` file from a killed write is simply overwritten.
+    never a torn one. The temporary file has a unique name (``.last.pt.<random>.tmp``), so two
+    writers never write into one file; a run removes those a killed write left behind. Inside a
+    run directory the file is listed as the run's output (:mod:`snexp.runtime.marker`).
 
     Args:
         obj: Plain containers, numbers, strings and tensors (what ``weights_only`` loads).
@@ -52,18 +56,19 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
         ``path`` as a ``Path``.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            os.unlink(tmp)
         raise
     _fsync_dir(path.parent)
+    record_output(path)
     return path
 
 
@@ -78,8 +83,11 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (temporary file, fsync, ``os.replace``)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Replace ``path`` with ``text`` atomically (unique temporary file, fsync, ``os.replace``).
+
+    Inside a run directory the file is listed as the run's output (:mod:`snexp.runtime.marker`).
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -90,6 +98,7 @@ def write_text_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    record_output(path)
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
@@ -109,6 +118,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint '{path}' not found")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"checkpoint '{path}' is empty (0 bytes): its write was cut short or "
+                          "it is the wrong file")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -10,21 +10,24 @@ fixes both through Optuna's own machinery:
   heartbeat is older than ``grace_period`` is failed by the next worker that starts a trial or
   opens the study (:func:`optuna.storages.fail_stale_trials`), then optionally re-queued by
   :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`. Optuna 5's ``JournalStorage`` has
-  no heartbeat, so every trial is stamped with its owner process (host, pid, start time); a
-  worker that opens the study or asks for a trial fails the ``RUNNING`` trials whose owner was
-  on this host and is gone. Same-host owners are also how ask/tell trials (which get no
-  heartbeat) are cleaned up on RDB storages.
+  no heartbeat, so every trial is stamped with its owner process (host, kernel boot id, PID
+  namespace, pid, start time); a worker that opens the study or asks for a trial fails the
+  ``RUNNING`` trials whose owner ran in its own host, kernel and PID namespace and is gone (a
+  worker in another container on the same host is never taken for dead). Owners are also how
+  ask/tell trials (which get no heartbeat) are cleaned up on RDB storages.
 - Several processes writing one SQLite file raise "database is locked": the connection waits
   up to ``sqlite_timeout`` seconds for the lock instead.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -35,9 +38,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from snexp.runtime.config import ConfigError
 
-__all__ = ["OWNER_ATTR", "fail_dead_owner_trials", "make_storage", "reap"]
+__all__ = ["OWNER_ATTR", "check_storage", "fail_dead_owner_trials", "make_storage", "reap"]
 
-OWNER_ATTR = "snexp:owner"  # trial system attribute "host:pid:start" of the worker running it
+OWNER_ATTR = "snexp:owner"  # trial attribute "host:bootid/pidns:pid:start" of its worker
 
 
 def _start_time(pid: int) -> str | None:
@@ -58,14 +61,40 @@ def _start_time(pid: int) -> str | None:
         return ""
 
 
+def _machine() -> str:
+    """This process's kernel and PID namespace: ``<boot id>/<pid-namespace inode>``.
+
+    Host names do not tell containers apart (host networking shares one), and PIDs repeat in
+    each PID namespace; the boot id tells the kernel (and reboots) apart. "" where unknown.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        pidns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return f"{boot}/{pidns}"
+
+
 def _owner() -> str:
     pid = os.getpid()
-    return f"{socket.gethostname()}:{pid}:{_start_time(pid) or ''}"
+    return f"{socket.gethostname()}:{_machine()}:{pid}:{_start_time(pid) or ''}"
 
 
 def _owner_gone(owner: str) -> bool:
-    """Whether ``owner`` ran on this host and that process no longer exists (pid reuse aware)."""
-    host, pid, start = (owner.rsplit(":", 2) + ["", ""])[:3]
+    """Whether ``owner`` ran in this host, kernel and PID namespace and is gone (pid reuse aware).
+
+    An owner elsewhere (another host, container, or a boot before this one) is never judged:
+    only a heartbeat can tell. Owners written before the namespace was recorded
+    (``host:pid:start``) are judged by host name alone, as they used to be.
+    """
+    parts = owner.split(":")
+    if len(parts) == 4:
+        host, where, pid, start = parts
+        if not where or where != _machine():
+            return False
+    else:
+        host, pid, start = (owner.rsplit(":", 2) + ["", ""])[:3]
     if host != socket.gethostname() or not pid.isdigit():
         return False  # another host's process: only a heartbeat can tell
     now = _start_time(int(pid))
@@ -99,8 +128,8 @@ class _OwnedTrials:
 def fail_dead_owner_trials(storage: Any, study_id: int) -> list[int]:
     """Mark FAIL the study's ``RUNNING`` trials whose owner process on this host is gone.
 
-    Only same-host owners are judged (all workers of a journal file share one machine and its
-    process ids); with a retry callback on the storage, each failed trial is re-queued as
+    Only owners in this host, kernel and PID namespace are judged (a PID means the same
+    process there); with a retry callback on the storage, each failed trial is re-queued as
     ``WAITING``. Runs on every new trial; call it to clean up earlier.
 
     Args:
@@ -152,7 +181,7 @@ def _open_rdb(label: str, **options: Any) -> RDBStorage:
                 f"storage '{label}': its database driver is missing ({error.__cause__}); "
                 "for PostgreSQL run: pip install 'psycopg[binary]>=3.1'"
             ) from None
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError,
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.DatabaseError,
                 sqlalchemy.exc.ProgrammingError) as error:
             why = " ".join(str(error.orig).split())
             # NOTE: workers started at once on a fresh database race to create Optuna's
@@ -166,6 +195,74 @@ def _open_rdb(label: str, **options: Any) -> RDBStorage:
                 ) from None
             time.sleep(0.1 * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def check_storage(label: str) -> None:
+    """Refuse a storage that cannot work, without creating or connecting to anything.
+
+    Checks that a URL names a database SQLAlchemy knows and whose driver is installed, that a
+    SQLite file's folder exists and an existing file is a SQLite database, and that an
+    existing journal file is an Optuna journal (JSON lines). Used by entry points before the
+    run directory is touched.
+
+    Args:
+        label: What :func:`make_storage` takes: a SQLAlchemy URL or a journal file path.
+
+    Raises:
+        ConfigError: What is wrong, and what to pass instead.
+    """
+    hint = ("pass a SQLite file (study.db), a URL such as sqlite:///study.db or "
+            "postgresql://user@host/db, or a journal file path")
+    if "://" in label:
+        try:
+            url = sqlalchemy.engine.make_url(label)
+            url.get_dialect()
+        except sqlalchemy.exc.NoSuchModuleError:
+            raise ConfigError(
+                f"storage '{label}': '{label.split('://')[0]}' is not a database SQLAlchemy "
+                f"knows; {hint}"
+            ) from None
+        except sqlalchemy.exc.ArgumentError:
+            raise ConfigError(f"storage '{label}' is not a database URL; {hint}") from None
+        except ImportError as error:
+            raise ConfigError(
+                f"storage '{label}': its database driver is missing ({error}); for "
+                "PostgreSQL run: pip install 'psycopg[binary]>=3.1'"
+            ) from None
+        if url.get_backend_name() != "sqlite" or not url.database:
+            return
+        path = Path(url.database)
+    else:
+        path = Path(label)
+    if not path.parent.is_dir():
+        raise ConfigError(f"storage '{label}': folder '{path.parent}' does not exist")
+    if path.exists() and not path.is_file():
+        raise ConfigError(f"storage '{label}': {path} is not a file; {hint}")
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if "://" in label:
+        if not head.startswith(b"SQLite format 3\x00"):
+            raise ConfigError(
+                f"storage '{label}': {path} exists but is not a SQLite database; pass a new "
+                "file name, or the .db file an earlier run made"
+            )
+    elif not _journal_like(head):
+        raise ConfigError(
+            f"storage '{label}': {path} exists but is not an Optuna journal file (a journal "
+            "holds one JSON object per line); pass a new file name, or a .db file for SQLite"
+        )
+
+
+def _journal_like(head: bytes) -> bool:
+    first = head.split(b"\n", 1)[0]
+    if b"\n" not in head and len(head) == 4096:
+        return first.lstrip().startswith(b"{")
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
 
 
 def make_storage(
@@ -194,6 +291,7 @@ def make_storage(
     Raises:
         ConfigError: No driver for the URL's database, or it cannot be reached.
     """
+    check_storage(label)
     with warnings.catch_warnings():  # heartbeat and retry are "experimental" since Optuna 2.8
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         retry = RetryHeartbeatStaleTrialCallback(max_retry=retries) if retries > 0 else None

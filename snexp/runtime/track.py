@@ -32,10 +32,11 @@ from optuna.storages import BaseStorage
 from tqdm.auto import tqdm
 
 from snexp.runtime.config import ConfigError, flatten
-from snexp.runtime.storage import make_storage, reap
+from snexp.runtime.storage import check_storage, make_storage, reap
 
 __all__ = [
     "SQLITE_FILE",
+    "check_study_storage",
     "Tracker",
     "TqdmLoggingHandler",
     "dashboard_command",
@@ -259,6 +260,20 @@ def open_storage(
         raise ConfigError(f"storage '{storage}': folder '{folder}' does not exist")
     return make_storage(label, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                         retries=retries, sqlite_timeout=sqlite_timeout)
+
+
+def check_study_storage(storage: str | Path | None) -> None:
+    """Refuse a ``--storage`` value that cannot work, before anything is created.
+
+    ``None`` (the run directory's ``optuna.db``) always can. Entry points call this before
+    the run directory is touched; :func:`open_storage` checks the same again.
+
+    Raises:
+        ConfigError: An unknown URL scheme, a missing driver or folder, or an existing file
+            that is neither a SQLite database nor an Optuna journal.
+    """
+    if storage is not None:
+        check_storage(_storage_label(storage, None))
 
 
 def dashboard_command(storage: str | Path | None = None, run_dir: str | Path | None = None) -> str:

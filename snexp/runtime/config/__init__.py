@@ -25,6 +25,8 @@ The package, from the bottom up:
 - :mod:`snexp.runtime.config.runtime`: :class:`RuntimeConfig` (the ``[runtime]`` section every
 entry
   point shares), its flags :data:`RUNTIME_FLAGS` and :data:`CONFIG_FILE`;
+- :mod:`snexp.runtime.config.bounds`: :class:`Range`, the allowed values of a numeric field
+  (``Annotated[float, Range(gt=0)]``); every float must also be finite unless it opts out;
 - :mod:`snexp.runtime.config.schema`: field types, comments and dotted keys of a config tree, and
 the
   typed checking and parsing of one value;
@@ -35,6 +37,7 @@ the
 :func:`parse_args`.
 """
 
+from snexp.runtime.config.bounds import Range
 from snexp.runtime.config.cli import build_parser, parse_args
 from snexp.runtime.config.errors import CliError, ConfigError, cli_errors
 from snexp.runtime.config.resolve import flatten, load_config, override, resolve_config
@@ -46,6 +49,7 @@ __all__ = [
     "RUNTIME_FLAGS",
     "CliError",
     "ConfigError",
+    "Range",
     "RuntimeConfig",
     "build_parser",
     "cli_errors",

@@ -15,6 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from snexp.runtime.config.bounds import _check_range, _field_type
 from snexp.runtime.config.errors import ConfigError
 from snexp.runtime.config.schema import _coerce, _describe, _hints, _is_config, _lookup
 
@@ -116,6 +117,7 @@ def _resolve(cls: type[T], settings: Sequence[_Setting], base: Any = None) -> T:
     for s in settings:
         tp = _lookup(cls, s.key, s.source)
         values[s.key] = _coerce(s.value, tp, s.key, s.source, s.text)
+        _check_range(values[s.key], _field_type(cls, s.key), s.key, s.source)
     return _build(cls, values, "", base)
 
 

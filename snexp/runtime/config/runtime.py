@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Literal
+from typing import Annotated, Literal
+
+from snexp.runtime.config.bounds import Range
 
 __all__ = ["CONFIG_FILE", "RUNTIME_FLAGS", "RuntimeConfig"]
 
@@ -24,10 +26,10 @@ class RuntimeConfig:
 
     out: str | None = None  # run directory; none: runs/<experiment>/<YYYYmmdd-HHMMSS>
     resume: bool = False  # continue the run in --out from its checkpoints/last.pt
-    overwrite: bool = False  # delete an existing run directory at --out and start afresh
+    overwrite: bool = False  # replace the run in --out (only files snexp wrote) and start afresh
     checkpoint_every: int = 0  # also checkpoint every N steps (epoch and run ends always)
     device: str = "auto"  # auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps
-    seed: int = 0  # seed of the python, numpy and torch random generators
+    seed: Annotated[int, Range(ge=0, lt=2**64)] = 0  # seed of python, numpy and torch RNGs
     amp: Literal["off", "bf16", "fp16"] = "off"  # autocast precision; fp16 adds a GradScaler
     deterministic: bool = False  # deterministic algorithms only (exact resume on CPU)
     channels_last: bool = False  # channels-last memory format for models and image batches

@@ -7,6 +7,8 @@ A run directory holds::
     <out>/tb/                   TensorBoard events (snexp.runtime.track.Tracker)
     <out>/checkpoints/last.pt   everything needed to continue as if never stopped
     <out>/checkpoints/best.pt   the same, at the best metric (where an experiment has one)
+    <out>/.snexp-run            the stamp: only a folder with it is a run --overwrite may replace
+    <out>/.snexp-lock           flock'ed by the process running in <out> (a second one is refused)
 
 A checkpoint is one dict of plain containers and tensors (format version, config, counters,
 model/optimizer/scheduler/scaler state dicts, experiment state, RNG states of python, numpy and

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-import shutil
 import signal
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from snexp.runtime.checkpoint import seed_everything, write_text_atomic
 from snexp.runtime.config import CONFIG_FILE, ConfigError, RuntimeConfig, override, to_toml
 from snexp.runtime.config.errors import _prog_name
 from snexp.runtime.device import describe_device, select_device
+from snexp.runtime.run.claim import _Claim, _disk_error
 from snexp.runtime.run.directory import _check_directory_on_main, _new_run_dir, _open_log
 from snexp.runtime.run.loop import _Loop
 from snexp.runtime.run.resume import RUNTIME_SAFE_KEYS, _Checkpoints
@@ -92,6 +92,7 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
         self.experiment = experiment
         self.safe_keys = RUNTIME_SAFE_KEYS + tuple(safe_keys)
         self._prog = prog or _prog_name()
+        self._claim: _Claim | None = None  # rank 0's lock on the directory
 
         # Everything a user can get wrong is checked before the disk is touched. Under
         # torchrun all ranks join the process group first; rank 0 alone checks the directory.
@@ -108,7 +109,7 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
             folder = runtime.out or (str(_new_run_dir(experiment)) if self.is_main else None)
             self.dir = Path(distributed.broadcast_object(folder))
             self.checkpoint_dir = self.dir / "checkpoints"
-            checkpoint = _check_directory_on_main(
+            checkpoint, self._claim = _check_directory_on_main(
                 self.dir, runtime, config, experiment=experiment, safe_keys=self.safe_keys,
                 is_main=self.is_main, world_size=self.world_size)
         except BaseException:
@@ -144,16 +145,18 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
         self._closed = False
         try:
             self._start(console, overwrite=runtime.overwrite)
-        except BaseException:
-            self.close()
+        except OSError as exc:  # a read-only or full disk while creating the directory
+            self.close(undo=True)
+            raise _disk_error(self.dir, exc) from None
+        except BaseException as exc:
+            self.close(undo=isinstance(exc, ConfigError))
             raise
 
     def _start(self, console: bool, *, overwrite: bool) -> None:
         """Create the directory and its log, seed, write config.toml, open the tracker."""
         runtime = self.runtime
         if self.is_main:
-            if overwrite and self.dir.exists():
-                shutil.rmtree(self.dir)
+            self._claim.start(overwrite=overwrite, resume=self.resumed)
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self._log_handlers = _open_log(self.dir, console)
             self._file_handler = self._log_handlers[0]
@@ -196,9 +199,14 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
                         self.world_size, torch.distributed.get_backend(), self.dir,
                         "; norms synchronized (--sync-norm)" if runtime.sync_norm else "")
 
-    def close(self) -> None:
-        """Close the tracker and log file, restore signal handlers and global settings, and
-        leave the process group if this run joined it."""
+    def close(self, *, undo: bool = False) -> None:
+        """Close the tracker and log file, restore signal handlers and global settings,
+        unlock the directory and leave the process group if this run joined it.
+
+        Args:
+            undo: The run was refused (a ConfigError) before its first checkpoint: remove
+                what it wrote and put back the run that ``--overwrite`` set aside.
+        """
         if self._closed:
             return
         self._closed = True
@@ -211,6 +219,8 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
             root.removeHandler(handler)
             handler.close()
         root.setLevel(self._root_level)
+        if self._claim is not None:
+            self._claim.release(undo=undo)
         distributed.destroy(self._owns_group)
 
     def __enter__(self) -> Run:
@@ -219,11 +229,14 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if self._closed:
             return
+        undo = isinstance(exc, ConfigError)
         try:
             if exc is None:
                 done = (self.step, self.epoch, self._batch_in_epoch)
                 if self._objects and self._saved_at != done:
                     self.save()
+                if self._claim is not None:
+                    self._claim.commit()
                 logger.info(
                     "run finished at step %d, epoch %d: %s", self.step, self.epoch, self.dir
                 )
@@ -239,7 +252,7 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
                 # while another rank still waits in a collective can abort it (gloo, SIGABRT).
                 distributed.barrier()
         finally:
-            self.close()
+            self.close(undo=undo)
 
     def _record(self, level: int, message: str, exc_info: Any) -> logging.LogRecord:
         return logger.makeRecord(logger.name, level, __file__, 0, message, (), exc_info)

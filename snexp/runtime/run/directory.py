@@ -2,25 +2,29 @@
 
 Everything a user can get wrong about the directory is refused with a one-paragraph
 :class:`~snexp.runtime.config.ConfigError` before anything is written: a non-empty ``--out``
-without
-``--resume`` or ``--overwrite``, ``--overwrite`` of a folder that is not a run directory, a
+without ``--resume`` or ``--overwrite``; ``--overwrite`` of a folder without snexp's stamp
+(:mod:`snexp.runtime.marker`) or of a symbolic link; an ``--out`` that cannot be written; a
 ``--resume`` without a checkpoint or with a config that changes unsafe keys
-(:func:`snexp.runtime.run.resume._check_resumable`). Under torchrun rank 0 alone looks at the disk
-and
-the other ranks get its verdict. New runs go to ``runs/<experiment>/<YYYYmmdd-HHMMSS>``.
+(:func:`snexp.runtime.run.resume._check_resumable`). Then rank 0 locks the directory
+(:mod:`snexp.runtime.run.claim`) and checks again under the lock. Under torchrun rank 0 alone
+looks at the disk and the other ranks get its verdict. New runs go to
+``runs/<experiment>/<YYYYmmdd-HHMMSS>``.
 """
 
 from __future__ import annotations
 
 import datetime
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import load_checkpoint
-from snexp.runtime.config import CONFIG_FILE, ConfigError, RuntimeConfig
+from snexp.runtime.config import ConfigError, RuntimeConfig
+from snexp.runtime.marker import LOCK_FILE, MARKER_FILE, REPLACED_DIR, read_marker
+from snexp.runtime.run.claim import _Claim, _refuse_if_locked
 from snexp.runtime.run.resume import _check_resumable
 from snexp.runtime.track import TqdmLoggingHandler
 
@@ -28,9 +32,14 @@ _LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, experiment: str,
-                     safe_keys: Sequence[str]) -> dict | None:
-    """Refuse unsafe uses of the run directory; on resume, load and check the checkpoint."""
+                     safe_keys: Sequence[str], locked: bool = False) -> dict | None:
+    """Refuse unsafe uses of the run directory; on resume, load and check the checkpoint.
+
+    ``locked``: this process holds the directory's lock already (the check under the lock).
+    """
     last = folder / "checkpoints" / "last.pt"
+    if folder.is_dir() and not locked:
+        _refuse_if_locked(folder)  # a live run: say so first, whatever else is asked
     if runtime.resume:
         if not runtime.out:
             recent = _latest_run(experiment)
@@ -38,38 +47,88 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             raise ConfigError(f"--resume needs --out DIR, the run to continue{hint}")
         if not last.is_file():
             what = "does not exist" if not folder.exists() else "has no checkpoints/last.pt"
-            raise ConfigError(f"cannot resume: {folder} {what}")
+            aside = folder / REPLACED_DIR
+            hint = (f"; an --overwrite stopped before its first checkpoint left the run it "
+                    f"replaced in {aside}: move its entries back into {folder} to resume it"
+                    if (aside / "checkpoints" / "last.pt").is_file() else "")
+            raise ConfigError(f"cannot resume: {folder} {what}{hint}")
         checkpoint = load_checkpoint(last)
         _check_resumable(checkpoint, config, last, folder=folder, safe_keys=safe_keys)
         return checkpoint
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file, not a directory")
-    if folder.exists() and any(folder.iterdir()):
+    if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
         if not runtime.overwrite:
             raise ConfigError(
                 f"run directory {folder} already exists and is not empty; pass --resume to "
                 "continue it, --overwrite to delete it and start afresh, or choose another "
                 "--out"
             )
-        if not (folder / CONFIG_FILE).is_file():
+        if folder.is_symlink():
             raise ConfigError(
-                f"--overwrite refused: {folder} has no {CONFIG_FILE}, so it does not look "
-                "like a run directory; delete it yourself or choose another --out"
+                f"--overwrite refused: --out {folder} is a symbolic link (to "
+                f"{folder.resolve()}); --overwrite does not follow links: pass the real path"
             )
+        if read_marker(folder) is None:
+            raise ConfigError(
+                f"--overwrite refused: {folder} has no {MARKER_FILE} stamp, so it is not a run "
+                "directory snexp made (runs made before the stamp existed have none either); "
+                "--overwrite only deletes what snexp wrote: delete the folder yourself or "
+                "choose another --out"
+            )
+    _check_writable(folder)
     return None
+
+
+def _check_writable(folder: Path) -> None:
+    """Refuse an --out whose nearest existing folder cannot be written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"--out {folder}: {existing} is not writable (read-only folder or file system); "
+            "choose a folder you can write to"
+        )
+
+
+def _claim_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, experiment: str,
+                     safe_keys: Sequence[str]) -> tuple[dict | None, _Claim]:
+    """Check the directory, lock it, and check again under the lock (closing the race)."""
+    checkpoint = _check_directory(folder, runtime, config, experiment=experiment,
+                                  safe_keys=safe_keys)
+    last = folder / "checkpoints" / "last.pt"
+    seen = _signature(last)
+    claim = _Claim.take(folder, experiment)
+    try:
+        if not runtime.resume or _signature(last) != seen:  # another process ran meanwhile
+            checkpoint = _check_directory(folder, runtime, config, experiment=experiment,
+                                          safe_keys=safe_keys, locked=True)
+    except BaseException:
+        claim.release(undo=False)
+        raise
+    return checkpoint, claim
+
+
+def _signature(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _check_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, *,
                              experiment: str, safe_keys: Sequence[str], is_main: bool,
-                             world_size: int) -> dict | None:
-    """:func:`_check_directory` on rank 0; the other ranks get its verdict, then read."""
+                             world_size: int) -> tuple[dict | None, _Claim | None]:
+    """:func:`_claim_directory` on rank 0; the other ranks get its verdict, then read."""
     check = {"experiment": experiment, "safe_keys": safe_keys}
     if world_size == 1:
-        return _check_directory(folder, runtime, config, **check)
-    error, checkpoint = None, None
+        return _claim_directory(folder, runtime, config, **check)
+    error, checkpoint, claim = None, None, None
     if is_main:
         try:
-            checkpoint = _check_directory(folder, runtime, config, **check)
+            checkpoint, claim = _claim_directory(folder, runtime, config, **check)
         except ConfigError as exc:
             error = str(exc)
     error = distributed.broadcast_object(error)  # also the barrier before the others read
@@ -77,7 +136,7 @@ def _check_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, 
         raise ConfigError(error)
     if not is_main and runtime.resume:
         checkpoint = load_checkpoint(folder / "checkpoints" / "last.pt")
-    return checkpoint
+    return checkpoint, claim
 
 
 def _open_log(folder: Path, console: bool) -> list[logging.Handler]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
@@ -44,10 +45,23 @@ RUNTIME_SAFE_KEYS: tuple[str, ...] = (
     "runtime.compile",
 )
 
+# What every checkpoint of this format holds (rng_ranks only under torchrun).
+_REQUIRED = ("config", "step", "epoch", "batch_in_epoch", "best", "state", "objects", "scaler",
+             "rng", "data_rng")
+
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
     """Config values as checkpoint-safe plain data (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values equal, where ``nan`` equals ``nan`` (a config may hold one)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _check_resumable(checkpoint: Mapping[str, Any], config: Any, path: Path, *, folder: Path,
@@ -58,13 +72,19 @@ def _check_resumable(checkpoint: Mapping[str, Any], config: Any, path: Path, *, 
             f"cannot resume from {path}: checkpoint format {checkpoint.get('format')!r}, "
             f"this code reads format {CHECKPOINT_FORMAT}"
         )
+    missing = [k for k in _REQUIRED if k not in checkpoint]
+    if missing or not isinstance(checkpoint.get("config"), Mapping):
+        raise ConfigError(
+            f"cannot resume from {path}: the checkpoint lacks {', '.join(missing) or 'config'}, "
+            "so it was not written by a complete snexp run; start a new run with another --out"
+        )
     saved, now = checkpoint["config"], _plain(flatten(config))
     differing = []
     for key in sorted(set(saved) | set(now)):
         if key not in saved or key not in now:
             where = "this code" if key not in saved else "the checkpoint"
             logger.warning("config key %s exists only in %s; ignored for resume", key, where)
-        elif saved[key] != now[key] and not any(fnmatchcase(key, p) for p in safe_keys):
+        elif not _same(saved[key], now[key]) and not any(fnmatchcase(key, p) for p in safe_keys):
             differing.append(f"{key} ({saved[key]!r} -> {now[key]!r})")
     if differing:
         hidden = ("runtime.out", "runtime.resume", "runtime.overwrite")
@@ -101,6 +121,7 @@ class _Checkpoints:
     _skip: int
     _epoch_rng: torch.Tensor
     _saved_at: tuple[int, int, int] | None
+    _claim: Any
 
     def attach(self, **objects: Any) -> None:
         """Register what every checkpoint holds and, on ``--resume``, load it back.
@@ -180,7 +201,16 @@ class _Checkpoints:
         path = self.checkpoint_dir / "last.pt"
         checkpoint = self._checkpoint_dict()
         if checkpoint is not None:
-            save_checkpoint(checkpoint, path)
+            try:
+                save_checkpoint(checkpoint, path)
+            except OSError as exc:  # a full disk, a folder made read-only
+                raise ConfigError(
+                    f"cannot write the checkpoint {path}: {exc.strerror or exc}; free space "
+                    "(or make the folder writable) and resume from the last checkpoint with "
+                    "--resume"
+                ) from None
+            if self._claim is not None:
+                self._claim.commit()  # the new run has a checkpoint: the replaced one goes
         self._saved_at = (self.step, self.epoch, self._batch_in_epoch)
         self.tracker.flush()
         return path

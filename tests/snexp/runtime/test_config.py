@@ -9,7 +9,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pytest
 
@@ -21,6 +21,7 @@ except ModuleNotFoundError:  # Python 3.10
 from snexp.runtime.config import (
     CONFIG_FILE,
     ConfigError,
+    Range,
     RuntimeConfig,
     build_parser,
     cli_errors,
@@ -319,8 +320,8 @@ class Tricky:
     text: str = 'quote " back \\ tab \t newline \n del \x7f unicode é 😀'  # hard to escape
     small: float = 1e-4  # a float repr with an exponent
     big: float = 1e10  # a float repr ending in .0
-    inf: float = float("-inf")  # infinities are TOML floats
-    nan: float = float("nan")  # so is nan
+    inf: Annotated[float, Range(finite=False)] = float("-inf")  # infinities are TOML floats
+    nan: Annotated[float, Range(finite=False)] = float("nan")  # so is nan
     count: int = -3  # an integer
     flag: bool = True  # a boolean
     maybe: str | None = None  # None is written as "none"

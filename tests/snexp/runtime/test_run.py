@@ -219,16 +219,18 @@ def test_existing_run_directory_is_never_overwritten_silently(tmp_path):
         "it, --overwrite to delete it and start afresh, or choose another --out"
     )
     assert (tmp_path / "checkpoints/last.pt").read_bytes() == before
-    # --overwrite starts afresh: old files are gone.
-    (tmp_path / "stale.txt").write_text("old")
+    # --overwrite starts afresh: the old run's files are gone, a file the user added stays.
+    (tmp_path / "notes.txt").write_text("mine")
     with open_run(make_config(tmp_path, "--overwrite")) as run:
         assert not run.resumed
-    assert not (tmp_path / "stale.txt").exists()
+    assert not (tmp_path / "checkpoints/last.pt").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path):
     (tmp_path / "thesis.tex").write_text("precious")
-    with pytest.raises(ConfigError, match="does not look like a run directory"):
+    (tmp_path / "config.toml").write_text("[tool]\n")  # a config.toml alone does not make a run
+    with pytest.raises(ConfigError, match="no .snexp-run stamp, so it is not a run directory"):
         open_run(make_config(tmp_path, "--overwrite"))
     # The folder's content survives.
     assert (tmp_path / "thesis.tex").read_text() == "precious"
@@ -259,8 +261,9 @@ def test_default_directory_layout(tmp_path, monkeypatch):
     # runs/<experiment>/<YYYYmmdd-HHMMSS> with config, log, events and checkpoints.
     assert run.dir.parent == Path("runs/toy") and len(run.dir.name) == len("20250101-000000")
     names = sorted(str(p.relative_to(run.dir)) for p in run.dir.rglob("*") if p.is_file())
-    assert names[:4] == ["checkpoints/best.pt", "checkpoints/last.pt", "config.toml", "run.log"]
-    assert names[4].startswith("tb/events.out.tfevents.") and len(names) == 5
+    assert names[:6] == [".snexp-lock", ".snexp-run", "checkpoints/best.pt",
+                         "checkpoints/last.pt", "config.toml", "run.log"]
+    assert names[6].startswith("tb/events.out.tfevents.") and len(names) == 7
     assert load_config(toy.ToyConfig, run.dir / CONFIG_FILE).runtime.out == str(run.dir)
     assert "INFO toy: hello from the loop" in (run.dir / "run.log").read_text()
 
@@ -373,6 +376,9 @@ def test_load_explains_missing_and_torn_files(tmp_path):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(ConfigError, match="is unreadable or truncated"):
         load_checkpoint(tmp_path / "notes.pt")
+    (tmp_path / "zero.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"zero.pt' is empty \(0 bytes\)"):
+        load_checkpoint(tmp_path / "zero.pt")
 
 
 def test_checkpoint_holds_rng_and_counters(tmp_path):

@@ -17,6 +17,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -131,7 +132,7 @@ def test_dead_ask_tell_worker_on_sqlite_is_failed_at_the_next_start(tmp_path):
     proc.join(30)
     study = open_study("shared", storage=storage, heartbeat_interval=None)
     assert [t.state for t in study.trials] == [TrialState.FAIL]
-    assert study.trials[0].system_attrs[OWNER_ATTR].split(":")[1] == str(proc.pid)
+    assert study.trials[0].system_attrs[OWNER_ATTR].split(":")[2] == str(proc.pid)
 
 
 # ----------------------------------------------------------------------------- PostgreSQL
@@ -196,3 +197,68 @@ def importlib_missing(name: str) -> bool:
 
 def test_workers_share_one_postgresql_study(postgres_url):
     _run_workers(postgres_url)
+
+
+# ----------------------------------------------------------------------------- containers
+
+_NS_WORKER = """
+import sys, time
+from snexp.runtime.track import open_study
+study = open_study("shared", storage=sys.argv[1], heartbeat_interval=None)
+trial = study.ask()
+print(trial.number, flush=True)
+time.sleep(120)
+"""
+
+_NS_JUDGE = """
+import sys
+from snexp.runtime.track import open_study
+study = open_study("shared", storage=sys.argv[1])  # reaps the trials of dead owners
+print(",".join(t.state.name for t in study.trials))
+"""
+
+
+def _unshare_works() -> bool:
+    try:
+        return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                              timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not shutil.which("unshare") or not _unshare_works(),
+                    reason="needs unshare --pid --mount-proc (root or user namespaces)")
+def test_a_live_worker_in_another_pid_namespace_is_not_taken_for_dead(tmp_path):
+    # Same host name, another PID namespace (containers with host networking): the worker's
+    # pid does not exist in the judge's namespace, yet the worker lives; its trial stays.
+    journal = str(tmp_path / "journal.log")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])}
+    worker = subprocess.Popen([sys.executable, "-c", _NS_WORKER, journal],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert worker.stdout.readline().strip() == "0"
+        judge = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                                "-c", _NS_JUDGE, journal], capture_output=True, text=True,
+                               env=env, timeout=120)
+        assert judge.stdout.strip() == "RUNNING", judge.stderr
+        assert worker.poll() is None
+    finally:
+        worker.kill()
+        worker.wait(timeout=30)
+    # Once the worker is really dead, a judge in its own namespace fails the trial.
+    study = open_study("shared", storage=journal)
+    assert [t.state for t in study.trials] == [TrialState.FAIL]
+
+
+def test_owner_stamps_name_host_kernel_and_pid_namespace():
+    from snexp.runtime.storage import _machine, _owner, _owner_gone
+
+    host, where, pid, start = _owner().split(":")
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    assert where == f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}" == _machine()
+    assert pid == str(os.getpid()) and not _owner_gone(_owner())
+    # A pid that is free here, stamped from another namespace or kernel: not judged.
+    free = max(int(p) for p in os.listdir("/proc") if p.isdigit()) + 10_000
+    assert _owner_gone(f"{host}:{where}:{free}:123")
+    assert not _owner_gone(f"{host}:{boot}/1:{free}:123")
+    assert not _owner_gone(f"{host}:other-boot/{where.split('/')[1]}:{free}:123")

@@ -1,0 +1,205 @@
+"""Rank 0's hold on a run directory: the lock, the stamp, and a reversible ``--overwrite``.
+
+Once every input is checked (:mod:`snexp.runtime.run.directory`), :meth:`_Claim.take` creates
+the directory and locks ``<out>/.snexp-lock`` with ``flock`` for the whole run: a second
+process on the same directory (a fresh run, a ``--resume`` or an ``--overwrite``) is refused
+with the holder's pid, host and command, and the lock goes away with the process, even on
+SIGKILL. ``--overwrite`` does not delete the old run at once: :meth:`_Claim.set_aside` moves
+the entries snexp wrote (:func:`snexp.runtime.marker.owned_entries`) into ``.snexp-replaced``,
+leaving the user's own files where they are, and :meth:`_Claim.commit` deletes them once the
+new run has written its first checkpoint (or ended cleanly). If the new run is refused before
+that (a :class:`~snexp.runtime.config.ConfigError`: a typo in an input found while building
+the data), :meth:`_Claim.release` puts the old run back; a fresh run refused that way leaves
+no directory behind, so the same ``--out`` can be retried.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+from snexp.runtime.config import ConfigError
+from snexp.runtime.marker import (
+    LOCK_FILE,
+    REPLACED_DIR,
+    RUNTIME_ENTRIES,
+    owned_entries,
+    read_marker,
+    write_marker,
+)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs are not locked there
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("snexp.runtime.run")
+
+
+def _disk_error(folder: Path, exc: OSError) -> ConfigError:
+    """The one-paragraph message of a directory that cannot be written."""
+    return ConfigError(
+        f"cannot write the run directory {folder}: {exc.strerror or exc} "
+        f"({exc.filename or folder}); choose a writable --out with free space"
+    )
+
+
+def _holder() -> dict[str, object]:
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300],
+            "since": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return (f"process {info['pid']} on {info['host']} (running since {info['since']}: "
+                f"{info['command']})")
+    except (ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _refuse_if_locked(folder: Path) -> None:
+    """Refuse a directory another process holds, without writing anything (a shared probe)."""
+    if fcntl is None:
+        return
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return  # no lock file: nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        raise _in_use(folder, os.pread(fd, 4096, 0).decode("utf-8", "replace")) from None
+    finally:
+        os.close(fd)
+
+
+def _in_use(folder: Path, text: str) -> ConfigError:
+    return ConfigError(f"run directory {folder} is in use by {_describe_holder(text)}; wait for "
+                       "it to end (or stop it), or choose another --out")
+
+
+class _Claim:
+    """The lock on a run directory and what ``--overwrite`` set aside (rank 0 only)."""
+
+    def __init__(self, folder: Path, experiment: str) -> None:
+        self.folder = folder
+        self.experiment = experiment
+        self.created = False  # this process made the directory
+        self.fresh = False  # a new run (not a resume): its files may be removed on refusal
+        self.replaced: Path | None = None  # the old run, set aside by --overwrite
+        self.committed = False
+        self._fd: int | None = None
+
+    @classmethod
+    def take(cls, folder: Path, experiment: str) -> _Claim:
+        """Create ``folder`` if needed and lock it; refuse if another process holds it."""
+        claim = cls(folder, experiment)
+        try:
+            claim.created = not folder.exists()
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / LOCK_FILE
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except OSError as exc:
+            raise _disk_error(folder, exc) from None
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+                os.close(fd)
+                raise _in_use(folder, text) from None
+            with contextlib.suppress(OSError):
+                if os.fstat(fd).st_ino != os.stat(path).st_ino:  # removed while we waited
+                    os.close(fd)
+                    raise ConfigError(f"run directory {folder} changed while this run "
+                                      "started; start it again")
+        claim._fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
+        except OSError as exc:
+            claim.release(undo=False)
+            raise _disk_error(folder, exc) from None
+        return claim
+
+    def start(self, *, overwrite: bool, resume: bool) -> None:
+        """Set the old run aside (``--overwrite``), remove stale temporary files, stamp."""
+        self.fresh = not resume
+        if overwrite:
+            self.set_aside()
+        data = read_marker(self.folder)
+        ours = {*RUNTIME_ENTRIES, *(data["outputs"] if data else ())}
+        for tmp in [*self.folder.glob(".*.tmp"), *self.folder.glob("checkpoints/.*.tmp")]:
+            name = tmp.name[1:-len(".tmp")].rpartition(".")[0]  # .<name>.<random>.tmp
+            if tmp.parent.name == "checkpoints" or name in ours:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()  # left by a killed write; no one else writes here now
+        if not resume or data is None:
+            write_marker(self.folder, self.experiment)
+
+    def set_aside(self) -> None:
+        """Move the entries snexp wrote into ``.snexp-replaced`` (the user's files stay)."""
+        old = self.folder / REPLACED_DIR
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)  # an earlier --overwrite's, never committed: that run is gone
+        owned, kept = owned_entries(self.folder)
+        owned = [name for name in owned if name != REPLACED_DIR]
+        if not owned:
+            return
+        old.mkdir()
+        for name in owned:
+            os.rename(self.folder / name, old / name)
+        self.replaced = old
+        logger.info("--overwrite: the previous run's %d entries are set aside in %s until this "
+                    "run's first checkpoint%s", len(owned), old,
+                    f"; kept {len(kept)} entries snexp did not write: {', '.join(kept[:5])}"
+                    if kept else "")
+
+    def commit(self) -> None:
+        """The new run has a checkpoint: delete what ``--overwrite`` set aside."""
+        if self.committed:
+            return
+        self.committed = True
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+    def release(self, *, undo: bool) -> None:
+        """Unlock; with ``undo`` (a refused new run), remove its files and restore the old."""
+        if undo and not self.committed and (self.fresh or self.replaced is not None):
+            with contextlib.suppress(OSError):
+                self._undo()
+        elif self.replaced is not None and not self.committed:
+            logger.warning("the run this one replaced stays in %s until a run in %s writes a "
+                           "checkpoint", self.replaced, self.folder)
+        if self._fd is not None:
+            os.close(self._fd)  # the flock goes with it
+            self._fd = None
+
+    def _undo(self) -> None:
+        owned, _ = owned_entries(self.folder)
+        for name in owned:
+            if name == REPLACED_DIR:
+                continue
+            path = self.folder / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        if self.replaced is not None:
+            for entry in self.replaced.iterdir():
+                os.rename(entry, self.folder / entry.name)
+            self.replaced.rmdir()
+            self.replaced = None
+        elif self.created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
+            (self.folder / LOCK_FILE).unlink()
+            self.folder.rmdir()

@@ -1,0 +1,315 @@
+"""The run directory's safety: its stamp, what --overwrite deletes, its lock, refused runs.
+
+Rules: ``--overwrite`` deletes only a folder stamped ``.snexp-run`` and in it only what snexp
+wrote; a new run refused (ConfigError) before its first checkpoint leaves the directory as it
+was (the old run put back, or no directory at all); a second process on a live run directory
+is refused naming the holder; concurrent atomic writes never tear a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import runtime_toy as toy
+import torch
+
+import snexp.runtime.run.core as core_module
+import snexp.runtime.run.directory as directory_module
+from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
+from snexp.runtime.config import ConfigError, parse_args
+from snexp.runtime.marker import LOCK_FILE, MARKER_FILE, REPLACED_DIR, read_marker
+from snexp.runtime.run import Run
+
+REPO = Path(__file__).resolve().parents[3]
+TOY = Path(__file__).resolve().parent / "runtime_toy.py"
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def make_config(out: Path, *extra: str) -> toy.ToyConfig:
+    argv = ["--out", str(out), "--deterministic", "--device", "cpu", *extra]
+    return parse_args(toy.ToyConfig, argv, flags=toy.FLAGS)
+
+
+def open_run(cfg: toy.ToyConfig) -> Run:
+    return Run(cfg, experiment="toy", safe_keys=toy.SAFE_KEYS, prog="toy", console=False)
+
+
+def finished_run(out: Path) -> dict[str, bytes]:
+    """A toy run of 2 steps that also writes two outputs; returns its files' bytes."""
+    with open_run(make_config(out, "--set", "train.steps=2")) as run:
+        toy.train(run)
+        save_checkpoint({"w": torch.ones(2)}, run.dir / "model.pt")
+        write_text_atomic(run.dir / "result.json", '{"acc": 0.5}')
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+def contents(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != LOCK_FILE}
+
+
+# ----------------------------------------------------------------------------- the stamp
+
+
+def test_a_run_directory_is_stamped_with_what_snexp_wrote(tmp_path):
+    finished_run(tmp_path)
+    marker = read_marker(tmp_path)
+    # The two outputs written through snexp's writers are listed; runtime files need not be.
+    assert marker["experiment"] == "toy" and marker["outputs"] == ["model.pt", "result.json"]
+    assert json.loads((tmp_path / MARKER_FILE).read_text())["kind"] == "snexp run directory"
+
+
+def test_overwrite_deletes_only_what_snexp_wrote(tmp_path):
+    finished_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("my notes")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/important.py").write_text("print('keep me')")
+    with open_run(make_config(tmp_path, "--overwrite")) as run:
+        assert not run.resumed
+    # The old run's checkpoints and outputs are gone; the user's files are untouched.
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "result.json").exists()
+    assert not (tmp_path / "checkpoints/last.pt").exists()
+    assert not (tmp_path / REPLACED_DIR).exists()
+    assert (tmp_path / "notes.txt").read_text() == "my notes"
+    assert (tmp_path / "src/important.py").read_text() == "print('keep me')"
+
+
+def test_overwrite_refuses_a_project_root_with_a_config_toml(tmp_path):
+    (tmp_path / "config.toml").write_text("[project]\n")
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src/important.py").write_text("x = 1")
+    before = contents(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        open_run(make_config(tmp_path, "--overwrite"))
+    assert str(info.value) == (
+        f"--overwrite refused: {tmp_path} has no .snexp-run stamp, so it is not a run directory "
+        "snexp made (runs made before the stamp existed have none either); --overwrite only "
+        "deletes what snexp wrote: delete the folder yourself or choose another --out"
+    )
+    # Nothing was written or deleted, not even a lock file.
+    assert contents(tmp_path) == before and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_overwrite_refuses_a_symlinked_out(tmp_path):
+    real = tmp_path / "real"
+    before = finished_run(real)
+    link = tmp_path / "link"
+    link.symlink_to(real)
+    with pytest.raises(ConfigError, match="is a symbolic link .* does not follow links"):
+        open_run(make_config(link, "--overwrite"))
+    assert contents(real) == before
+
+
+# ----------------------------------------------------------------------------- refused runs
+
+
+def _refused_in_the_loop(run: Run) -> None:
+    """What a loop does when it finds a bad input only while building its data."""
+    raise ConfigError("--content-dir photos/ does not exist")
+
+
+def test_overwrite_refused_in_the_loop_puts_the_old_run_back(tmp_path):
+    before = finished_run(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="content-dir"):
+        with open_run(make_config(tmp_path, "--overwrite")) as run:
+            _refused_in_the_loop(run)
+    # Byte for byte the old run (checkpoints, model, config, log), and the user's file.
+    assert contents(tmp_path) == {**before, "notes.txt": b"mine"}
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+
+
+def test_fresh_run_refused_in_the_loop_leaves_no_directory(tmp_path):
+    out = tmp_path / "new"
+    with pytest.raises(ConfigError):
+        with open_run(make_config(out)) as run:
+            _refused_in_the_loop(run)
+    # No empty run directory blocks the retry with the same --out.
+    assert not out.exists()
+    with open_run(make_config(out)) as run:
+        toy.train(run)
+    assert load_checkpoint(out / "checkpoints/last.pt")["step"] == 24
+
+
+def test_overwrite_that_crashes_keeps_the_old_run_aside_and_says_how_to_resume_it(tmp_path):
+    before = finished_run(tmp_path)
+    with pytest.raises(RuntimeError):
+        with open_run(make_config(tmp_path, "--overwrite")):
+            raise RuntimeError("a bug in the new run")
+    # The old run is kept, set aside, until a new run in the directory has a checkpoint.
+    kept = contents(tmp_path / REPLACED_DIR)
+    assert kept["checkpoints/last.pt"] == before["checkpoints/last.pt"]
+    with pytest.raises(ConfigError) as info:
+        open_run(make_config(tmp_path, "--resume"))
+    assert f"left the run it replaced in {tmp_path / REPLACED_DIR}" in str(info.value)
+
+
+def test_overwrite_forgets_the_old_run_at_the_first_checkpoint(tmp_path):
+    finished_run(tmp_path)
+
+    def look(run: Run) -> None:
+        if run.step == 1:
+            assert (tmp_path / REPLACED_DIR / "model.pt").is_file()  # not yet: no checkpoint
+
+    with open_run(make_config(tmp_path, "--overwrite", "--set", "train.steps=10")) as run:
+        toy.train(run, on_step=look)
+        assert run.epoch == 1 and not (tmp_path / REPLACED_DIR).exists()  # epoch 1 saved
+
+
+def test_stale_temporary_files_of_killed_writes_are_removed(tmp_path):
+    finished_run(tmp_path)
+    stale = [tmp_path / "checkpoints/.last.pt.k1ll3d.tmp", tmp_path / ".model.pt.x8.tmp"]
+    for path in stale:
+        path.write_bytes(b"half")
+    (tmp_path / ".mine.tmp").write_text("user's")
+    with open_run(make_config(tmp_path, "--resume")):
+        pass
+    assert not any(p.exists() for p in stale) and (tmp_path / ".mine.tmp").exists()
+
+
+# ----------------------------------------------------------------------------- disk errors
+
+
+def test_read_only_out_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(directory_module.os, "access", lambda path, mode: False)
+    with pytest.raises(ConfigError) as info:
+        open_run(make_config(tmp_path / "run"))
+    assert str(info.value) == (
+        f"--out {tmp_path / 'run'}: {tmp_path} is not writable (read-only folder or file "
+        "system); choose a folder you can write to"
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_disk_at_start_is_one_paragraph_and_leaves_nothing(tmp_path, monkeypatch):
+    def full(path, text):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(core_module, "write_text_atomic", full)
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError) as info:
+        open_run(make_config(out))
+    assert str(info.value) == (
+        f"cannot write the run directory {out}: No space left on device ({out / 'config.toml'}); "
+        "choose a writable --out with free space"
+    )
+    assert not out.exists()
+
+
+def test_full_disk_at_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch):
+    import snexp.runtime.run.resume as resume_module
+
+    def full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    with open_run(make_config(tmp_path, "--set", "train.steps=2")) as run:
+        toy.train(run)
+    monkeypatch.setattr(resume_module, "save_checkpoint", full)
+    with pytest.raises(ConfigError) as info:
+        with open_run(make_config(tmp_path, "--resume", "--set", "train.steps=4")) as run:
+            toy.train(run)
+    assert str(info.value) == (
+        f"cannot write the checkpoint {tmp_path / 'checkpoints/last.pt'}: No space left on "
+        "device; free space (or make the folder writable) and resume from the last "
+        "checkpoint with --resume"
+    )
+    # The last good checkpoint is still there.
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+def test_a_live_run_directory_is_refused_to_a_second_process(tmp_path):
+    # This process holds the run; a real second process is refused whatever it asks for.
+    with open_run(make_config(tmp_path, "--set", "train.steps=2")) as run:
+        toy.train(run)
+        run.save()
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            proc = subprocess.run(
+                [sys.executable, str(TOY), "--out", str(tmp_path), "--device", "cpu", *extra],
+                capture_output=True, text=True, env=ENV, timeout=120)
+            message = " ".join(proc.stderr.split())
+            assert proc.returncode == 2, proc.stderr
+            assert message.startswith(
+                f"toy: error: run directory {tmp_path} is in use by process {os.getpid()} on "
+            ), message
+            assert message.endswith("wait for it to end (or stop it), or choose another --out")
+        # The live run's files are untouched by the refused processes.
+        assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
+        assert read_marker(tmp_path) is not None
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    # A run killed with SIGKILL holds no lock: the next process resumes it.
+    script = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(TOY.parent)!r})
+        import runtime_toy as toy
+        from snexp.runtime.config import parse_args
+        from snexp.runtime.run import Run
+        cfg = parse_args(toy.ToyConfig, ["--out", {str(tmp_path)!r}, "--device", "cpu",
+                                         "--deterministic", "--set", "train.steps=2"],
+                         flags=toy.FLAGS)
+        with Run(cfg, experiment="toy", console=False) as run:
+            toy.train(run)
+            run.save()
+            print("holding", flush=True)
+            time.sleep(600)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            env=ENV)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        with pytest.raises(ConfigError, match=f"in use by process {proc.pid} on "):
+            open_run(make_config(tmp_path, "--resume"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    with open_run(make_config(tmp_path, "--resume", "--set", "train.steps=4")) as run:
+        toy.train(run)
+    assert run.step == 4
+
+
+_WRITER = """
+import sys, torch
+from snexp.runtime.checkpoint import save_checkpoint
+weights = torch.arange(100_000, dtype=torch.float64)
+for step in range(int(sys.argv[2])):
+    save_checkpoint({"step": step, "w": weights + step}, sys.argv[1])
+"""
+
+
+def test_two_writers_of_one_checkpoint_never_tear_it(tmp_path):
+    # Each atomic write goes through its own temporary file, so readers see whole files only.
+    path = tmp_path / "last.pt"
+    save_checkpoint({"step": 0, "w": torch.arange(100_000, dtype=torch.float64)}, path)
+    writers = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), "60"], env=ENV)
+               for _ in range(2)]
+    reads = 0
+    try:
+        while any(w.poll() is None for w in writers):
+            checkpoint = load_checkpoint(path)
+            expected = torch.arange(100_000, dtype=torch.float64) + checkpoint["step"]
+            assert torch.equal(checkpoint["w"], expected)
+            reads += 1
+    finally:
+        for w in writers:
+            w.wait(timeout=60)
+    assert [w.returncode for w in writers] == [0, 0] and reads > 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temporary left
+
+
+def test_lock_file_names_the_holder(tmp_path):
+    with open_run(make_config(tmp_path)):
+        holder = json.loads((tmp_path / LOCK_FILE).read_text())
+    assert holder["pid"] == os.getpid() and holder["since"] <= time.strftime("%Y-%m-%dT%H:%M:%S")

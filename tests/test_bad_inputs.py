@@ -1,0 +1,195 @@
+"""Bad inputs through the real entry points, each in its own process.
+
+Rule: a user's mistake ends with exit status 2 and one paragraph on stderr naming what was
+wrong (never a traceback), and nothing the user had is changed: the whole working folder,
+a previous run directory included, is byte for byte what it was (no run directory is left
+behind either). Full disks and read-only folders cannot be made here without privileges, so
+those two cases patch the one call that would fail, then run the entry point with ``runpy``.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from snexp.runtime.marker import write_marker
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Patches for the cases that need a broken disk, then the entry point as `python -m` runs it.
+_FULL_DISK = """
+import runpy, sys
+import snexp.runtime.run.core as core
+def full(path, text):
+    raise OSError(28, "No space left on device", str(path))
+core.write_text_atomic = full
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+_READ_ONLY = """
+import runpy, sys
+import snexp.runtime.run.directory as directory
+directory.os.access = lambda path, mode: False  # what a read-only folder answers
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def previous_run(folder: Path) -> None:
+    """A finished run directory: stamped, with a checkpoint and a model (fake bytes)."""
+    (folder / "prev/checkpoints").mkdir(parents=True)
+    write_marker(folder / "prev", "some-experiment", ["model.pt"])
+    (folder / "prev/checkpoints/last.pt").write_bytes(b"the previous run's checkpoint")
+    (folder / "prev/model.pt").write_bytes(b"the previous run's model")
+    (folder / "prev/config.toml").write_text("# the previous run's config\n")
+
+
+def project_root(folder: Path) -> None:
+    (folder / "config.toml").write_text("[project]\nname = 'mine'\n")
+    (folder / "src").mkdir()
+    (folder / "src/important.py").write_text("print('do not delete me')\n")
+
+
+def style_image(folder: Path) -> None:
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(folder / "style.png")
+
+
+def junk_file(name: str) -> Callable[[Path], None]:
+    return lambda folder: (folder / name).write_text("my own data, not a database\n")
+
+
+def sn_checkpoints(folder: Path) -> None:
+    import snexp
+
+    state = torch.nn.Sequential(snexp.SwitchNorm2d(8)).state_dict()
+    torch.save({k: v for k, v in state.items() if not k.endswith("var_weight")},
+               folder / "missing.pt")
+    torch.save(state, folder / "sn.pt")
+    (folder / "zero.pt").write_bytes(b"")
+
+
+def symlinked_run(folder: Path) -> None:
+    previous_run(folder)
+    (folder / "link").symlink_to(folder / "prev")
+
+
+@dataclass(frozen=True)
+class Case:
+    module: str
+    args: tuple[str, ...]
+    message: str  # expected in stderr (whitespace-normalized)
+    setup: tuple[Callable[[Path], None], ...] = ()
+    patch: str | None = None
+
+
+FAST = ("--device", "cpu")
+CASES = {
+    # What the README promises for every entry point: unknown key, wrong type, invalid choice,
+    # missing file.
+    "unknown-key": Case("nas.search", ("--set", "train.lrr=1"),
+                        "unknown key 'train.lrr'; did you mean 'train.lr_min' or 'train.lr_max'?"),
+    "wrong-type": Case("nas.search", ("--epochs", "three"),
+                       "--epochs: train.epochs expects an integer, got 'three'"),
+    "invalid-choice": Case("nas.search", ("--norm", "sm"),
+                           "'sm' is not a valid value for child.norm"),
+    "missing-config": Case("nas.search", ("--config", "nope.toml"),
+                           "config file 'nope.toml' not found"),
+    # Values outside their range, before anything starts.
+    "negative-lr": Case("nas.search", ("--set", "train.lr_max=-1"), "lr_max"),
+    "overflowing-lr": Case("nas.search", ("--set", "train.lr_max=1e400"),
+                           "train.lr_max must be a finite number"),
+    "nan-lr": Case("stylize.train", ("--style", "style.png", "--lr", "nan"),
+                   "train.lr must be a finite number", (style_image,)),
+    "size-zero": Case("nas.search", ("--set", "data.size=0"), "data.size must be >= 1, got 0"),
+    "seed-beyond-64-bits": Case("nas.train", ("--seed", str(2**64)),
+                                "runtime.seed must be >= 0 and < 2**64"),
+    # Storages.
+    "storage-not-a-db": Case("nas.search", ("--storage", "notadb.db"),
+                             "notadb.db exists but is not a SQLite database",
+                             (junk_file("notadb.db"),)),
+    "storage-unknown-url": Case("stylize.tune", ("--style", "style.png", "--storage",
+                                                 "foo://bar"),
+                                "'foo' is not a database SQLAlchemy knows", (style_image,)),
+    # Run directories: nothing the user made is deleted, the previous run survives a typo.
+    "overwrite-project-root": Case("nas.search", ("--out", ".", "--overwrite"),
+                                   "has no .snexp-run stamp, so it is not a run directory",
+                                   (project_root,)),
+    "overwrite-symlink": Case("nas.search", ("--out", "link", "--overwrite"),
+                              "is a symbolic link", (symlinked_run,)),
+    "overwrite-with-bad-storage": Case("nas.search", ("--out", "prev", "--overwrite",
+                                                      "--storage", "foo://bar"),
+                                       "'foo' is not a database", (previous_run,)),
+    "overwrite-with-missing-style": Case("stylize.train", ("--out", "prev", "--overwrite",
+                                                           "--style", "stlye.png"),
+                                         "style image(s) not found: stlye.png",
+                                         (previous_run,)),
+    "overwrite-with-typo-in-content-dir": Case(
+        "stylize.train", ("--out", "prev", "--overwrite", "--style", "style.png",
+                          "--content-dir", "photso"),
+        "--content-dir photso", (previous_run, style_image)),
+    "resume-without-checkpoint": Case("nas.search", ("--out", "nowhere", "--resume"),
+                                      "cannot resume: nowhere does not exist"),
+    "read-only-out": Case("nas.search", ("--out", "run"), "is not writable", patch=_READ_ONLY),
+    "full-disk": Case("nas.search", ("--out", "run"), "No space left on device",
+                      patch=_FULL_DISK),
+    # Files given to the tools.
+    "apply-zero-byte-model": Case("stylize.apply", ("--model", "zero.pt", "--input", "style.png",
+                                                    "--output", "out.png"),
+                                  "zero.pt' is empty (0 bytes)", (sn_checkpoints, style_image)),
+    "inspect-zero-byte": Case("snexp.inspect", ("zero.pt",), "zero.pt is empty (0 bytes)",
+                              (sn_checkpoints,)),
+    "inspect-png-missing-folder": Case("snexp.inspect", ("sn.pt", "--png", "nodir/x.png"),
+                                       "folder 'nodir' does not exist", (sn_checkpoints,)),
+    "inspect-missing-keys": Case("snexp.inspect", ("missing.pt",),
+                                 "layer '0' has mean_weight but no var_weight", (sn_checkpoints,)),
+}
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: file bytes, link targets, folders."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[name] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            out[name] = path.read_bytes()
+        else:
+            out[name] = "dir"
+    return out
+
+
+# One case per kind runs in the fast suite; each case starts a Python with torch (~4 s).
+FAST_CASES = ("seed-beyond-64-bits", "storage-not-a-db", "overwrite-project-root",
+              "overwrite-with-typo-in-content-dir", "full-disk", "inspect-zero-byte")
+
+
+@pytest.mark.parametrize("name", [
+    name if name in FAST_CASES else pytest.param(name, marks=pytest.mark.slow) for name in CASES
+])
+def test_a_bad_input_is_one_paragraph_and_changes_nothing(name, tmp_path):
+    case = CASES[name]
+    for make in case.setup:
+        make(tmp_path)
+    before = snapshot(tmp_path)
+    args = [*case.args, *(FAST if case.module != "snexp.inspect" else ())]
+    command = ([sys.executable, "-c", case.patch, case.module, *args] if case.patch
+               else [sys.executable, "-m", case.module, *args])
+    proc = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "ignore"})
+    stderr = " ".join(proc.stderr.split())
+    # Status 2, one message naming the mistake, no traceback.
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert stderr.startswith(f"python -m {case.module}: error: "), stderr
+    assert case.message in stderr, stderr
+    # Nothing the user had changed, and no run directory was left behind.
+    assert snapshot(tmp_path) == before
