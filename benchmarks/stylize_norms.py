@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--content-dir", default=None, help="photos (default: embedded scenes)")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--image-size", type=int, default=128)
-    parser.add_argument("--style-size", type=int, default=256)
+    parser.add_argument("--style-size", type=int, default=256,
+                        help="shorter side of the style image (256: the presets' size)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     loss_net, label = loss_network(args.vgg_weights, args.random_vgg)
     style, style_label = style_image(args.style, args.style_size)
     criterion = PerceptualLoss(loss_net.to(device), [style.to(device)])
+    style_px = "x".join(str(n) for n in style.shape[-2:][::-1])  # width x height
     data, _ = build_content(DataConfig(content_dir=args.content_dir,
                                        image_size=args.image_size,
                                        synthetic_count=max(64, args.steps * args.batch_size)))
@@ -88,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
         curves[norm] = train_curve(norm, criterion, data, args, device)
         tail = curves[norm][-max(1, args.steps // 10):]
         print(f"{norm:>3}: mean total loss over the last {len(tail)} steps "
-              f"{sum(tail) / len(tail):.4g} ({time.perf_counter() - start:.0f} s)")
+              f"{sum(tail) / len(tail):.4g} (style image {style_px} px, content "
+              f"{args.image_size} px; {time.perf_counter() - start:.0f} s)")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ax.set_xlabel("step")
     ax.set_ylabel("content + style loss (smoothed)")
     ax.set_yscale("log")
-    ax.set_title(f"{label}; style: {style_label}; {args.image_size} px, seed {args.seed}",
+    ax.set_title(f"{label}; style: {style_label} at {style_px} px; content {args.image_size} "
+                 f"px, seed {args.seed}",
                  fontsize=8)
     ax.legend()
     fig.tight_layout()

@@ -1,25 +1,48 @@
-"""Speed of style transfer with SN vs IN: training images/s and inference milliseconds.
+"""Training throughput of ``stylize`` against pytorch/examples' fast_neural_style, and inference.
 
-Both norms are measured in the same process, interleaved (round-robin, medians), so the ratio
-is meaningful on a noisy machine. Training = one full step (network, VGG16 losses, backward,
-Adam); the loss network's weights do not change the timing, so ``--random-vgg`` is fine here.
-Target of the issue: SN training throughput >= 0.9x IN's.
+Every row trains Johnson et al.'s network on the same batch with the same losses (content
+relu2_2, style Grams of relu1_2..relu4_3, weights 1e5 / 1e10, Adam 1e-3), in one process,
+interleaved round by round; the ratio is each round's reference time over the row's time
+(median and range over the rounds), so machine load shared by both cancels out.
 
-    python benchmarks/stylize_speed.py --random-vgg --sizes 256,512,1024 --train-size 256
+Rows:
+- ``reference``: pytorch/examples' training step, rebuilt from its description: IN, 0-255
+  pixels, float32, contiguous tensors, the content image through the whole VGG16 (only
+  relu2_2 is used), Gram matrices in float32.
+- ``stylize <norm> <options>``: ``stylize.loop.train_step`` with ``PerceptualLoss`` (content
+  target without a graph, only up to relu2_2), optionally channels-last and bf16 autocast
+  (Gram and losses stay float32).
+
+Data loading is not timed (the batch is fixed); on a GPU let ``data.workers`` decode photos.
+
+    python benchmarks/stylize_speed.py --random-vgg --train-size 256 --rounds 5
+    python benchmarks/stylize_speed.py --random-vgg --device cuda --rows all
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from stylize_common import loss_network, style_image
 
 from snexp.runtime.device import select_device
-from stylize.loss import PerceptualLoss
+from stylize.loop import train_step
+from stylize.loss import PerceptualLoss, gram_matrix, imagenet_normalize
 from stylize.net import TransformerNet
+
+# name: (norm, channels_last, bf16)
+ROWS = {
+    "stylize sn fp32": ("sn", False, False),
+    "stylize sn channels-last": ("sn", True, False),
+    "stylize sn bf16": ("sn", False, True),
+    "stylize sn channels-last bf16": ("sn", True, True),
+    "stylize in channels-last bf16": ("in", True, True),
+}
 
 
 def _sync(device: torch.device) -> None:
@@ -27,69 +50,138 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class _Precision:
+    """What ``train_step`` needs from a run: autocast and the optimizer step."""
+
+    def __init__(self, device: torch.device, bf16: bool) -> None:
+        self.device, self.bf16 = device, bf16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if not self.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def _reference_step(net, vgg, grams, x, optimizer) -> None:
+    """pytorch/examples' step: 0-255 pixels, both images through all of VGG16, float32."""
+    x255 = x * 255
+    y = net(x255)
+    fy = vgg(imagenet_normalize(y / 255))
+    fx = vgg(imagenet_normalize(x255 / 255))  # VGG is frozen: no graph, but every layer runs
+    content = 1e5 * F.mse_loss(fy.relu2_2, fx.relu2_2)
+    style = 1e10 * sum(F.mse_loss(gram_matrix(f), g.expand(len(x), -1, -1))
+                       for f, g in zip(fy, grams))
+    (content + style).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--norms", default="sn,in", help="norm kinds to compare (first = base)")
-    parser.add_argument("--sizes", default="256,512,1024", help="inference image sizes")
+    parser.add_argument("--rows", default="stylize sn fp32,stylize sn channels-last bf16",
+                        help="comma-separated rows besides the reference, or 'all': "
+                             + "; ".join(ROWS))
     parser.add_argument("--train-size", type=int, default=256, help="training crop size")
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds (1 step per row)")
+    parser.add_argument("--sizes", default="", help="inference sizes, e.g. 256,512 (none: skip)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--vgg-weights", default=None)
     parser.add_argument("--random-vgg", action="store_true", help="random VGG16 (timing only)")
     args = parser.parse_args(argv)
     device = select_device(args.device)
-    norms = args.norms.split(",")
-    sizes = [int(s) for s in args.sizes.split(",")]
-    loss_net, label = loss_network(args.vgg_weights, args.random_vgg)
+    names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
+    vgg, label = loss_network(args.vgg_weights, args.random_vgg)
+    vgg = vgg.to(device)
     style, _ = style_image(None, args.train_size)
-    criterion = PerceptualLoss(loss_net.to(device), [style.to(device)])
-    torch.manual_seed(0)
-    nets = {n: TransformerNet(n).to(device) for n in norms}
-    opts = {n: torch.optim.Adam(nets[n].parameters(), 1e-3) for n in norms}
+    criterion = PerceptualLoss(vgg, [style.to(device)])
+    grams = criterion.style_grams(0)
     x = torch.rand(args.batch_size, 3, args.train_size, args.train_size, device=device)
 
-    def train_step(n: str) -> float:
-        _sync(device)
-        t = time.perf_counter()
-        loss = criterion(nets[n](x), x, 0).total
-        loss.backward()
-        opts[n].step()
-        opts[n].zero_grad(set_to_none=True)
-        _sync(device)
-        return time.perf_counter() - t
+    steps = {}
+    torch.manual_seed(0)
+    ref_net = TransformerNet("in", pixel_scale=1.0).to(device)  # fed 0-255 pixels itself
+    ref_opt = torch.optim.Adam(ref_net.parameters(), 1e-3)
 
-    train_times = {n: [] for n in norms}
-    for n in norms:
-        train_step(n)  # warm-up
-    for _ in range(args.repeats):
-        for n in norms:
-            train_times[n].append(train_step(n))
-    infer = {(n, s): [] for n in norms for s in sizes}
-    with torch.no_grad():
-        for s in sizes:
-            image = torch.rand(1, 3, s, s, device=device)
-            for n in norms:
-                nets[n].eval()(image)  # warm-up
-            for _ in range(args.repeats):
-                for n in norms:
-                    _sync(device)
-                    t = time.perf_counter()
-                    nets[n](image)
-                    _sync(device)
-                    infer[n, s].append(time.perf_counter() - t)
-    print(f"device {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
-          f"loss network: {label}, {args.repeats} rounds, medians")
-    print(f"training at {args.train_size} px, batch {args.batch_size} (images/s; ratio to "
-          f"{norms[-1]}):")
-    ips = {n: args.batch_size / statistics.median(train_times[n]) for n in norms}
-    for n in norms:
-        print(f"  {n:>4}: {ips[n]:8.2f} img/s   x{ips[n] / ips[norms[-1]]:.2f}")
-    print(f"inference, batch 1 (ms; ratio to {norms[-1]}):")
-    for s in sizes:
-        ms = {n: 1000 * statistics.median(infer[n, s]) for n in norms}
-        print(f"  {s:>5} px: " + "   ".join(
-            f"{n} {ms[n]:9.1f} ms x{ms[n] / ms[norms[-1]]:.2f}" for n in norms))
+    def reference() -> None:
+        vgg.to(memory_format=torch.contiguous_format)
+        _reference_step(ref_net, vgg, grams, x, ref_opt)
+
+    steps["reference (pytorch/examples)"] = reference
+    for name in names:
+        norm, channels_last, bf16 = ROWS[name]
+        torch.manual_seed(0)
+        net = TransformerNet(norm).to(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        net = net.to(memory_format=fmt)
+        batch = x.contiguous(memory_format=fmt)
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        run = _Precision(device, bf16)
+
+        def step(net=net, batch=batch, opt=opt, run=run, fmt=fmt) -> None:
+            vgg.to(memory_format=fmt)
+            train_step(net, criterion, batch, 0, opt, run)
+
+        steps[name] = step
+
+    def timed(fn) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    for fn in steps.values():
+        timed(fn)  # warm-up (oneDNN primitive caches, allocator)
+    times: dict[str, list[float]] = {n: [] for n in steps}
+    for r in range(args.rounds):
+        for name, fn in steps.items():
+            times[name].append(timed(fn))
+        print(f"round {r + 1}: " + ", ".join(f"{n} {t[-1]:.2f} s" for n, t in times.items()),
+              flush=True)
+    ref = times["reference (pytorch/examples)"]
+    print(f"\ndevice {device} ({torch.get_num_threads()} threads), torch {torch.__version__}, "
+          f"{label}; training at {args.train_size} px, batch {args.batch_size}, "
+          f"{args.rounds} rounds")
+    print("| row | img/s (median) | x reference (median, min-max over rounds) |")
+    print("|---|---|---|")
+    for name, t in times.items():
+        ratios = [a / b for a, b in zip(ref, t)]
+        print(f"| {name} | {args.batch_size / statistics.median(t):.2f} | "
+              f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    if sizes:
+        _inference(sizes, args.rounds, device)
+
+
+@torch.no_grad()
+def _inference(sizes: list[int], rounds: int, device: torch.device) -> None:
+    """Milliseconds per image (batch 1) of SN and IN networks in eval mode."""
+    torch.manual_seed(0)
+    nets = {n: TransformerNet(n).to(device).eval() for n in ("sn", "in")}
+    print("\ninference, batch 1 (ms, median):")
+    for size in sizes:
+        image = torch.rand(1, 3, size, size, device=device)
+        ms: dict[str, list[float]] = {n: [] for n in nets}
+        for net in nets.values():
+            net(image)
+        for _ in range(rounds):
+            for n, net in nets.items():
+                _sync(device)
+                start = time.perf_counter()
+                net(image)
+                _sync(device)
+                ms[n].append(1000 * (time.perf_counter() - start))
+        print(f"  {size:>5} px: " + "   ".join(
+            f"{n} {statistics.median(v):8.1f} ms" for n, v in ms.items()))
 
 
 if __name__ == "__main__":
