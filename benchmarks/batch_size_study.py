@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from batch_size_report import draw_figures, format_tables, summarize
 from batch_size_run import NORMS, RunConfig, train
 
 from nas.data import build_splits
@@ -64,10 +64,17 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 # everyday flags -> keys of RunConfig (each has a --set equivalent)
-FLAGS = {"--epochs": "train.epochs", "--devices": "train.devices", "--base-lr": "train.base_lr",
-         "--base-batch": "train.base_batch", "--importance-lr-mult": "train.importance_lr_mult",
-         "--width": "model.width", "--dataset": "data.dataset", "--data-root": "data.root",
-         "--device": "runtime.device"}
+FLAGS = {
+    "--epochs": ("train.epochs", "passes over the training images"),
+    "--devices": ("train.devices", "normalization batches per optimizer step (ghost batches)"),
+    "--base-lr": ("train.base_lr", "lr = base_lr * batch * devices / base_batch"),
+    "--base-batch": ("train.base_batch", "the batch that gets --base-lr"),
+    "--importance-lr-mult": ("train.importance_lr_mult", "lr factor of SN's importance logits"),
+    "--width": ("model.width", "channels of the first stage"),
+    "--dataset": ("data.dataset", "embedded, cifar10, cifar100 or imagefolder"),
+    "--data-root": ("data.root", "folder of the CIFAR files or of the image folder"),
+    "--device": ("runtime.device", "auto, cpu, cuda, cuda:N"),
+}
 GRID_KEYS = ("model.norm", "train.batch_size", "runtime.seed", "runtime.out")
 
 
@@ -79,15 +86,17 @@ def _parser() -> argparse.ArgumentParser:
                         help="study directory (default: runs/batch-study)")
     parser.add_argument("--quick", action="store_true",
                         help=f"reduced grid: norms {QUICK['norms']}, batch sizes "
-                             f"{QUICK['batch_sizes']}, {QUICK['epochs']} epoch")
+                             f"{QUICK['batch_sizes']}, {QUICK['epochs']} epochs (runs of the full "
+                             "grid)")
     parser.add_argument("--norms", help=f"comma list of {', '.join(NORMS)} "
                                         f"(default: {FULL['norms']})")
     parser.add_argument("--batch-sizes", help="comma list of images per normalization batch "
                                               f"(default: {FULL['batch_sizes']})")
     parser.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
-    for flag, key in FLAGS.items():
+    for flag, (key, text) in FLAGS.items():
         default = FULL["epochs"] if key == "train.epochs" else defaults[key]
-        parser.add_argument(flag, dest=key, help=f"(default: {default}; --set {key}=...)")
+        parser.add_argument(flag, dest=key, metavar=key.rpartition(".")[2].upper(),
+                            help=f"{text} (default: {default}; --set {key}=...)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="any key of a run's config.toml, e.g. data.embedded_train=2000 "
                              f"(repeatable; not {', '.join(GRID_KEYS)}, which the grid sets)")
@@ -121,7 +130,7 @@ def build_configs(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[
                           "--norms, --batch-sizes, --seeds and --out")
     values = vars(args)
     sets = [f"train.epochs={preset['epochs']}", "runtime.checkpoint_every=1000"]
-    sets += [f"{key}={values[key]}" for key in FLAGS.values() if values[key] is not None]
+    sets += [f"{key}={values[key]}" for key, _ in FLAGS.values() if values[key] is not None]
     base = resolve_config(RunConfig, sets=sets + args.set)
     configs = []
     for seed in seeds:
@@ -181,111 +190,6 @@ def run_one(cfg: RunConfig, what: str, splits) -> dict:
               **result}
     write_text_atomic(folder / RESULT_FILE, json.dumps(record, indent=1) + "\n")
     return record
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def summarize(records: list[dict]) -> dict:
-    """Per (norm, batch size): test accuracy mean/std/seeds and, for SN/SSN, the importance
-    averaged over layers and seeds."""
-    groups: dict[tuple[str, int], list[dict]] = {}
-    for r in records:
-        groups.setdefault((r["norm"], r["batch_size"]), []).append(r)
-    out = []
-    for (norm, size), runs in groups.items():
-        mean, std = _mean_std([r["test_acc"] for r in runs])
-        row = {"norm": norm, "batch_size": size, "seeds": len(runs), "test_acc_mean": mean,
-               "test_acc_std": std}
-        imps = [r["importance"] for r in runs if r.get("importance")]
-        if imps:
-            row["importance"] = {which: {c: statistics.mean(i[which][c] for i in imps)
-                                         for c in imps[0][which]} for which in ("mean", "var")}
-        out.append(row)
-    return {"rows": out}
-
-
-def format_tables(summary: dict) -> str:
-    """The accuracy table (norm x batch size) and the importance table (per batch size)."""
-    rows = summary["rows"]
-    norms = list(dict.fromkeys(r["norm"] for r in rows))
-    sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
-    cell = {(r["norm"], r["batch_size"]): r for r in rows}
-    lines = ["test accuracy, mean +- std over seeds (number of seeds)",
-             f"{'norm':5s}" + "".join(f"{'batch ' + str(s):>22s}" for s in sizes)]
-    for norm in norms:
-        cells = [cell.get((norm, s)) for s in sizes]
-        lines.append(f"{norm:5s}" + "".join(
-            f"{r['test_acc_mean']:.3f} +- {r['test_acc_std']:.3f} ({r['seeds']})".rjust(22)
-            if r else "-".rjust(22) for r in cells))
-    for norm in norms:
-        with_imp = [cell[(norm, s)] for s in sizes if "importance" in cell.get((norm, s), {})]
-        if not with_imp:
-            continue
-        cands = list(with_imp[0]["importance"]["mean"])
-        lines += ["", f"{norm} importance averaged over layers and seeds",
-                  f"{'batch':>5s}  " + " ".join(f"mean:{c:<4s}" for c in cands) + "  " +
-                  " ".join(f"var:{c:<5s}" for c in cands)]
-        for r in with_imp:
-            imp = r["importance"]
-            lines.append(f"{r['batch_size']:5d}  " +
-                         " ".join(f"{imp['mean'][c]:9.3f}" for c in cands) + "  " +
-                         " ".join(f"{imp['var'][c]:9.3f}" for c in cands))
-    return "\n".join(lines)
-
-
-def draw_figures(summary: dict, out: Path) -> list[Path]:
-    """``accuracy.png`` (test accuracy vs batch size per norm) and ``importance.png`` (SN's
-    importance per batch size, the paper's bars); returns the files written."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = summary["rows"]
-    written = []
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    for norm in dict.fromkeys(r["norm"] for r in rows):
-        pts = sorted((r["batch_size"], r["test_acc_mean"], r["test_acc_std"])
-                     for r in rows if r["norm"] == norm)
-        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o", capsize=3, label=norm.upper())
-    sizes = sorted({r["batch_size"] for r in rows})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(sizes, [str(s) for s in sizes])
-    ax.invert_xaxis()
-    ax.set_xlabel("images per normalization batch")
-    ax.set_ylabel("test accuracy")
-    ax.legend()
-    fig.tight_layout()
-    written.append(out / "accuracy.png")
-    fig.savefig(written[-1], dpi=110)
-    plt.close(fig)
-
-    switch = [r for r in rows if "importance" in r]
-    norms = list(dict.fromkeys(r["norm"] for r in switch))
-    if norms:
-        fig, axes = plt.subplots(len(norms), 2, figsize=(8, 3 * len(norms)), squeeze=False)
-        for row, norm in zip(axes, norms):
-            mine = sorted((r for r in switch if r["norm"] == norm),
-                          key=lambda r: -r["batch_size"])
-            for ax, which in zip(row, ("mean", "var")):
-                bottom = [0.0] * len(mine)
-                for cand in mine[0]["importance"][which]:
-                    vals = [r["importance"][which][cand] for r in mine]
-                    ax.bar(range(len(mine)), vals, bottom=bottom, label=cand.upper())
-                    bottom = [b + v for b, v in zip(bottom, vals)]
-                ax.set_xticks(range(len(mine)), [str(r["batch_size"]) for r in mine])
-                ax.set_ylim(0, 1)
-                ax.set_title(f"{norm.upper()} {which} importance (avg over layers)")
-                ax.set_xlabel("images per normalization batch")
-            row[0].legend(loc="lower left")
-        fig.tight_layout()
-        written.append(out / "importance.png")
-        fig.savefig(written[-1], dpi=110)
-        plt.close(fig)
-    return written
 
 
 def main(argv: Sequence[str] | None = None) -> None:

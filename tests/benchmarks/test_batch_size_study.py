@@ -15,6 +15,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))  # the script imports its helper module by name
 
+import batch_size_report as report  # noqa: E402
 import batch_size_run as bsr  # noqa: E402
 import batch_size_study as study  # noqa: E402
 
@@ -75,6 +76,30 @@ def test_importance_logits_get_their_own_learning_rate_factor():
     assert len(rest["params"]) + 18 == len(list(model.parameters()))
     # weight decay on every parameter, the logits too (the authors' ImageNet script)
     assert logits["weight_decay"] == rest["weight_decay"] == 1e-4
+
+
+def test_summary_is_mean_and_std_over_seeds_and_importance_averaged(tmp_path):
+    def imp(bn):
+        return {"mean": {"in": 0.5 - bn / 2, "ln": 0.5 - bn / 2, "bn": bn},
+                "var": {"in": 0.2, "ln": 0.3, "bn": 0.5}, "layers": {}}
+    records = [{"norm": "bn", "batch_size": 2, "test_acc": 0.5, "importance": None},
+               {"norm": "bn", "batch_size": 2, "test_acc": 0.7, "importance": None},
+               {"norm": "sn", "batch_size": 2, "test_acc": 0.8, "importance": imp(0.1)},
+               {"norm": "sn", "batch_size": 2, "test_acc": 0.8, "importance": imp(0.3)},
+               {"norm": "sn", "batch_size": 32, "test_acc": 0.9, "importance": imp(0.6)}]
+    rows = {(r["norm"], r["batch_size"]): r for r in report.summarize(records)["rows"]}
+    bn = rows[("bn", 2)]
+    assert (bn["seeds"], bn["test_acc_mean"]) == (2, pytest.approx(0.6))
+    assert bn["test_acc_std"] == pytest.approx(math.sqrt(0.02))  # sample std of 0.5, 0.7
+    assert "importance" not in bn
+    assert rows[("sn", 2)]["importance"]["mean"] == pytest.approx({"in": 0.4, "ln": 0.4,
+                                                                   "bn": 0.2})
+    assert rows[("sn", 32)]["test_acc_std"] == 0.0
+    table = report.format_tables(report.summarize(records))
+    assert "0.600 +- 0.141 (2)" in table and "0.900 +- 0.000 (1)" in table
+    assert "   32      0.200     0.200     0.600" in table  # batch 32 first, as in the paper
+    paths = report.draw_figures(report.summarize(records), tmp_path)
+    assert [p.name for p in paths] == ["accuracy.png", "importance.png"]
 
 
 def test_quick_grid_is_three_norms_by_three_batch_sizes(tmp_path):
