@@ -7,6 +7,7 @@ Defaults are ENAS's CIFAR-10 micro settings (Pham et al. 2018, official
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -80,6 +81,11 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if min(self.epochs, self.batch_size, self.t0, self.t_mul, self.eval_batch_size) < 1:
             raise ValueError("epochs, batch_size, t0, t_mul and eval_batch_size must be >= 1")
+        for name in ("lr_max", "lr_min", "l2_reg", "momentum", "grad_clip"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0: off), got {self.grad_clip}")
         if not 0.0 <= self.l2_reg < 1.0 or not self.lr_max > 0 or not 0 <= self.lr_min:

@@ -71,7 +71,10 @@ class DataConfig:
                                             and float(self.valid_size).is_integer())):
             raise ValueError(f"valid_size must be a share in (0, 1) or a whole count >= 1, got "
                              f"{self.valid_size}")
-        for name in ("embedded_train", "embedded_test", "size", "cutout", "workers"):
+        if self.size < 1 or self.embedded_train < 2 or self.embedded_test < 1:
+            raise ValueError(f"size and embedded_test must be >= 1 and embedded_train >= 2, got "
+                             f"{self.size}, {self.embedded_test}, {self.embedded_train}")
+        for name in ("cutout", "workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("limit", "valid_limit"):

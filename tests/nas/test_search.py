@@ -212,3 +212,16 @@ def test_retrain_resume_keeps_the_architecture_it_started_with(tmp_path):
     assert result["arch"] == str(first) and result["flat"] == first.to_flat()
     assert Architecture.from_json((out / "arch.json").read_text()) == first
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.lr_max=-1", "lr_max > 0"), ("train.lr_max=1e400", "finite"),
+    ("train.l2_reg=nan", "finite"), ("data.size=0", "size"), ("train.momentum=1.5", "momentum"),
+    ("data.valid_size=2.5", "valid_size"),
+])
+def test_bad_search_settings_are_one_paragraph_exit_2(tmp_path, capsys, setting, message):
+    with pytest.raises(SystemExit) as info:
+        search_cli.main(["--set", setting, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
