@@ -178,6 +178,8 @@ def train(run: Run, loss_net: nn.Module) -> TransformerNet:
     previews = run.to_device(previews)
     net = build_network(cfg.model, len(styles))
     model = run.prepare(net)
+    if cfg.runtime.channels_last:  # VGG16 is most of a step: give it the same memory format
+        loss_net = loss_net.to(memory_format=torch.channels_last)
     criterion = PerceptualLoss(
         loss_net.to(run.device), styles, content_weight=cfg.loss.content_weight,
         style_weight=cfg.loss.style_weight, tv_weight=cfg.loss.tv_weight)

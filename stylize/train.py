@@ -13,17 +13,23 @@ Example::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from snexp.runtime.config import ConfigError, cli_errors, parse_args
+import torch
+
+from snexp.runtime.config import ConfigError, cli_errors, override, parse_args
+from snexp.runtime.device import describe_device, select_device
 from snexp.runtime.run import Run
 from stylize.config import PRESETS, StylizeConfig
 from stylize.data import MIN_STYLE_SIZE, check_content_dir, load_image
 from stylize.loop import train
 from stylize.loss import load_vgg16
 
-__all__ = ["FLAGS", "SAFE_KEYS", "check_inputs", "main"]
+__all__ = ["FLAGS", "SAFE_KEYS", "bf16_is_fast", "check_inputs", "fit_precision", "main"]
+
+logger = logging.getLogger(__name__)
 
 PROG = "python -m stylize.train"
 FLAGS = {
@@ -72,12 +78,41 @@ def check_inputs(cfg: StylizeConfig) -> None:
         check_content_dir(cfg.data.content_dir)
 
 
+def bf16_is_fast(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (CUDA with bf16; a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def fit_precision(cfg: StylizeConfig) -> StylizeConfig:
+    """``--amp bf16`` where the device computes bf16 natively, else float32 (with a warning).
+
+    The presets ask for bf16 autocast (with the Gram matrices and losses in float32); on a CPU
+    without native bf16 it would be emulated and slower than float32, so it is turned off.
+    """
+    if cfg.runtime.amp != "bf16":
+        return cfg
+    device = select_device(cfg.runtime.device)
+    if bf16_is_fast(device):
+        return cfg
+    logger.warning("--amp bf16: %s has no native bfloat16, so this run trains in float32 "
+                   "(--amp off)", describe_device(device))
+    return override(cfg, {"runtime.amp": "off"})
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse ``argv``, check the inputs, train, write ``<out>/model.pt``."""
     with cli_errors(PROG):
         cfg = parse_args(StylizeConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="quick")
         check_inputs(cfg)
+        cfg = fit_precision(cfg)
         loss_net = load_vgg16(cfg.loss.vgg_weights)
         with Run(cfg, experiment="stylize", safe_keys=SAFE_KEYS, prog=PROG) as run:
             train(run, loss_net)

@@ -209,3 +209,43 @@ def test_content_dir_of_truncated_images_stops_the_cli_before_anything_is_writte
     err = " ".join(capsys.readouterr().err.split())
     assert info.value.code == 2 and "truncated or corrupt" in err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_bf16_only_where_the_device_computes_it_natively(style_files, monkeypatch, caplog,
+                                                         fast):
+    import logging
+
+    import stylize.train as cli
+    from snexp.runtime.config import RuntimeConfig
+    from stylize.config import StylizeConfig
+
+    monkeypatch.setattr(cli, "bf16_is_fast", lambda device: fast)
+    cfg = StylizeConfig(runtime=RuntimeConfig(device="cpu", amp="bf16"))
+    with caplog.at_level(logging.WARNING, logger="stylize.train"):
+        fitted = cli.fit_precision(cfg)
+    # native bf16: kept; emulated: float32, and the user is told
+    assert fitted.runtime.amp == ("bf16" if fast else "off")
+    assert ("no native bfloat16" in caplog.text) is not fast
+
+
+def test_channels_last_bf16_training_keeps_float32_losses(tmp_path, style_files,
+                                                         tiny_loss_net, monkeypatch):
+    import stylize.loop as loop
+
+    seen = []
+
+    def recording_step(*args):
+        losses = real_step(*args)
+        seen.append(losses)
+        return losses
+
+    real_step = loop.train_step
+    monkeypatch.setattr(loop, "train_step", recording_step)
+    cfg = override(tiny_config(tmp_path / "run", style_files[:1], steps=2),
+                   {"runtime.amp": "bf16", "runtime.channels_last": True})
+    with Run(cfg, experiment="stylize", console=False) as run:
+        net = train(run, tiny_loss_net)
+    # the network trained channels-last under bf16 autocast; every loss term stayed float32
+    assert net.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(t.dtype == torch.float32 and torch.isfinite(t) for ls in seen for t in ls)
