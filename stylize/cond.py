@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from snexp import NormSpec
 from snexp import norm_layer as resolve_norm
 from snexp.norm.functional import parse_candidates, switch_norm
 from snexp.norm.switchable import check_options
@@ -141,11 +142,13 @@ class ConditionalSwitchNorm2d(StyleNorm):
                 f"candidates={self.candidates}")
 
 
-def style_norm_layer(kind: str, num_styles: int, **options) -> Callable[[int], nn.Module]:
+def style_norm_layer(kind: str | NormSpec, num_styles: int,
+                     **options) -> Callable[[int], nn.Module]:
     """Resolve a norm kind once into ``layer(channels)``; conditional when ``num_styles > 1``.
 
     Args:
-        kind: An ``snexp`` kind: "sn", "ssn", "bn", "in", "ln", "gn" or "none".
+        kind: An ``snexp`` kind: "sn", "ssn", "bn", "in", "ln", "gn" or "none", or a
+            :class:`snexp.NormSpec` (or its text, ``"sn(momentum=0.01)"``).
         num_styles: Styles of the network; 1 gives the plain ``snexp`` layer.
         **options: Layer options (``candidates`` for SN/SSN, ``groups`` for GN, ...).
 
@@ -154,6 +157,8 @@ def style_norm_layer(kind: str, num_styles: int, **options) -> Callable[[int], n
     """
     if num_styles < 1:
         raise ValueError(f"num_styles must be >= 1, got {num_styles}")
+    spec = NormSpec.parse(kind)  # "sn", or a spec with options: "sn(momentum=0.01)"
+    kind, options = spec.kind, {**dict(spec.options), **options}
     if num_styles == 1 or kind == "none":
         return resolve_norm(kind, **options)
     if kind == "sn":
