@@ -98,7 +98,7 @@ def draw_figures(summary: dict, out: Path) -> list[Path]:
     switch = [r for r in rows if "importance" in r]
     norms = list(dict.fromkeys(r["norm"] for r in switch))
     if norms:
-        fig, axes = plt.subplots(len(norms), 2, figsize=(8, 3 * len(norms)), squeeze=False)
+        fig, axes = plt.subplots(len(norms), 2, figsize=(9, 3 * len(norms)), squeeze=False)
         for row, norm in zip(axes, norms):
             mine = sorted((r for r in switch if r["norm"] == norm),
                           key=lambda r: -r["batch_size"])
@@ -112,7 +112,7 @@ def draw_figures(summary: dict, out: Path) -> list[Path]:
                 ax.set_ylim(0, 1)
                 ax.set_title(f"{norm.upper()} {which} importance (avg over layers)")
                 ax.set_xlabel("images per normalization batch")
-            row[0].legend(loc="lower left")
+            row[-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         written.append(out / "importance.png")
         fig.savefig(written[-1], dpi=110)
