@@ -98,6 +98,8 @@ class _Claim:
         self.replaced: Path | None = None  # the old run, set aside by --overwrite
         self.committed = False
         self._fd: int | None = None
+        self._new_lock = False  # the lock file did not exist before this process
+        self.note = ""  # what set_aside did, for the run's log
 
     @classmethod
     def take(cls, folder: Path, experiment: str) -> _Claim:
@@ -107,6 +109,7 @@ class _Claim:
             claim.created = not folder.exists()
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / LOCK_FILE
+            claim._new_lock = not path.exists()
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
         except OSError as exc:
             raise _disk_error(folder, exc) from None
@@ -159,10 +162,10 @@ class _Claim:
         for name in owned:
             os.rename(self.folder / name, old / name)
         self.replaced = old
-        logger.info("--overwrite: the previous run's %d entries are set aside in %s until this "
-                    "run's first checkpoint%s", len(owned), old,
-                    f"; kept {len(kept)} entries snexp did not write: {', '.join(kept[:5])}"
-                    if kept else "")
+        self.note = (f"--overwrite: the previous run's {len(owned)} entries are set aside in "
+                     f"{old} until this run's first checkpoint"
+                     + (f"; kept {len(kept)} entries snexp did not write: "
+                        f"{', '.join(kept[:5])}" if kept else ""))
 
     def commit(self) -> None:
         """The new run has a checkpoint: delete what ``--overwrite`` set aside."""
@@ -200,6 +203,7 @@ class _Claim:
                 os.rename(entry, self.folder / entry.name)
             self.replaced.rmdir()
             self.replaced = None
-        elif self.created and [p.name for p in self.folder.iterdir()] == [LOCK_FILE]:
-            (self.folder / LOCK_FILE).unlink()
+        if self._new_lock:
+            (self.folder / LOCK_FILE).unlink()  # the folder is as it was (we still hold it)
+        if self.created and not any(self.folder.iterdir()):
             self.folder.rmdir()

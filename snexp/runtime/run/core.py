@@ -160,6 +160,8 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
             self._log_handlers = _open_log(self.dir, console)
             self._file_handler = self._log_handlers[0]
+            if self._claim.note:
+                logger.info(self._claim.note)
 
         # NOTE: rank r seeds with seed + r, so dropout and augmentation differ across ranks
         # (in DataLoader workers too: see dataloader()); DDP copies rank 0's initial weights to

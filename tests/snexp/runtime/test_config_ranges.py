@@ -83,3 +83,16 @@ def test_a_checkpoint_missing_keys_is_refused_on_resume():
         "state, objects, scaler, rng, data_rng, so it was not written by a complete snexp run; "
         "start a new run with another --out"
     )
+
+
+@pytest.mark.parametrize("name", ["nas.config:SearchConfig", "nas.config:RetrainConfig",
+                                  "stylize.config:StylizeConfig", "stylize.tuning:TuneConfig"])
+def test_every_experiment_default_is_inside_its_range(name):
+    # The defaults in code pass the same checks as a user's values.
+    import importlib
+
+    from snexp.runtime.config import override
+
+    module, cls = name.split(":")
+    config = getattr(importlib.import_module(module), cls)()
+    assert override(config, flatten(config)) == config

@@ -81,6 +81,10 @@ def test_overwrite_deletes_only_what_snexp_wrote(tmp_path):
     assert not (tmp_path / REPLACED_DIR).exists()
     assert (tmp_path / "notes.txt").read_text() == "my notes"
     assert (tmp_path / "src/important.py").read_text() == "print('keep me')"
+    # The new run's log says what was set aside and what was kept.
+    assert (f"--overwrite: the previous run's 7 entries are set aside in {tmp_path / REPLACED_DIR}"
+            " until this run's first checkpoint; kept 2 entries snexp did not write: notes.txt, "
+            "src") in (tmp_path / "run.log").read_text()
 
 
 def test_overwrite_refuses_a_project_root_with_a_config_toml(tmp_path):
