@@ -249,3 +249,15 @@ def test_fixed_and_shared_agree_on_the_logits_shape():
     for model in (ChildNet(5, arch, layers=2, filters=6), ChildNet(5, layers=2, filters=6,
                                                                     num_nodes=2)):
         assert model(torch.randn(2, 3, 16, 16), arch).logits.shape == (2, 5)
+
+
+def test_shared_cell_output_includes_an_unused_input():
+    from nas.cells import SearchCell
+
+    cell = SearchCell(8, 8, 8, 2, PRIMITIVES, reduction_prev=False,
+                      norm_layer=snexp.norm_layer("bn"))
+    s0 = torch.randn(4, 8, 6, 6, requires_grad=True)
+    s1 = torch.randn(4, 8, 6, 6)
+    # no node reads input 0: ENAS still concatenates it (with node 3) before the projection
+    cell(s0, s1, ((1, 2, 1, 3), (2, 4, 1, 0)), PRIMITIVES).sum().backward()
+    assert s0.grad is not None and s0.grad.abs().sum() > 0
