@@ -149,12 +149,12 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_runs, tmp_path):
 
 @slow
 def test_only_rank_zero_writes(ddp_runs):
-    # one config.toml, run.log, TensorBoard folder and checkpoint, all written by rank 0
+    # one config.toml, run.log, TensorBoard folder, checkpoint, stamp and lock, all by rank 0
     reports = [json.loads((ddp_runs / f"report-{r}.json").read_text()) for r in range(WORLD)]
     assert [(r["main"], r["tracker"]) for r in reports] == [(True, True), (False, False)]
     folder = ddp_runs / "full"
-    assert sorted(p.name for p in folder.iterdir()) == ["checkpoints", "config.toml", "run.log",
-                                                        "tb"]
+    assert sorted(p.name for p in folder.iterdir()) == [".snexp-lock", ".snexp-run", "checkpoints",
+                                                        "config.toml", "run.log", "tb"]
     log = (folder / "run.log").read_text()
     assert log.count("t run in") == 1 and "distributed: 2 processes (gloo backend)" in log
     assert "effective batch 8" in log
