@@ -75,7 +75,8 @@ def test_rank_zero_alone_writes_one_model_and_log(ddp_runs):
     # one model.pt, one run start in run.log, the effective batch and lr logged
     tmp, _ = ddp_runs
     names = sorted(p.name for p in (tmp / "full").iterdir())
-    assert names == ["checkpoints", "config.toml", "model.pt", "run.log", "tb"]
+    assert names == [".snexp-lock", ".snexp-run", "checkpoints", "config.toml", "model.pt",
+                     "run.log", "tb"]
     log = (tmp / "full" / "run.log").read_text()
     assert log.count("stylize run in") == 1
     assert f"batch {BATCH} x {WORLD} ranks = {BATCH * WORLD}" in log and "lr 0.001" in log
