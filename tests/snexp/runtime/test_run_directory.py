@@ -317,3 +317,20 @@ def test_lock_file_names_the_holder(tmp_path):
     with open_run(make_config(tmp_path)):
         holder = json.loads((tmp_path / LOCK_FILE).read_text())
     assert holder["pid"] == os.getpid() and holder["since"] <= time.strftime("%Y-%m-%dT%H:%M:%S")
+
+
+@pytest.mark.slow
+def test_two_new_runs_started_together_on_one_out_one_wins(tmp_path):
+    # Two fresh runs race for one --out: one trains, the other is refused and writes nothing.
+    out = tmp_path / "run"
+    procs = [subprocess.Popen([sys.executable, str(TOY), "--out", str(out), "--device", "cpu",
+                               "--epochs", "2"], stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2]
+    refused = " ".join(next(err for code, err in results if code == 2).split())
+    assert (f"run directory {out} is in use by process" in refused
+            or f"run directory {out} already exists and is not empty" in refused), refused
+    # The winner's run is whole: one start in its log, its last checkpoint at 2 epochs.
+    assert (out / "run.log").read_text().count("toy run in") == 1
+    assert load_checkpoint(out / "checkpoints/last.pt")["epoch"] == 2
