@@ -9,13 +9,14 @@ Rows:
 - ``reference``: pytorch/examples' training step, rebuilt from its description: IN, 0-255
   pixels, float32, contiguous tensors, the content image through the whole VGG16 (only
   relu2_2 is used), Gram matrices in float32.
-- ``stylize <norm> <options>``: ``stylize.loop.train_step`` with ``PerceptualLoss`` (content
-  target without a graph, only up to relu2_2), optionally channels-last and bf16 autocast
-  (Gram and losses stay float32).
+- ``stylize ...``: ``stylize.loop.train_step`` with ``PerceptualLoss`` (content target
+  without a graph, only up to relu2_2), optionally channels-last and bf16 autocast for VGG16
+  only (``--amp bf16``, the default where bf16 is native) or for the network too
+  (``train.amp_network``); Gram matrices and losses stay float32.
 
 Data loading is not timed (the batch is fixed); on a GPU let ``data.workers`` decode photos.
 
-    python benchmarks/stylize_speed.py --random-vgg --train-size 256 --rounds 5
+    python benchmarks/stylize_speed.py --random-vgg --train-size 256 --rounds 5 --rows all
     python benchmarks/stylize_speed.py --random-vgg --device cuda --rows all
 """
 
@@ -35,13 +36,13 @@ from stylize.loop import train_step
 from stylize.loss import PerceptualLoss, gram_matrix, imagenet_normalize
 from stylize.net import TransformerNet
 
-# name: (norm, channels_last, bf16)
+# key: (label, norm, channels_last, where bf16 autocast applies: None, "loss" (VGG16), "all")
 ROWS = {
-    "stylize sn fp32": ("sn", False, False),
-    "stylize sn channels-last": ("sn", True, False),
-    "stylize sn bf16": ("sn", False, True),
-    "stylize sn channels-last bf16": ("sn", True, True),
-    "stylize in channels-last bf16": ("in", True, True),
+    "default": ("stylize default: sn, channels-last, VGG16 in bf16", "sn", True, "loss"),
+    "sn-fp32": ("stylize sn, float32, contiguous", "sn", False, None),
+    "sn-cl": ("stylize sn, float32, channels-last", "sn", True, None),
+    "sn-cl-bf16-all": ("stylize sn, channels-last, network and VGG16 in bf16", "sn", True, "all"),
+    "in-default": ("stylize in, as the default", "in", True, "loss"),
 }
 
 
@@ -83,9 +84,9 @@ def _reference_step(net, vgg, grams, x, optimizer) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", default="stylize sn fp32,stylize sn channels-last bf16",
+    parser.add_argument("--rows", default="default,sn-fp32",
                         help="comma-separated rows besides the reference, or 'all': "
-                             + "; ".join(ROWS))
+                             + "; ".join(f"{k} ({v[0]})" for k, v in ROWS.items()))
     parser.add_argument("--train-size", type=int, default=256, help="training crop size")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (1 step per row)")
@@ -116,19 +117,19 @@ def main(argv: list[str] | None = None) -> None:
         _reference_step(ref_net, vgg, grams, x, ref_opt)
 
     steps["reference (pytorch/examples)"] = reference
-    for name in names:
-        norm, channels_last, bf16 = ROWS[name]
+    for key in names:
+        name, norm, channels_last, scope = ROWS[key]
         torch.manual_seed(0)
         net = TransformerNet(norm).to(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         net = net.to(memory_format=fmt)
         batch = x.contiguous(memory_format=fmt)
         opt = torch.optim.Adam(net.parameters(), 1e-3)
-        run = _Precision(device, bf16)
+        run = _Precision(device, scope is not None)
 
-        def step(net=net, batch=batch, opt=opt, run=run, fmt=fmt) -> None:
+        def step(net=net, batch=batch, opt=opt, run=run, fmt=fmt, scope=scope) -> None:
             vgg.to(memory_format=fmt)
-            train_step(net, criterion, batch, 0, opt, run)
+            train_step(net, criterion, batch, 0, opt, run, amp_network=scope == "all")
 
         steps[name] = step
 

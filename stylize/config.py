@@ -85,6 +85,7 @@ class TrainConfig:
     steps: int | None = None  # stop after this many optimizer steps (none: all epochs)
     batch_size: int = 4  # content images per step (one style per step)
     lr: float = 1e-3  # Adam learning rate
+    amp_network: bool = False  # --amp also for the transformation network, not only VGG16
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -171,7 +171,7 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
                 batches = iter(loader)
                 continue
             losses = train_step(model, criterion, run.to_device(content), step % len(styles),
-                                optimizer, run)
+                                optimizer, run, amp_network=cfg.train.amp_network)
             step += 1
             if run.stop_requested:
                 study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})

@@ -122,8 +122,8 @@ def test_steps_run_exactly_and_the_logged_loss_is_the_interval_mean(tmp_path, st
 
     totals = []
 
-    def recording_step(*args):
-        losses = real_step(*args)
+    def recording_step(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
         totals.append(float(losses.total))
         return losses
 
@@ -235,8 +235,8 @@ def test_channels_last_bf16_training_keeps_float32_losses(tmp_path, style_files,
 
     seen = []
 
-    def recording_step(*args):
-        losses = real_step(*args)
+    def recording_step(*args, **kwargs):
+        losses = real_step(*args, **kwargs)
         seen.append(losses)
         return losses
 

@@ -63,11 +63,11 @@ def test_sigterm_stops_after_the_current_step_and_resume_continues(tmp_path, sty
 
     steps = []
 
-    def step_then_signal(*args):
+    def step_then_signal(*args, **kwargs):
         steps.append(1)
         if len(steps) == 6:  # trial 1, its 2nd step (4 steps a trial)
             os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(*args)
+        return real_step(*args, **kwargs)
 
     real_step = tuning.train_step
     monkeypatch.setattr(tuning, "train_step", step_then_signal)
