@@ -92,9 +92,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (1 step per row)")
     parser.add_argument("--sizes", default="", help="inference sizes, e.g. 256,512 (none: skip)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is steadier on a shared, oversubscribed CPU)")
     parser.add_argument("--vgg-weights", default=None)
     parser.add_argument("--random-vgg", action="store_true", help="random VGG16 (timing only)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
     names = list(ROWS) if args.rows == "all" else [r.strip() for r in args.rows.split(",")]
     unknown = [n for n in names if n not in ROWS]
