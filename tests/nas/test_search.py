@@ -75,6 +75,9 @@ def test_search_derive_and_retrain_end_to_end(tmp_path):
     train_cli.main([*RETRAIN, "--arch", str(arch_file), "--out", str(retrain)])
     result = json.loads((retrain / "result.json").read_text())
     assert 0.0 <= result["test_acc"] <= 1.0 and result["params"] > 1000
+    # ENAS's count: params without the auxiliary head, the head's apart (its 768 conv: 2x2 at
+    # 32 px, 128 -> 768)
+    assert result["aux_params"] > 2 * 2 * 128 * 768
     assert result["flops"] > 1e6 and result["arch"] == str(arch)
     assert "retrain/test_acc" in _tags(retrain / "tb")["scalars"]
 
