@@ -8,7 +8,6 @@ layer learned. The experiment runtime of ``nas`` and ``stylize`` lives in
 use, so that ``import snexp`` loads no optuna, sqlalchemy, tensorboard, tqdm or matplotlib.
 """
 
-from snexp.inspect import Importance, importance, log_importance
 from snexp.norm import (
     NORM_KINDS,
     NormSpec,
@@ -28,6 +27,7 @@ from snexp.norm import (
     sparsemax,
     sparsestmax,
 )
+from snexp.norm.importance import Importance, importance, log_importance
 
 __version__ = "0.1.0"
 

@@ -1,13 +1,8 @@
-"""What each SN layer learned to use: importance weights, tables, the paper's bar figure.
+"""``python -m snexp.inspect CHECKPOINT [--png FILE]``: what each SN layer of a checkpoint uses.
 
-``importance(model)`` returns, per SN layer, the mean and variance weights over its candidates
-(softmax for SN, sparsestmax for SSN); ``format_importance`` renders them as a table;
-``plot_importance`` draws the stacked-bar figure of the SN paper (one bar per layer, one colour
-per candidate); ``log_importance`` writes them to TensorBoard. From the shell:
-
-    python -m snexp.inspect CHECKPOINT [--png FILE]
-
-reads a state dict (or a checkpoint holding one) with ``weights_only=True``.
+Reads a state dict (or a checkpoint holding one) with ``weights_only=True``, prints one row per
+SN layer (mean and variance weight of each candidate) and draws the SN paper's stacked-bar
+figure. The functions behind it live in :mod:`snexp.norm.importance` (re-exported here).
 """
 
 from __future__ import annotations
@@ -15,181 +10,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from snexp.norm.sparse import sparsestmax
-from snexp.norm.switchable import _SwitchNorm
+from snexp.norm.importance import (
+    Importance,
+    format_importance,
+    importance,
+    importance_from_state_dict,
+    log_importance,
+    plot_importance,
+)
+
+__all__ = ["Importance", "importance", "importance_from_state_dict", "format_importance",
+           "plot_importance", "log_importance", "main"]
 
 _PROG = "python -m snexp.inspect"
 
 
 class _UsageError(Exception):
     """A mistake on the command line: one line on stderr, status 2 (no runtime import)."""
-
-__all__ = ["Importance", "importance", "importance_from_state_dict", "format_importance",
-           "plot_importance", "log_importance"]
-
-
-@dataclass(frozen=True)
-class Importance:
-    """Importance weights of one SN layer.
-
-    Attributes:
-        candidates: the layer's candidate names, e.g. ("in", "ln", "bn").
-        mean: weight of each candidate's mean (sums to 1).
-        var: weight of each candidate's variance (sums to 1).
-    """
-
-    candidates: tuple[str, ...]
-    mean: tuple[float, ...]
-    var: tuple[float, ...]
-
-
-def importance(model: nn.Module) -> dict[str, Importance]:
-    """Importance weights of every SN layer of ``model``, by qualified name.
-
-    Example:
-        >>> importance(nn.Sequential(snexp.SwitchNorm2d(8)))["0"].mean
-        (0.3333333432674408, 0.3333333432674408, 0.3333333432674408)
-    """
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, _SwitchNorm):
-            with torch.no_grad():
-                was = m.training
-                m.training = False  # do not freeze SSN choices while reading them
-                mean_p, var_p = m.importance_weights()
-                m.training = was
-            out[name or type(m).__name__] = Importance(
-                m.candidates, tuple(mean_p.tolist()), tuple(var_p.tolist()))
-    return out
-
-
-def _find_state_dict(obj) -> Mapping[str, torch.Tensor]:
-    """The first mapping in a checkpoint that holds SN logits (searching nested dicts)."""
-    if isinstance(obj, Mapping):
-        if any(str(k).endswith("mean_weight") for k in obj):
-            return obj
-        for value in obj.values():
-            found = _find_state_dict(value)
-            if found:
-                return found
-    return {}
-
-
-def importance_from_state_dict(state: Mapping) -> dict[str, Importance]:
-    """Importance weights of every SN layer in a saved state dict (or checkpoint dict).
-
-    Layers saved by snexp name their candidates in their extra state; logits without it are
-    read in the authors' order ([IN, LN, BN], or [LN, BN] for two).
-
-    Raises:
-        ValueError: A layer's ``var_weight`` is missing or has another length than its
-            ``mean_weight`` (an incomplete or edited state dict).
-    """
-    sd = _find_state_dict(state)
-    out = {}
-    for key in sd:
-        if not key.endswith("mean_weight"):
-            continue
-        prefix = key[: -len("mean_weight")]
-        name = prefix.rstrip(".").removeprefix("module.")
-        k = sd[key].numel()
-        extra = sd.get(prefix + "_extra_state")
-        if isinstance(extra, Mapping) and "candidates" in extra:
-            cands = tuple(extra["candidates"])
-        else:
-            cands = ("in", "ln", "bn") if k == 3 else ("ln", "bn")[:k]
-        weights = []
-        for logits_key, fixed_key in (("mean_weight", "mean_fixed"), ("var_weight", "var_fixed")):
-            if prefix + logits_key not in sd:
-                raise ValueError(f"layer '{name}' has mean_weight but no {logits_key}: the "
-                                 "state dict is incomplete (not all of an SN layer was saved)")
-            logits = sd[prefix + logits_key].float().flatten()
-            if logits.numel() != k:
-                raise ValueError(f"layer '{name}': {logits_key} holds {logits.numel()} logits, "
-                                 f"mean_weight {k}; the state dict is inconsistent")
-            fixed = sd.get(prefix + fixed_key)
-            if fixed is not None and float(fixed.sum()) > 0:
-                w = fixed.float()
-            elif prefix + "radius" in sd:
-                w = sparsestmax(logits, sd[prefix + "radius"].float())
-            else:
-                w = torch.softmax(logits, 0)
-            weights.append(tuple(w.tolist()))
-        out[name] = Importance(cands, weights[0], weights[1])
-    return out
-
-
-def format_importance(imp: Mapping[str, Importance]) -> str:
-    """A plain-text table: one row per layer, mean and variance weight per candidate."""
-    cands = sorted({c for v in imp.values() for c in v.candidates},
-                   key=lambda c: ("in", "ln", "bn").index(c) if c in ("in", "ln", "bn") else 3)
-    width = max([len("layer")] + [len(n) for n in imp])
-    head = f"{'layer':<{width}}  " + "  ".join(f"mean:{c:<4}" for c in cands) + "  " + \
-        "  ".join(f"var:{c:<5}" for c in cands)
-    lines = [head, "-" * len(head)]
-    for name, v in imp.items():
-        def cell(values, c):
-            return f"{values[v.candidates.index(c)]:>9.3f}" if c in v.candidates else " " * 9
-        lines.append(f"{name:<{width}}  " + "  ".join(cell(v.mean, c) for c in cands) + "  " +
-                     "  ".join(cell(v.var, c) for c in cands))
-    return "\n".join(lines)
-
-
-def _figure(imp: Mapping[str, Importance]):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(imp)
-    cands = sorted({c for v in imp.values() for c in v.candidates})
-    fig, axes = plt.subplots(2, 1, figsize=(max(6.0, 0.25 * len(names) + 2), 6), sharex=True)
-    for ax, which in zip(axes, ("mean", "var")):
-        bottom = [0.0] * len(names)
-        for c in cands:
-            vals = [getattr(imp[n], which)[imp[n].candidates.index(c)]
-                    if c in imp[n].candidates else 0.0 for n in names]
-            ax.bar(range(len(names)), vals, bottom=bottom, label=c.upper())
-            bottom = [b + v for b, v in zip(bottom, vals)]
-        ax.set_ylabel(f"{which} importance")
-        ax.set_ylim(0, 1)
-    axes[0].legend(loc="upper right", ncol=len(cands))
-    axes[1].set_xticks(range(len(names)))
-    axes[1].set_xticklabels(names, rotation=90, fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def plot_importance(imp: Mapping[str, Importance], path: str) -> None:
-    """Save the stacked-bar figure (one bar per layer, one colour per candidate) to ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = _figure(imp)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def log_importance(writer, model: nn.Module, step: int, *, prefix: str = "sn_importance",
-                   figure: bool = True) -> None:
-    """Write every SN layer's weights to TensorBoard (scalars, plus the bar figure).
-
-    Tags: ``{prefix}/{layer}/mean_{candidate}`` and ``.../var_{candidate}``; the figure under
-    ``{prefix}/figure``.
-    """
-    imp = importance(model)
-    for name, v in imp.items():
-        for i, c in enumerate(v.candidates):
-            writer.add_scalar(f"{prefix}/{name}/mean_{c}", v.mean[i], step)
-            writer.add_scalar(f"{prefix}/{name}/var_{c}", v.var[i], step)
-    if figure and imp:
-        writer.add_figure(f"{prefix}/figure", _figure(imp), step)
 
 
 def _load(path: str) -> object:

@@ -1,7 +1,7 @@
 """Where a run's numbers go: TensorBoard, Optuna studies and progress bars.
 
 - :class:`Tracker` writes TensorBoard events into one directory (``<out>/tb``): scalars,
-  images, text, histograms, SN importance (through :func:`snexp.inspect.log_importance`) and
+  images, text, histograms, SN importance (:func:`snexp.norm.importance.log_importance`) and
   hyperparameters with their final metrics in the *same* run. ``SummaryWriter.add_hparams``
   would open a stray timestamped sub-run; we write its three summaries ourselves. On resume a
   ``purge_step`` hides the events written after the checkpoint, so curves do not double.
@@ -128,12 +128,12 @@ class Tracker:
     def importance(self, model: torch.nn.Module, step: int, **kwargs: Any) -> None:
         """Log the SN importance weights of every switchable layer of ``model``.
 
-        Delegates to :func:`snexp.inspect.log_importance`; ``kwargs`` (e.g. ``figure=False``)
+        Delegates to :func:`snexp.norm.importance.log_importance`; ``kwargs`` (``figure=False``)
         are passed on.
         """
         if self.writer is None:
             return
-        from snexp.inspect import log_importance  # lazy: the core's inspection module
+        from snexp.norm.importance import log_importance  # lazy: the core's inspection module
 
         log_importance(self.writer, getattr(model, "_orig_mod", model), step, **kwargs)
 

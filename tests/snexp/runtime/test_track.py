@@ -113,13 +113,13 @@ def test_disabled_tracker_writes_nothing(tmp_path):
 
 def test_importance_is_delegated_to_the_core(tmp_path, monkeypatch):
     calls = []
-    fake = types.ModuleType("snexp.inspect")
+    fake = types.ModuleType("snexp.norm.importance")
     fake.log_importance = lambda writer, model, step, **kw: calls.append((writer, model, step, kw))
-    monkeypatch.setitem(sys.modules, "snexp.inspect", fake)
+    monkeypatch.setitem(sys.modules, "snexp.norm.importance", fake)
     model = torch.nn.Linear(2, 2)
     with Tracker(tmp_path) as tracker:
         tracker.importance(model, 7, figure=False)
-        # The writer, the model, the step and options go to snexp.inspect.log_importance.
+        # The writer, the model, the step and options go to snexp.norm.importance.log_importance.
         assert calls == [(tracker.writer, model, 7, {"figure": False})]
 
 
