@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from snexp.norm.functional import parse_candidates
 from snexp.runtime.config import RuntimeConfig
 
 __all__ = ["DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS", "StylizeConfig",
@@ -39,6 +40,10 @@ class ModelConfig:
             raise ValueError(f"width must be positive, got {self.width}")
         if self.blocks < 0:
             raise ValueError(f"blocks must be >= 0, got {self.blocks}")
+        if self.norm in ("sn", "ssn"):
+            # the layers' own check, here so that a mistake is refused before any work
+            for c in (32, 64, 128):
+                parse_candidates(self.candidates, max(1, round(self.width * c)))
         if self.norm == "gn":
             widths = [max(1, round(self.width * c)) for c in (32, 64, 128)]
             if any(w % self.groups for w in widths):
