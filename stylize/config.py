@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from snexp.norm.functional import parse_candidates
-from snexp.runtime.config import RuntimeConfig
+from snexp.runtime.config import Range, RuntimeConfig
 
 __all__ = ["DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS", "StylizeConfig",
            "TrainConfig", "norm_options"]
@@ -30,6 +30,8 @@ class ModelConfig:
     width: float = 1.0  # channel multiplier of the 32/64/128 widths
     blocks: int = 5  # residual blocks at the lowest resolution
     candidates: tuple[str, ...] = ("in", "ln", "bn")  # SN/SSN candidate statistics
+    # running-average factor of SN/SSN/BN, PyTorch convention (the SN authors' 0.9 is our 0.1)
+    momentum: Annotated[float, Range(ge=0, le=1)] = 0.1
     groups: int = 32  # groups of gn (must divide every width)
     pixel_scale: float = 255.0  # the network computes on pixels x this: 255 as the reference
 
@@ -122,7 +124,9 @@ class StylizeConfig:
 def norm_options(model: ModelConfig) -> dict[str, Any]:
     """The keyword options of the model's norm layers (what ``snexp.norm_layer`` takes)."""
     if model.norm in ("sn", "ssn"):
-        return {"candidates": tuple(model.candidates)}
+        return {"candidates": tuple(model.candidates), "momentum": model.momentum}
+    if model.norm == "bn":
+        return {"momentum": model.momentum}
     if model.norm == "gn":
         return {"groups": model.groups}
     return {}

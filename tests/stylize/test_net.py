@@ -194,3 +194,14 @@ def test_reach_bounds_the_receptive_field_measured_from_gradients(blocks):
     # 18 + 8 per block: never below the measured radius (which is 17 + 8 per block)
     assert net.reach == 18 + 8 * blocks
     assert measured <= net.reach <= measured + 2
+
+
+@pytest.mark.parametrize("norm", ["sn", "bn"])
+def test_config_momentum_reaches_every_norm_layer(norm):
+    # model.momentum (PyTorch convention) is what every SN/BN layer of the network uses
+    from stylize.config import ModelConfig, norm_options
+
+    model = ModelConfig(norm=norm, width=0.125, blocks=1, momentum=0.003)
+    net = TransformerNet(norm, width=0.125, blocks=1, norm_options=norm_options(model))
+    layers = [m for m in net.modules() if hasattr(m, "running_mean")]
+    assert layers and all(m.momentum == 0.003 for m in layers)
