@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from nas.controller import ControllerConfig
 from nas.data import DataConfig
-from snexp.runtime.config import RuntimeConfig
+from snexp.runtime.config import Range, RuntimeConfig
 
 __all__ = ["COMMON_FLAGS", "PRESETS", "ChildConfig", "OptimConfig", "RetrainConfig",
            "RetrainSettings", "SearchConfig", "SearchSettings", "norm_options"]
@@ -37,6 +37,8 @@ class ChildConfig:
     filters: int = 20  # channels of the first stage (doubled at each reduction)
     num_nodes: int = 5  # computed nodes per cell (B)
     gn_groups: int = 4  # groups of --norm gn (must divide filters)
+    # running-average factor of SN/SSN/BN, PyTorch convention (the SN authors' 0.9 is our 0.1)
+    momentum: Annotated[float, Range(ge=0, le=1)] = 0.1
     dropout: float = 0.1  # dropout before the classifier (ENAS keep_prob 0.9 search, 0.8 final)
 
     def __post_init__(self) -> None:
@@ -52,8 +54,12 @@ class ChildConfig:
 
 
 def norm_options(child: ChildConfig) -> dict[str, object]:
-    """Options of every norm of the child (the groups of ``gn``)."""
-    return {"groups": child.gn_groups} if child.norm == "gn" else {}
+    """Options of every norm of the child (the groups of ``gn``, SN/SSN/BN's momentum)."""
+    if child.norm == "gn":
+        return {"groups": child.gn_groups}
+    if child.norm in ("sn", "ssn", "bn"):
+        return {"momentum": child.momentum}
+    return {}
 
 
 @dataclass(frozen=True)

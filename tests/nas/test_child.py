@@ -261,3 +261,15 @@ def test_shared_cell_output_includes_an_unused_input():
     # no node reads input 0: ENAS still concatenates it (with node 3) before the projection
     cell(s0, s1, ((1, 2, 1, 3), (2, 4, 1, 0)), PRIMITIVES).sum().backward()
     assert s0.grad is not None and s0.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("norm", ["sn", "bn"])
+def test_child_momentum_reaches_every_norm_layer(norm):
+    # child.momentum (PyTorch convention) is what every SN/BN layer of the child uses
+    from nas.config import norm_options
+
+    child_cfg = ChildConfig(norm=norm, layers=1, filters=4, num_nodes=2, momentum=0.003)
+    net = ChildNet(10, norm=norm, layers=1, filters=4, num_nodes=2,
+                   norm_options=norm_options(child_cfg))
+    layers = [m for m in net.modules() if getattr(m, "running_mean", None) is not None]
+    assert layers and all(m.momentum == 0.003 for m in layers)
