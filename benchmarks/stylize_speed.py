@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-size", type=int, default=256, help="training crop size")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (1 step per row)")
-    parser.add_argument("--sizes", default="", help="inference sizes, e.g. 256,512 (none: skip)")
+    parser.add_argument("--sizes", default="",
+                        help="inference sizes, e.g. 256,512 (default or 'none': skip)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is steadier on a shared, oversubscribed CPU)")
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         ratios = [a / b for a, b in zip(ref, t)]
         print(f"| {name} | {args.batch_size / statistics.median(t):.2f} | "
               f"{statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = [int(s) for s in args.sizes.split(",") if s and s.strip().lower() != "none"]
     if sizes:
         _inference(sizes, args.rounds, device)
 
