@@ -56,10 +56,18 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
         ``path`` as a ``Path``.
     """
     path = Path(path)
+    _replace_atomic(path, lambda f: torch.save(obj, f), binary=True)
+    _fsync_dir(path.parent)
+    record_output(path)
+    return path
+
+
+def _replace_atomic(path: Path, write, *, binary: bool) -> None:
+    """Write ``path`` through a unique temporary file in its folder, fsync, ``os.replace``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,9 +75,6 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    _fsync_dir(path.parent)
-    record_output(path)
-    return path
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -87,17 +92,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
     Inside a run directory the file is listed as the run's output (:mod:`snexp.runtime.marker`).
     """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    _replace_atomic(path, lambda f: f.write(text), binary=False)
     record_output(path)
 
 
