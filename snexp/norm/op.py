@@ -112,7 +112,8 @@ def switch_norm_op(
     m = math.prod(x.shape[2:])
     n_bn = torch.tensor(float(count // m if batch is not None else 0), dtype=mu.dtype,
                         device=x.device)
-    batch = mu.new_empty((2, 0)) if batch is None else batch.clone()
+    if batch is None:
+        batch = mu.new_empty((2, 0))
     return y.to(x.dtype), batch, n_bn, mu, mixed, cands, probs
 
 
