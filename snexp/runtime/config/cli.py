@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from snexp.runtime.config.errors import ConfigError
 from snexp.runtime.config.resolve import _file_settings, _resolve, _set_setting, _Setting, flatten
 from snexp.runtime.config.runtime import CONFIG_FILE, RUNTIME_FLAGS, RuntimeConfig
 from snexp.runtime.config.schema import _comments, _hints, _leaf_keys, _lookup
@@ -85,6 +86,7 @@ def build_parser(
     prog: str | None = None,
     description: str | None = None,
     flags: Mapping[str, str] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> argparse.ArgumentParser:
     """An argparse parser for a config tree: ``--config``, ``--set``, runtime and everyday flags.
 
@@ -95,13 +97,15 @@ def build_parser(
         description: Text shown by ``--help`` above the flags.
         flags: The experiment's everyday flags, flag -> dotted key (``{"--epochs":
             "train.epochs"}``). Booleans become ``--x/--no-x``; tuples are repeatable.
+        defaults: Flat ``key -> value`` shown as each key's default (default: the
+            dataclasses' own; :func:`parse_args` passes those of its default preset).
 
     Returns:
         The parser. Use :func:`parse_args` to get a config; the parser alone returns raw text.
     """
     table = dict(RUNTIME_FLAGS) if _hints(cls).get("runtime") is RuntimeConfig else {}
     table.update(flags or {})
-    defaults = _defaults(cls)
+    defaults = _defaults(cls) if defaults is None else defaults
     epilog = "keys for --set KEY=VALUE (with their defaults):\n" + "\n".join(
         f"  {k} = {_toml_value(defaults[k])}" if k in defaults else f"  {k}"
         for k in _leaf_keys(cls)
@@ -193,9 +197,17 @@ def parse_args(
     Example:
         >>> cfg = parse_args(RuntimeConfig, ["--set", "seed=1"])  # doctest: +SKIP
     """
-    parser = build_parser(cls, prog=prog, description=description, flags=flags)
-    namespace = vars(parser.parse_args(argv))
     preset_dir = Path(presets) if presets is not None else None
+    shown = None  # --help shows what a run without --config gets: the default preset's values
+    if default_config:
+        try:
+            preset = _find_config(default_config, preset_dir)
+            shown = flatten(_resolve(cls, list(_file_settings(preset))))
+        except ConfigError:
+            shown = None  # a broken preset is reported when it is read below
+    parser = build_parser(cls, prog=prog, description=description, flags=flags,
+                          defaults=shown)
+    namespace = vars(parser.parse_args(argv))
     explicit = [_find_config(n, preset_dir) for n in namespace.pop("__config")]
     files = explicit or ([_find_config(default_config, preset_dir)] if default_config else [])
     sets = [_set_setting(s) for s in namespace.pop("__set")]

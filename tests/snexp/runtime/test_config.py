@@ -379,6 +379,16 @@ def test_help_lists_every_flag_with_default_and_set_key():
     assert '  train.limit = "none"\n' in text and "  runtime.seed = 0\n" in text
 
 
+def test_help_shows_the_default_presets_values(preset, capsys):
+    # --help shows what a run without --config gets: the default preset's epochs, not the
+    # dataclass's
+    with pytest.raises(SystemExit):
+        parse(["--help"], presets=preset.parent, default_config="quick")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "passes over the data (default: 4; --set train.epochs=...)" in text
+    assert "train.lr = 0.2" in text and 'norm = "bn"' in text
+
+
 @dataclass(frozen=True)
 class _Mix:
     mix: tuple[float, ...] = ()  # weights
