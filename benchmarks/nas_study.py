@@ -7,7 +7,9 @@ validation accuracy of its sampled cells with the shared weights), of the search
 valid accuracy and of the retrained test accuracy, and writes every number to
 ``<out>/study.json``. The arms are
 
-- proposers (default): ``--proposers lstm,random,tpe``, child norm ``--norm`` (default sn);
+- proposers (default): ``--proposers lstm,random,tpe``, child norm ``--norm`` (default bn, in
+  the search and the retraining: on small data the weight-sharing child does not learn with SN
+  in its cells, see ``benchmarks/nas_sharing.py``);
 - controller norms (the SN paper's ENAS experiment: SN, a mix of LN and GN, inside the
   controller's LSTM, BN in the child cells): ``--controller-norms sn,ln,gn,none``, the LSTM
   controller with ``controller.norm`` set per arm, child norm ``--norm`` (default bn)::
@@ -64,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="compare these norms inside the LSTM controller instead of "
                              "proposers: comma list of sn, ln, gn, none")
     parser.add_argument("--norm", default=None,
-                        help="norm of the child (default: sn; bn with --controller-norms)")
+                        help="norm of the child in the search and the retraining (default: "
+                             "bn)")
     parser.add_argument("--search-config", default=None,
                         help="nas.search preset (default: quick; paper scale: enas_cifar10)")
     parser.add_argument("--retrain-config", default=None, help="nas.train preset (default: "
@@ -91,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown controller norm(s) {unknown}: choose from sn, ln, gn, none")
         arms = {f"lstm-{n}": ["--controller", "lstm", "--set", f"controller.norm={n}"]
                 for n in norms}
-    norm = args.norm or ("bn" if args.controller_norms is not None else "sn")
+    norm = args.norm or "bn"
     search_args = ["--config", args.search_config] if args.search_config else []
     search_args += ["--norm", norm] + [a for kv in args.search_set for a in ("--set", kv)]
     if args.search_epochs is not None:
