@@ -45,7 +45,8 @@ def _tags(folder) -> dict[str, list[str]]:
 @pytest.mark.slow
 def test_search_derive_and_retrain_end_to_end(tmp_path):
     out = tmp_path / "search"
-    search_cli.main([*TINY, "--out", str(out)])
+    # SN cells (quick's are BN), so the SN importance of the child layers is logged too
+    search_cli.main([*TINY, "--norm", "sn", "--out", str(out)])
     arch_file = out / "best_arch.json"
     data = json.loads(arch_file.read_text())
     arch = Architecture.from_json(arch_file.read_text())
