@@ -8,8 +8,8 @@ valid accuracy and of the retrained test accuracy, and writes every number to
 ``<out>/study.json``. The arms are
 
 - proposers (default): ``--proposers lstm,random,tpe``, child norm ``--norm`` (default bn, in
-  the search and the retraining: on small data the weight-sharing child does not learn with SN
-  in its cells, see ``benchmarks/nas_sharing.py``);
+  the search and the retraining: on small data the weight-sharing child did not learn with SN
+  in its cells, see the README's "Your own images, small data");
 - controller norms (the SN paper's ENAS experiment: SN, a mix of LN and GN, inside the
   controller's LSTM, BN in the child cells): ``--controller-norms sn,ln,gn,none``, the LSTM
   controller with ``controller.norm`` set per arm, child norm ``--norm`` (default bn)::
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--controller-norms", default=None,
                         help="compare these norms inside the LSTM controller instead of "
                              "proposers: comma list of sn, ln, gn, none")
-    parser.add_argument("--norm", default=None,
+    parser.add_argument("--norm", default="bn",
                         help="norm of the child in the search and the retraining (default: "
                              "bn)")
     parser.add_argument("--search-config", default=None,
@@ -94,13 +94,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"unknown controller norm(s) {unknown}: choose from sn, ln, gn, none")
         arms = {f"lstm-{n}": ["--controller", "lstm", "--set", f"controller.norm={n}"]
                 for n in norms}
-    norm = args.norm or "bn"
     search_args = ["--config", args.search_config] if args.search_config else []
-    search_args += ["--norm", norm] + [a for kv in args.search_set for a in ("--set", kv)]
+    search_args += ["--norm", args.norm] + [a for kv in args.search_set for a in ("--set", kv)]
     if args.search_epochs is not None:
         search_args += ["--epochs", str(args.search_epochs)]
     retrain_args = ["--config", args.retrain_config] if args.retrain_config else []
-    retrain_args += ["--norm", norm] + [a for kv in args.retrain_set for a in ("--set", kv)]
+    retrain_args += ["--norm", args.norm] + [a for kv in args.retrain_set for a in ("--set", kv)]
     if args.retrain_epochs is not None:
         retrain_args += ["--epochs", str(args.retrain_epochs)]
 

@@ -62,10 +62,7 @@ def test_unknown_controller_norm_is_refused(tmp_path, capsys):
     assert stop.value.code == 2 and "unknown controller norm(s) ['bn']" in capsys.readouterr().err
 
 
-def test_controller_norm_arms_run_the_lstm_with_each_norm_and_a_bn_child(tmp_path, capsys,
-                                                                          monkeypatch):
-    study, calls = _study(), []
-
+def _fake_run(calls: list):
     def fake_run(module, out, args, done):  # writes what the real runs would
         calls.append((module, args))
         out.mkdir(parents=True, exist_ok=True)
@@ -76,7 +73,24 @@ def test_controller_norm_arms_run_the_lstm_with_each_norm_and_a_bn_child(tmp_pat
             (out / "result.json").write_text(json.dumps(
                 {"test_acc": 0.75, "params": 9, "arch": "a"}))
 
-    monkeypatch.setattr(study, "_run", fake_run)
+    return fake_run
+
+
+@pytest.mark.parametrize(("given", "norm"), [([], "bn"), (["--norm", "sn"], "sn")])
+def test_proposer_arms_search_and_retrain_with_one_child_norm(tmp_path, monkeypatch, given,
+                                                              norm):
+    # BN by default (the quick preset's cells), in the search and the retraining alike
+    study, calls = _study(), []
+    monkeypatch.setattr(study, "_run", _fake_run(calls))
+    study.main(["--out", str(tmp_path), "--proposers", "lstm,random", "--seeds", "0", *given])
+    assert [module for module, _ in calls] == ["nas.search", "nas.train"] * 2
+    assert all(args[args.index("--norm") + 1] == norm for _, args in calls)
+
+
+def test_controller_norm_arms_run_the_lstm_with_each_norm_and_a_bn_child(tmp_path, capsys,
+                                                                          monkeypatch):
+    study, calls = _study(), []
+    monkeypatch.setattr(study, "_run", _fake_run(calls))
     study.main(["--out", str(tmp_path), "--controller-norms", "sn,ln", "--seeds", "0,1",
                 "--search-config", "enas_cifar10"])
     searches = [args for module, args in calls if module == "nas.search"]
