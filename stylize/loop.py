@@ -118,10 +118,9 @@ def train_step(net: nn.Module, criterion: PerceptualLoss, content: Tensor, style
     """One optimizer step on a batch of content images with one style; returns the losses.
 
     ``--amp`` (``run.autocast()``) covers the loss network; the transformation network runs
-    under it only with ``amp_network``.
-    # NOTE: by default the transformation network stays float32 under --amp: it is the
-    # smaller part of a step (about 30 of 72 GMACs at 256 px, forward and backward), and on
-    # CPU autocast added casts around each of its norm layers (measured slower than float32).
+    under it only with ``amp_network``. By default it stays float32: it is the smaller part of
+    a step (about 30 of 72 GMACs at 256 px, forward and backward), and on CPU autocast added
+    casts around each of its norm layers (measured slower than float32).
     """
     weights = style_weights(style, criterion.num_styles, device=content.device)
     with run.autocast() if amp_network else contextlib.nullcontext():

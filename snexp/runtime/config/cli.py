@@ -12,6 +12,7 @@ this module.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import re
 import types
@@ -200,11 +201,9 @@ def parse_args(
     preset_dir = Path(presets) if presets is not None else None
     shown = None  # --help shows what a run without --config gets: the default preset's values
     if default_config:
-        try:
+        with contextlib.suppress(ConfigError):  # a broken preset is reported when read below
             preset = _find_config(default_config, preset_dir)
             shown = flatten(_resolve(cls, list(_file_settings(preset))))
-        except ConfigError:
-            shown = None  # a broken preset is reported when it is read below
     parser = build_parser(cls, prog=prog, description=description, flags=flags,
                           defaults=shown)
     namespace = vars(parser.parse_args(argv))
