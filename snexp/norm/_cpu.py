@@ -1,11 +1,27 @@
-"""Build and load the CPU passes of SN (``csrc/switch_norm_cpu.cpp``) with PyTorch's tools.
+"""Build and load the CPU passes of SN (``csrc/switch_norm_cpu.cpp``), safely and cheaply.
 
-``torch.utils.cpp_extension.load`` compiles the C++ file once per source, compiler flags and
-CPU instruction set (built for this CPU: ``-march=native``) into PyTorch's extension cache
-(``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``), then loads it from there
-(well under a second). The first build takes ~20-60 s. The ops appear as
-``torch.ops.snexp_cpu.*`` and are used by :mod:`snexp.norm._mixing` for contiguous float32 or
-float64 CPU tensors; everything else runs the same equations in ATen ops.
+The library is built once per source, compiler flags, CPU instruction set (``-march=native``)
+and torch version, by ``torch.utils.cpp_extension`` (ninja; ~20-60 s), into
+``<root>/snexp_cpu_<hash>/`` where ``<root>`` is ``TORCH_EXTENSIONS_DIR`` or torch's default
+``~/.cache/torch_extensions/py<ver>_<cuda>``. The ops appear as ``torch.ops.snexp_cpu.*`` and
+are used by :mod:`snexp.norm._mixing` for contiguous float32 or float64 CPU tensors; everything
+else runs the same equations in ATen ops.
+
+What gets loaded, and how:
+
+- A later process loads the built library directly (``torch.ops.load_library``): no ninja run,
+  no lock, no import of ``torch.utils.cpp_extension``.
+- Only a library built from this source by this user is loaded: after a successful build its
+  sha256 is written beside it (``<name>.sha256``) and checked before every load; the extension
+  root, the build folder and both files must belong to this user and be writable by nobody
+  else. Otherwise SN warns once and rebuilds in a private folder
+  (``~/.cache/snexp/torch_extensions``), or runs the ATen passes where that is unsafe too.
+- Builds are serialized by an OS lock (``flock``) that dies with its holder, so a build killed
+  midway never leaves a later process waiting; under it, a leftover ``lock`` file of older
+  torch releases (whose file lock waits forever once its holder died) is removed, and the
+  folder is cleared of anything not built under our lock.
+- torch's "No CUDA runtime is found, using CUDA_HOME=..." message, printed when
+  ``cpp_extension`` is imported on a machine without CUDA, is kept out of the console.
 
 ``SNEXP_CPU_KERNEL=0`` skips the build (ATen ops only). Where no C++ compiler is found, or the
 build fails, the passes fall back to ATen ops with one warning that says why; the tests load
@@ -14,10 +30,14 @@ with ``strict=True``, so a broken source fails them instead of passing for a mis
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import platform
 import shutil
+import stat
+import sys
 import warnings
 from pathlib import Path
 
@@ -27,6 +47,7 @@ __all__ = ["available", "load", "usable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_LOCK = "snexp-build.lock"  # ours (flock); "lock" is torch's own
 _state: dict[str, object] = {}
 
 
@@ -46,8 +67,137 @@ def _compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 
 
+def _name() -> str:
+    # "v2": the loader that records hashes; a folder of the earlier loader is never reused
+    key = hashlib.sha256(b"v2" + SOURCE.read_bytes() + " ".join(_FLAGS).encode()
+                         + _cpu_signature().encode() + torch.__version__.encode())
+    return f"snexp_cpu_{key.hexdigest()[:12]}"
+
+
+def _default_root() -> Path:
+    """torch's extension root (``torch.utils.cpp_extension._get_build_directory``'s rule)."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return Path(env)
+    cu = "cpu" if torch.version.cuda is None else "cu" + torch.version.cuda.replace(".", "")
+    py = f"py{sys.version_info.major}{sys.version_info.minor}"
+    return Path.home() / ".cache" / "torch_extensions" / f"{py}_{cu}"
+
+
+def _private_root() -> Path:
+    return Path.home() / ".cache" / "snexp" / "torch_extensions"
+
+
+def unsafe(path: Path) -> str | None:
+    """Why ``path`` must not be trusted (a link, another owner, writable by others), or None."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return f"{path} is a symbolic link"
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        return f"{path} belongs to another user (uid {st.st_uid})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(folder: Path, name: str) -> Path | None:
+    """The built library in ``folder`` if its recorded sha256 matches and all is private."""
+    lib, record = folder / f"{name}.so", folder / f"{name}.sha256"
+    if not (lib.is_file() and record.is_file()):
+        return None
+    if any(unsafe(p) for p in (folder.parent, folder, lib, record)):
+        return None
+    try:
+        return lib if record.read_text().strip() == _sha256(lib) else None
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """Hold an exclusive OS lock on ``folder`` (released by the kernel if the holder dies)."""
+    import fcntl
+
+    fd = os.open(folder / _LOCK, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+@contextlib.contextmanager
+def _quiet_cuda_home():
+    # cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." at import on every
+    # CPU-only machine with a CUDA toolkit; SN's CPU build needs no CUDA, so users need not see it
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _build(folder: Path, name: str, verbose: bool) -> Path:
+    """Build under the lock (clearing anything not built under it) and record the hash."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with build_lock(folder):
+        lib = _verified(folder, name)
+        if lib is not None:  # another process built it while we waited
+            return lib
+        for entry in folder.iterdir():
+            # a library without a matching record (a killed build, or planted) is never
+            # trusted, nor its objects; older torch's "lock" file would wait forever
+            if entry.name == _LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        with _quiet_cuda_home():
+            from torch.utils import cpp_extension
+        cpp_extension.load(name, [str(SOURCE)], extra_cflags=_FLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False,
+                           build_directory=str(folder), verbose=verbose)
+        lib = folder / f"{name}.so"
+        tmp = folder / f"{name}.sha256.tmp"
+        tmp.write_text(_sha256(lib) + "\n")
+        os.replace(tmp, folder / f"{name}.sha256")
+        return lib
+
+
+def _choose_root(root: Path) -> Path | None:
+    """``root``, or a private one (with a warning) where ``root`` is not safe; None: ATen."""
+    reason = next(filter(None, (unsafe(p) for p in (root, root / _name()))), None)
+    if reason is None:
+        return root
+    private = _private_root()
+    private.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fallback = unsafe(private) or unsafe(private / _name())
+    where = (f"builds its own copy in {private} instead" if fallback is None else
+             f"runs its ATen passes instead ({fallback})")
+    warnings.warn(f"snexp: not loading SN's C++ CPU passes from {root}: {reason}. Anyone who "
+                  f"can write there could plant a library that this process would run, so SN "
+                  f"{where}. Point TORCH_EXTENSIONS_DIR at a folder only you can write to "
+                  f"(chmod go-w) to share one build between your processes.", stacklevel=4)
+    return private if fallback is None else None
+
+
 def load(*, strict: bool = False, verbose: bool = False) -> bool:
-    """Build (first time) and load the C++ passes; True when ``torch.ops.snexp_cpu`` is there.
+    """Load the C++ passes (building them the first time); True when ``torch.ops.snexp_cpu``
+    is there.
 
     Args:
         strict: raise instead of warning when a compiler exists but the build fails.
@@ -60,33 +210,33 @@ def load(*, strict: bool = False, verbose: bool = False) -> bool:
         raise RuntimeError(_state["error"])
     if "loaded" in _state:
         return bool(_state["loaded"])
+    _state["loaded"] = False
     if os.environ.get("SNEXP_CPU_KERNEL", "1") == "0":
-        _state["loaded"] = False
         return False
-    if _compiler() is None:
-        warnings.warn("snexp: no C++ compiler found; SN's CPU passes run as ATen ops "
-                      "(slower). Install g++ to build snexp/norm/csrc/switch_norm_cpu.cpp.",
-                      stacklevel=3)
-        _state["loaded"] = False
-        return False
-    from torch.utils import cpp_extension
-
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_FLAGS).encode()
-                         + _cpu_signature().encode() + torch.__version__.encode())
-    name = f"snexp_cpu_{key.hexdigest()[:12]}"
-    try:
-        cpp_extension.load(name, [str(SOURCE)], extra_cflags=_FLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False,
-                           verbose=verbose)
-    except Exception as e:
-        _state["loaded"] = False
-        _state["error"] = (f"snexp: building {SOURCE} failed ({type(e).__name__}: {e}); SN's "
-                           f"CPU passes run as ATen ops (slower). SNEXP_CPU_KERNEL=0 skips the "
-                           f"build.")
-        if strict:
-            raise RuntimeError(_state["error"]) from e
-        warnings.warn(_state["error"], stacklevel=3)
-        return False
+    name = _name()
+    root = _default_root()
+    lib = _verified(root / name, name)
+    if lib is None:
+        if _compiler() is None:
+            warnings.warn("snexp: no C++ compiler found; SN's CPU passes run as ATen ops "
+                          "(slower). Install g++ to build snexp/norm/csrc/switch_norm_cpu.cpp.",
+                          stacklevel=3)
+            return False
+        chosen = _choose_root(root)
+        if chosen is None:
+            return False
+        try:
+            lib = _build(chosen / name, name, verbose)
+        except Exception as e:
+            _state["error"] = (f"snexp: building {SOURCE} failed ({type(e).__name__}: {e}); "
+                               f"SN's CPU passes run as ATen ops (slower). SNEXP_CPU_KERNEL=0 "
+                               f"skips the build.")
+            if strict:
+                raise RuntimeError(_state["error"]) from e
+            warnings.warn(_state["error"], stacklevel=3)
+            return False
+    if not hasattr(torch.ops.snexp_cpu, "row_stats"):  # cpp_extension.load may have loaded it
+        torch.ops.load_library(str(lib))
     _state["loaded"] = True
     return True
 

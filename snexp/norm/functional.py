@@ -20,8 +20,6 @@ every digit when |mean| >> std.
 
 from __future__ import annotations
 
-import math
-
 from torch import Tensor
 
 from snexp.norm import op
@@ -123,12 +121,10 @@ def switch_norm(
     if squeeze:
         x = x.unsqueeze(-1)  # (N, C, 1)
     official = compat == "official"
-    y, batch, n_bn, *_ = op.switch_norm_op(
-        x, weight, bias, mean_p, var_p, running_mean, running_var, ",".join(candidates),
-        float(eps), bool(training), bool(logits), official, official and squeeze, group)
+    update = None
     if training and update_running and running_mean is not None:
-        op.update_running_stats(
-            running_mean, running_var, batch, n_bn * math.prod(x.shape[2:]),
-            num_batches_tracked, -1.0 if momentum is None else float(momentum),
-            not official)
+        update = (num_batches_tracked, -1.0 if momentum is None else float(momentum))
+    y = op.switch_norm(x, weight, bias, mean_p, var_p, running_mean, running_var,
+                       ",".join(candidates), float(eps), bool(training), bool(logits), official,
+                       official and squeeze, group, update)
     return y.squeeze(-1) if squeeze else y

@@ -23,10 +23,12 @@ statistics (SyncSwitchNorm; ``""`` for none).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from snexp.norm import _mixing
 
@@ -41,10 +43,42 @@ def _process_group(group: str):
     return distributed_c10d._resolve_process_group(group)
 
 
-def _options(candidates: str, eps: float, official: bool, official_2d: bool, group: str):
+@functools.lru_cache(maxsize=256)
+def _local_options(candidates: str, eps: float, official: bool, official_2d: bool):
     return _mixing.Options(tuple(candidates.split(",")), eps, unbiased_in=official,
-                           official_2d=official_2d, sync=bool(group),
+                           official_2d=official_2d)
+
+
+def _options(candidates: str, eps: float, official: bool, official_2d: bool, group: str):
+    if not group:  # parsed once per layer configuration, not on every call
+        return _local_options(candidates, eps, official, official_2d)
+    # never cached: a group name can be reused by a new process group after re-initialization
+    return _mixing.Options(tuple(candidates.split(",")), eps, unbiased_in=official,
+                           official_2d=official_2d, sync=True,
                            process_group=_process_group(group))
+
+
+def _blend(running_mean: Tensor, running_var: Tensor, batch: Tensor, count: Tensor | float,
+           num_batches_tracked: Tensor | None, momentum: float, bessel: bool) -> None:
+    """The running-statistics blend (see :func:`update_running_stats`), in place."""
+    mean, var = batch[0], batch[1]
+    if bessel:
+        if isinstance(count, Tensor):
+            var = var * (count / (count - 1).clamp_min(1)).to(var.dtype)
+        else:
+            var = var * (count / max(count - 1, 1))
+    mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
+    if momentum < 0:  # cumulative average: factor 1 / num_batches_tracked, kept on the device
+        if num_batches_tracked is None:
+            factor = 1.0
+        else:
+            factor = num_batches_tracked.clamp_min(1).reciprocal().to(running_mean.dtype)
+            if factor.device != running_mean.device:
+                factor = factor.to(running_mean.device)
+        running_mean.lerp_(mean, factor)
+        running_var.lerp_(var, factor)
+    else:
+        torch._foreach_lerp_([running_mean, running_var], [mean, var], momentum)
 
 
 @torch.library.custom_op("snexp::update_running_stats",
@@ -61,15 +95,7 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, batch: Tenso
     """
     if batch.numel() == 0:
         return
-    factor = momentum
-    if momentum < 0:
-        tracked = 1.0 if num_batches_tracked is None else float(num_batches_tracked)
-        factor = 1.0 / max(tracked, 1.0)
-    mean, var = batch[0], batch[1]
-    if bessel:
-        var = var * (count / (count - 1).clamp_min(1)).to(var.dtype)
-    torch._foreach_lerp_([running_mean, running_var],
-                         [mean.to(running_mean.dtype), var.to(running_var.dtype)], factor)
+    _blend(running_mean, running_var, batch, count, num_batches_tracked, momentum, bessel)
 
 
 @update_running_stats.register_fake
@@ -206,3 +232,76 @@ def _backward(ctx, dy, *_unused):
 
 
 switch_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _eager(tensors) -> bool:
+    """Whether to run the op's eager form: plain tensors, no compiler, mode or transform."""
+    return (not torch.compiler.is_compiling()
+            and not is_in_torch_dispatch_mode()
+            and not torch._C._are_functorch_transforms_active()
+            and all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors))
+
+
+class _SwitchNormFunction(torch.autograd.Function):
+    """The op's eager form: the same ``_mixing`` code, one autograd node, and the running
+    statistics blended inside the forward (no dispatcher round trips, no Python custom-op
+    wrapping: those cost more than the passes over the data on small tensors)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_w, var_w, running_mean, running_var, spec,
+                training, logits, official, update):
+        use_batch = training or running_mean is None
+        bn_mean = None if use_batch else running_mean
+        bn_var = None if use_batch else running_var
+        y, batch, count, saved = _mixing.forward(x, weight, bias, mean_w, var_w, bn_mean,
+                                                 bn_var, spec=spec, logits=logits)
+        if update is not None and batch is not None:
+            num_batches_tracked, momentum = update
+            _blend(running_mean, running_var, batch, count, num_batches_tracked, momentum,
+                   not official)
+        if spec.sync and batch is not None:
+            n_total = count // math.prod(x.shape[2:])
+        else:
+            n_total = x.shape[0] if batch is not None else None
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.spec, ctx.logits, ctx.n_total = spec, logits, n_total
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, mean_w, var_w))
+        return y.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, *saved = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[:5])
+        dx, *grads = _mixing.backward(tuple(saved), x, dy.contiguous(), weight, spec=ctx.spec,
+                                      logits=ctx.logits, n_total=ctx.n_total, need=need)
+        out = [None if dx is None else dx.to(x.dtype)]
+        for g, dtype in zip(grads, ctx.dtypes):
+            out.append(g if g is None or dtype is None else g.to(dtype))
+        return (*out, *(None,) * 7)
+
+
+def switch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_w: Tensor,
+                var_w: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
+                candidates: str, eps: float, training: bool, logits: bool, official: bool,
+                official_2d: bool, group: str, update: tuple | None) -> Tensor:
+    """Run SN (the op's arguments) and blend the running statistics where ``update`` is
+    ``(num_batches_tracked, momentum)`` (``momentum < 0``: cumulative average).
+
+    Eager calls on plain tensors run the op's eager form (:class:`_SwitchNormFunction`);
+    under ``torch.compile``, ``torch.export``, a dispatch mode or a ``torch.func`` transform the
+    call goes through ``torch.ops.snexp.switch_norm`` and ``update_running_stats``, which those
+    see as declared ops. Both compute with the same ``_mixing`` functions.
+    """
+    if _eager((x, weight, bias, mean_w, var_w, running_mean, running_var)):
+        spec = _options(candidates, eps, official, official_2d, group)
+        return _SwitchNormFunction.apply(x, weight, bias, mean_w, var_w, running_mean,
+                                         running_var, spec, training, logits, official, update)
+    y, batch, n_bn, *_ = switch_norm_op(
+        x, weight, bias, mean_w, var_w, running_mean, running_var, candidates, eps, training,
+        logits, official, official_2d, group)
+    if update is not None:
+        num_batches_tracked, momentum = update
+        update_running_stats(running_mean, running_var, batch, n_bn * math.prod(x.shape[2:]),
+                             num_batches_tracked, momentum, not official)
+    return y

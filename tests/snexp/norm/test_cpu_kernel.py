@@ -70,3 +70,96 @@ def test_cpp_and_aten_paths_agree(shape, candidates, monkeypatch):
                         layer.var_weight.grad, layer.running_var])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def _stub_build(monkeypatch, tmp_path):
+    # load() from scratch, with the build replaced by a recorder (no compiler run here)
+    monkeypatch.setattr(_cpu, "_state", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(_cpu, "_compiler", lambda: "c++")
+    built = []
+
+    def build(folder, name, verbose):
+        built.append(folder)
+        raise RuntimeError("stub build")
+
+    monkeypatch.setattr(_cpu, "_build", build)
+    return built
+
+
+def test_planted_library_without_matching_hash_is_not_loaded(tmp_path, monkeypatch):
+    # a library whose recorded sha256 differs (or is missing) is rebuilt, never loaded
+    root = tmp_path / "ext"
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    built = _stub_build(monkeypatch, tmp_path)
+    name = _cpu._name()
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / f"{name}.so").write_bytes(b"planted")
+    (folder / f"{name}.sha256").write_text("0" * 64)
+    assert _cpu._verified(folder, name) is None
+    with pytest.warns(UserWarning, match="stub build"):
+        assert _cpu.load() is False
+    assert built == [folder]
+    # with the right hash (and private files) the library is the one to load
+    (folder / f"{name}.sha256").write_text(_cpu._sha256(folder / f"{name}.so"))
+    assert _cpu._verified(folder, name) == folder / f"{name}.so"
+
+
+def test_folder_writable_by_others_is_refused_for_a_private_one(tmp_path, monkeypatch):
+    # a shared, group-writable extension root: warn, build in ~/.cache/snexp instead
+    root = tmp_path / "shared"
+    root.mkdir()
+    root.chmod(0o777)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(root))
+    built = _stub_build(monkeypatch, tmp_path)
+    name = _cpu._name()
+    (root / name).mkdir()
+    (root / name / f"{name}.so").write_bytes(b"planted")
+    (root / name / f"{name}.sha256").write_text(_cpu._sha256(root / name / f"{name}.so"))
+    assert _cpu._verified(root / name, name) is None  # right hash, but anyone could write it
+    with pytest.warns(UserWarning, match="writable by group or others"):
+        assert _cpu.load() is False
+    private = tmp_path / "home" / ".cache" / "snexp" / "torch_extensions"
+    assert built == [private / name]
+    assert _cpu.unsafe(private) is None
+
+
+_LOAD = """
+import sys, warnings
+warnings.simplefilter("error")
+from snexp.norm import _cpu
+print(_cpu.load(strict=True), "torch.utils.cpp_extension" in sys.modules)
+"""
+
+
+@needs_compiler
+@pytest.mark.slow
+def test_killed_build_and_leftover_lock_never_block_the_next_process(tmp_path):
+    # SIGKILL during the first build, plus an old torch's leftover "lock" file: the next
+    # process builds and loads; the one after loads directly (no cpp_extension, no warning)
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    first = subprocess.Popen([sys.executable, "-c", _LOAD], env=env, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = tmp_path / _cpu._name()
+    deadline = time.monotonic() + 120
+    while not (folder / "build.ninja").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the compiler is running now
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    (folder / "lock").touch()
+    second = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True,
+                            text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.split() == ["True", "True"]
+    third = subprocess.run([sys.executable, "-c", _LOAD], env=env, capture_output=True,
+                           text=True, timeout=120)
+    assert third.stdout.split() == ["True", "False"], third.stderr
+    assert "CUDA_HOME" not in second.stderr + third.stderr
