@@ -75,24 +75,32 @@ def _pooled(stats: Tensor, dim: int) -> Tensor:
     return mean
 
 
-def _batch_stats(stats: Tensor, m: int, spec) -> tuple[Tensor, int]:
-    """BN-branch [mean; var] (2, 1, C) from IN statistics (2, N, C), and the values pooled."""
+def _batch_stats(stats: Tensor, m: int, spec) -> tuple[Tensor, int | Tensor]:
+    """BN-branch [mean; var] (2, 1, C) from IN statistics (2, N, C), and the values pooled
+    (a 0-d tensor on the device under SyncSwitchNorm: no host synchronization)."""
     n, c = stats.shape[1:]
+    local = _pooled(stats, 1)  # (2, 1, C): this rank's mean and biased variance
     if not spec.sync:
-        return _pooled(stats, 1), n * m
-    mu_in, var_in = stats
-    count = torch.full((1, c), float(n), dtype=stats.dtype, device=stats.device)
-    # (3, C): sum of means, sum of second moments, sample count -- one collective
-    sums = _sync_sums(torch.cat([mu_in.sum(0, keepdim=True),
-                                 (var_in + mu_in * mu_in).sum(0, keepdim=True), count]), spec)
-    total = sums[2:3]
-    mean = sums[0:1] / total
-    var = (sums[1:2] / total - mean * mean).clamp_min(0)
-    return torch.stack([mean, var]), int(round(total[0, 0].item())) * m
+        return local, n * m
+    # Chan et al.'s pairwise combination, all ranks at once: M2 = sum_r M2_r + sum_r n_r
+    # (mean_r - mean)^2. Each rank sends (count, mean, var) per channel (3 x C numbers); the
+    # one-pass form (pooled sums of x^2 minus the squared mean) loses every digit when
+    # |mean| >> std, which is what the single-process path avoids too.
+    part = torch.cat([local.view(2, c), stats.new_full((1, c), float(n))])  # (3, C)
+    world = torch.distributed.get_world_size(spec.process_group)
+    parts = [torch.empty_like(part) for _ in range(world)]
+    torch.distributed.all_gather(parts, part, group=spec.process_group)
+    means, variances, counts = torch.stack(parts).unbind(1)  # (R, C) each
+    total = counts.sum(0)  # (C,)
+    weights = counts / total  # ranks without samples weigh 0 (their NaN mean is dropped)
+    mean = torch.where(counts > 0, weights * means, 0).sum(0)
+    dev = torch.where(counts > 0, means - mean, 0)
+    var = torch.where(counts > 0, weights * (variances + dev * dev), 0).sum(0)
+    return torch.stack([mean, var]).view(2, 1, c), total[0] * m
 
 
 def _candidate_stats(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, m: int,
-                     spec) -> tuple[Tensor, Tensor | None, int]:
+                     spec) -> tuple[Tensor, Tensor | None, int | Tensor]:
     """Every candidate's [mu_k - mu_in; var_k] as one (2, K, N, C) tensor, BN batch stats."""
     _, n, c = stats.shape
     rows = []

@@ -136,8 +136,11 @@ def switch_norm_op(
     y, batch, count, (mu, mixed, cands, probs) = _mixing.forward(
         x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec=spec, logits=logits)
     m = math.prod(x.shape[2:])
-    n_bn = torch.tensor(float(count // m if batch is not None else 0), dtype=mu.dtype,
-                        device=x.device)
+    if isinstance(count, Tensor):  # SyncSwitchNorm: all ranks' samples, kept on the device
+        n_bn = (count / m).to(mu.dtype).reshape(())
+    else:
+        n_bn = torch.tensor(float(count // m if batch is not None else 0), dtype=mu.dtype,
+                            device=x.device)
     if batch is None:
         batch = mu.new_empty((2, 0))
     return y.to(x.dtype), batch, n_bn, mu, mixed, cands, probs
@@ -260,7 +263,7 @@ class _SwitchNormFunction(torch.autograd.Function):
             _blend(running_mean, running_var, batch, count, num_batches_tracked, momentum,
                    not official)
         if spec.sync and batch is not None:
-            n_total = count // math.prod(x.shape[2:])
+            n_total = count / math.prod(x.shape[2:])  # a 0-d tensor: no host sync
         else:
             n_total = x.shape[0] if batch is not None else None
         ctx.save_for_backward(x, weight, *saved)

@@ -1,10 +1,12 @@
 """SyncSwitchNorm: Switchable Normalization whose BN branch pools statistics across ranks.
 
 The SN counterpart of ``nn.SyncBatchNorm`` for DistributedDataParallel. Only the BN candidate
-needs other ranks: its per-channel sum, sum of squares and count (derived from the local
-per-(n, c) statistics) are all-reduced in one collective, so unequal per-rank batch sizes are
-fine; gradients flow back through the collective (``torch.distributed.nn.functional``). IN, LN
-and GN statistics are per sample and stay local. Outside training, without an initialized
+needs other ranks: each rank sends its per-channel sample count, mean and (centered) variance,
+derived from the local per-(n, c) statistics, in one all-gather (3 x C numbers per rank), and
+every rank pools them with Chan et al.'s formula, so unequal per-rank batch sizes are fine, the
+counts stay on the device (no host synchronization) and no digits are lost when |mean| >> std.
+The backward all-reduces the BN branch's (2, C) gradient sums. IN, LN and GN statistics are per
+sample and stay local. Outside training, without an initialized
 process group, or with one rank, it computes exactly what :class:`SwitchNorm2d` does.
 """
 

@@ -21,6 +21,13 @@ def _data():
     return x, dy
 
 
+def _far_data():
+    # |mean| >> std in float32: 100 +- 0.01, where mean(x^2) - mean^2 keeps no digit of the
+    # variance 1e-4 (float32 resolves 1e4 to ~1e-3)
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(sum(SIZES), 6, 4, 4, generator=g) * 1e-2 + 1e2
+
+
 def _layer():
     m = snexp.SwitchNorm2d(6).double()
     with torch.no_grad():
@@ -42,8 +49,11 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         grads = [p.grad.clone() for p in (m.weight, m.bias, m.mean_weight, m.var_weight)]
         for g in grads:  # what DDP does to parameter gradients (sum; DDP divides by world)
             dist.all_reduce(g)
+        far = snexp.SyncSwitchNorm.convert_sync_switchnorm(_layer().float())
+        xf = _far_data()[start:start + SIZES[rank]]
         torch.save({"y": y.detach(), "dx": xs.grad, "grads": grads,
-                    "running_mean": m.running_mean, "running_var": m.running_var},
+                    "running_mean": m.running_mean, "running_var": m.running_var,
+                    "far_y": far(xf).detach(), "far_running_var": far.running_var},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -66,6 +76,14 @@ def test_sync_switchnorm_two_processes_equal_one_process(tmp_path):
             torch.testing.assert_close(a, b.grad, atol=1e-10, rtol=0)
         torch.testing.assert_close(g["running_mean"], ref.running_mean, atol=1e-12, rtol=0)
         torch.testing.assert_close(g["running_var"], ref.running_var, atol=1e-12, rtol=0)
+    # far from zero, in float32: both ranks agree with SwitchNorm on the whole batch in float64
+    far = _layer()
+    y_far = far(_far_data().double())
+    torch.testing.assert_close(torch.cat([g["far_y"] for g in got]).double(), y_far,
+                               atol=5e-3, rtol=0)
+    for g in got:
+        torch.testing.assert_close(g["far_running_var"].double(), far.running_var,
+                                   atol=0, rtol=1e-4)
 
 
 def test_sync_without_process_group_equals_switchnorm():
