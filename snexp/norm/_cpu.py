@@ -137,17 +137,17 @@ def build_lock(folder: Path):
         os.close(fd)  # closing releases the flock
 
 
-@contextlib.contextmanager
-def _quiet_cuda_home():
-    # cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." at import on every
-    # CPU-only machine with a CUDA toolkit; SN's CPU build needs no CUDA, so users need not see it
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+class _NoCudaHomeNotice(logging.Filter):
+    """Drops cpp_extension's "No CUDA runtime is found, using CUDA_HOME=..." notice, logged
+    at its import on every CPU-only machine with a CUDA toolkit (by SN's build and by
+    inductor's CPU code generation alike): nothing there needs CUDA, so users need not see it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("No CUDA runtime is found")
+
+
+logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaHomeNotice())
 
 
 def _build(folder: Path, name: str, verbose: bool) -> Path:
@@ -166,8 +166,8 @@ def _build(folder: Path, name: str, verbose: bool) -> Path:
                 shutil.rmtree(entry)
             else:
                 entry.unlink()
-        with _quiet_cuda_home():
-            from torch.utils import cpp_extension
+        from torch.utils import cpp_extension
+
         cpp_extension.load(name, [str(SOURCE)], extra_cflags=_FLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False,
                            build_directory=str(folder), verbose=verbose)
@@ -247,9 +247,12 @@ def available() -> bool:
 
 
 def usable(*tensors: torch.Tensor) -> bool:
-    """Whether the C++ passes apply: contiguous float32/float64 CPU tensors of one dtype."""
+    """Whether the C++ passes apply: plain, contiguous float32/float64 CPU tensors of one
+    dtype (traced ones, e.g. under ``torch.compile``, take the ATen ops, which inductor fuses).
+    """
     x = tensors[0]
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+    if (type(x) is not torch.Tensor or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)):
         return False
     if not all(t.is_contiguous() and t.dtype == x.dtype for t in tensors):
         return False

@@ -179,18 +179,18 @@ _ones: dict[tuple[int, torch.dtype], Tensor] = {}
 def grad_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     """One reduction pass: s1 = sum dy and s2 = sum dy * (x - mu) per (n, c), each (N, C)."""
     n, c = mu.shape
-    if (x.dtype == mu.dtype and dy.dtype == x.dtype and x.is_contiguous()
-            and dy.is_contiguous() and x.device.type == "cpu"):
+    if (type(x) is Tensor and type(dy) is Tensor and x.dtype == mu.dtype
+            and dy.dtype == x.dtype and x.is_contiguous() and dy.is_contiguous()
+            and x.device.type == "cpu"):
         # The native batch-norm backward on a (1, N*C, M) view computes both per-row sums in
         # one fused read of dy and x (grad_weight = s2 with invstd 1, grad_bias = s1).
         rows = n * c
         ones = _ones.get((rows, x.dtype))
-        if ones is None:
+        if ones is None:  # (plain tensors only: a cached one must not leak into a trace)
             ones = torch.ones(rows, dtype=x.dtype)
-            if not torch.compiler.is_compiling():
-                if len(_ones) >= 64:
-                    _ones.clear()
-                _ones[(rows, x.dtype)] = ones
+            if len(_ones) >= 64:
+                _ones.clear()
+            _ones[(rows, x.dtype)] = ones
         _, s2, s1 = torch.ops.aten.native_batch_norm_backward(
             dy.view(1, rows, -1), x.view(1, rows, -1), None, None, None, mu.view(rows), ones,
             True, 0.0, [False, True, True])

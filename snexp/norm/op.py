@@ -138,9 +138,9 @@ def switch_norm_op(
     m = math.prod(x.shape[2:])
     if isinstance(count, Tensor):  # SyncSwitchNorm: all ranks' samples, kept on the device
         n_bn = (count / m).to(mu.dtype).reshape(())
-    else:
-        n_bn = torch.tensor(float(count // m if batch is not None else 0), dtype=mu.dtype,
-                            device=x.device)
+    else:  # torch.full: a symbolic batch size under torch.compile(dynamic=True) stays symbolic
+        n_bn = torch.full((), count // m if batch is not None else 0, dtype=mu.dtype,
+                          device=x.device)
     if batch is None:
         batch = mu.new_empty((2, 0))
     return y.to(x.dtype), batch, n_bn, mu, mixed, cands, probs
@@ -235,6 +235,43 @@ def _backward(ctx, dy, *_unused):
 
 
 switch_norm_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _decomposition(impl):
+    """A FunctionalTensorMode rule: run ``impl`` (the op's own ``_mixing`` code) in ATen ops.
+
+    AOTAutograd traces every ``torch.compile``d graph under FunctionalTensorMode, so there the
+    ops decompose and inductor fuses their passes with each other and with their neighbours
+    (the mechanism of ``torch.library.triton_op``). Autograd still sees the op first: the
+    backward is the closed-form ``switch_norm_backward`` (decomposed the same way), never a
+    derivative of the forward's ATen ops (normalize overwrites a buffer in place).
+    ``torch.export`` turns the decomposition off (as for triton ops): an exported program keeps
+    the three ops; ``ExportedProgram.run_decompositions(decompose_custom_triton_ops=True)``
+    inlines them on purpose.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch._subclasses.functional_tensor import FunctionalTensor
+
+    def rule(mode, op, types, args, kwargs):
+        if not torch._functorch.config.decompose_custom_triton_ops:  # torch.export
+            return mode.__torch_dispatch__(op, types, args, kwargs)
+        if any(t is not Tensor and not issubclass(t, (FakeTensor, FunctionalTensor))
+               for t in types):
+            return NotImplemented
+        with mode:
+            return impl(*args, **kwargs)
+
+    return rule
+
+
+def _register_decompositions() -> None:
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    for custom in (switch_norm_op, switch_norm_backward_op, update_running_stats):
+        custom.register_torch_dispatch(FunctionalTensorMode, _decomposition(custom._init_fn))
+
+
+_register_decompositions()
 
 
 def _eager(tensors) -> bool:

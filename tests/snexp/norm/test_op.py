@@ -99,6 +99,38 @@ def test_compile_fullgraph_matches_eager_train_and_eval(norm, options):
     assert eager[1].num_batches_tracked.item() == 2
 
 
+def test_compile_decomposes_the_op_with_dynamic_shapes():
+    # under torch.compile the ops decompose into ATen ops (what inductor fuses), also with
+    # dynamic=True over changing batch sizes; outputs, gradients and buffers equal eager's
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    targets = []
+
+    def graph(gm, _inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return make_boxed_func(gm)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=graph, bw_compiler=graph)
+
+    torch.manual_seed(0)
+    eager = _net()
+    compiled_src = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_src, fullgraph=True, dynamic=True, backend=backend)
+    for n in (3, 5):
+        x1 = torch.randn(n, 3, 6, 6, requires_grad=True)
+        x2 = x1.detach().clone().requires_grad_()
+        torch.testing.assert_close(_step(compiled, x2), _step(eager, x1))
+        torch.testing.assert_close(x2.grad, x1.grad)
+    for (name, p1), p2 in zip(eager.named_parameters(), compiled_src.parameters()):
+        torch.testing.assert_close(p2.grad, p1.grad, msg=name)
+    for (name, b1), b2 in zip(eager.named_buffers(), compiled_src.buffers()):
+        torch.testing.assert_close(b2, b1, msg=name)
+    assert targets and not [t for t in targets if "snexp" in t]
+    assert any("lerp" in t for t in targets)  # the running statistics, inside the graph
+
+
 @pytest.mark.slow
 def test_compile_inductor_matches_eager():
     # the default backend (inductor) compiles SN models in one graph and agrees with eager
@@ -115,7 +147,8 @@ def test_compile_inductor_matches_eager():
 
 @pytest.mark.parametrize("training", [False, True])
 def test_export_matches_eager(training):
-    # torch.export keeps SN as one op; the exported program computes what eager does
+    # torch.export keeps SN as one op (no decomposition there, as for triton ops); the exported
+    # program computes what eager does
     torch.manual_seed(0)
     model = _net().train(training)
     reference = copy.deepcopy(model)
