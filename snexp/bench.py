@@ -4,7 +4,8 @@ For each input shape, times forward+backward (training mode) and forward (eval m
 of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d, the plain-autograd reference SN and
 ``torch.compile``'d SN and BatchNorm2d, and prints each as a ratio to (eager) BatchNorm2d
 measured in the same process, plus compiled SN against compiled BatchNorm2d. The first line
-names the CPU (model, vector ISA) or GPU. Implementations are timed
+names the CPU (model, vector ISA) or GPU, the second the backend SN's passes ran on
+(``SNEXP_BACKEND``). Implementations are timed
 round-robin (one repetition of each in turn) and summarized by the median, so that a noisy
 shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
 
@@ -235,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
           f"{', channels_last' if args.channels_last else ''}"
           f"{', glibc malloc tuned' if tuned else ''}; ratios to BatchNorm2d "
           f"(lower is faster)\n")
+    from snexp.norm import _backend
+
+    shape = (args.shape or DEFAULT_SHAPES)[0]
+    probe = torch.zeros(shape, device=args.device, dtype=dtype)
+    if args.channels_last:
+        probe = probe.contiguous(memory_format=torch.channels_last)
+    print(f"# SN backend (SNEXP_BACKEND={_backend.setting()}): eager {_backend.describe(probe)}"
+          f"; compiled: inductor over the decomposed ATen equations\n")
     print(format_table(rows))
     return 0
 

@@ -23,8 +23,9 @@ What gets loaded, and how:
 - torch's "No CUDA runtime is found, using CUDA_HOME=..." message, printed when
   ``cpp_extension`` is imported on a machine without CUDA, is kept out of the console.
 
-``SNEXP_CPU_KERNEL=0`` skips the build (ATen ops only). Where no C++ compiler is found, or the
-build fails, the passes fall back to ATen ops with one warning that says why; the tests load
+``SNEXP_BACKEND=aten`` (or the older ``SNEXP_CPU_KERNEL=0``) skips the build (ATen ops only);
+``SNEXP_BACKEND=cpu`` makes a failed build an error. Otherwise, where no C++ compiler is found or
+the build fails, the passes fall back to ATen ops with one warning that says why; the tests load
 with ``strict=True``, so a broken source fails them instead of passing for a missing compiler.
 """
 
@@ -42,6 +43,8 @@ import warnings
 from pathlib import Path
 
 import torch
+
+from snexp.norm import _backend
 
 __all__ = ["available", "load", "usable"]
 
@@ -211,13 +214,17 @@ def load(*, strict: bool = False, verbose: bool = False) -> bool:
     if "loaded" in _state:
         return bool(_state["loaded"])
     _state["loaded"] = False
-    if os.environ.get("SNEXP_CPU_KERNEL", "1") == "0":
+    if _backend.setting() in ("aten", "triton"):
         return False
+    strict = strict or _backend.setting() == "cpu"
     name = _name()
     root = _default_root()
     lib = _verified(root / name, name)
     if lib is None:
         if _compiler() is None:
+            if _backend.setting() == "cpu":
+                raise RuntimeError("snexp: SNEXP_BACKEND=cpu asks for SN's C++ CPU passes, "
+                                   "but no C++ compiler is found (install g++, or unset it)")
             warnings.warn("snexp: no C++ compiler found; SN's CPU passes run as ATen ops "
                           "(slower). Install g++ to build snexp/norm/csrc/switch_norm_cpu.cpp.",
                           stacklevel=3)
@@ -229,7 +236,7 @@ def load(*, strict: bool = False, verbose: bool = False) -> bool:
             lib = _build(chosen / name, name, verbose)
         except Exception as e:
             _state["error"] = (f"snexp: building {SOURCE} failed ({type(e).__name__}: {e}); "
-                               f"SN's CPU passes run as ATen ops (slower). SNEXP_CPU_KERNEL=0 "
+                               f"SN's CPU passes run as ATen ops (slower). SNEXP_BACKEND=aten "
                                f"skips the build.")
             if strict:
                 raise RuntimeError(_state["error"]) from e

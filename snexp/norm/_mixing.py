@@ -15,7 +15,11 @@ op count does not grow with the candidates. Backward, from ``s1 = sum dy`` and
 and for each pooled candidate (pooling P_k is self-adjoint)
 ``dmu_in += P_k(p_k dmu) + 2 (mu_in - mu_k) P_k(q_k dvar)``, ``dvar_in += P_k(q_k dvar)``;
 then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - p mu_in``.
-``snexp.norm.op`` wraps these functions into the ``snexp::switch_norm`` custom op.
+The code is in pieces, each one pass or one (N, C)-sized step: :func:`stats` ->
+:func:`mix` -> :func:`normalize` forward, :func:`grad_sums` -> :func:`mix_backward` ->
+:func:`input_grad` backward; :func:`forward` and :func:`backward` compose them and are the one
+dispatch point of every backend (the C++ CPU passes plug in inside the full-size pieces).
+``snexp.norm.op`` wraps them into the ``snexp::switch_norm`` op and its eager form.
 """
 
 from __future__ import annotations
@@ -201,34 +205,52 @@ def grad_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     return s1, s2
 
 
-def normalize(xc: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def _normalize_aten(xc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = a * xc + b, written over ``xc`` (a, b broadcastable per (n, c))."""
     # NOTE: two in-place binary passes; ATen's ternary addcmul with two broadcast operands
     # takes a scalar loop on CPU and is ~10x slower than mul_ + add_.
     return xc.mul_(a).add_(b)
 
 
-def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor:
+def _input_grad_aten(x: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor:
     """dx = a dy + p x + q in three elementwise ops (one allocation), in the dtype of a."""
     return torch.mul(x, p).add_(q).addcmul_(dy, a)
 
 
-def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
-    """y (statistics dtype), BN batch statistics (2, C) or None, their count, saved tensors."""
-    fast = _cpu.usable(x)
-    if fast:  # one C++ pass per row: mean, then the centered sum of squares
+def _rows(x: Tensor) -> tuple[int, ...]:
+    """The shape that broadcasts an (N, C) coefficient over x's rows: (N, C, 1, ...)."""
+    return tuple(x.shape[:2]) + (1,) * (x.dim() - 2)
+
+
+# The forward in three pieces: stats (full-size read) -> mix ((N, C)-sized) -> normalize
+# (full-size write); the backward likewise: grad_sums -> mix_backward -> input_grad.
+
+
+def stats(x: Tensor, spec) -> tuple[Tensor, Tensor | None]:
+    """[mu_in; var_in] (2, N, C) per (n, c), and the centered input for :func:`normalize`
+    (None where the C++ pass reads x again instead)."""
+    if _cpu.usable(x):  # one C++ pass per row: mean, then the centered sum of squares
         mu, ss = torch.ops.snexp_cpu.row_stats(x)
         xc = None
     else:
         mu, nrm, xc = centered(x)
         ss = nrm.pow_(2)
-    n, c = mu.shape
     m = math.prod(x.shape[2:])
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
-    stats = torch.stack([mu, ss.div_(denom)])  # (2, N, C): mu_in, var_in
-    cands, batch, count = _candidate_stats(stats, bn_mean, bn_var, m, spec)
+    return torch.stack([mu, ss.div_(denom)]), xc
+
+
+def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spec, logits):
+    """The (N, C)-sized middle: every candidate's statistics, mixed; the affine coefficients.
+
+    Returns ``a``, ``b`` (N, C) with ``y = a (x - mu_in) + b``, the BN batch statistics (2, C)
+    or None and their count, and what the backward needs: ``mixed`` [mu - mu_in; var]
+    (2, N, C), ``cands`` every candidate's [mu_k - mu_in; var_k] (2, K, N, C), ``probs`` (2, K).
+    """
+    _, n, c = st.shape
+    cands, batch, count = _candidate_stats(st, bn_mean, bn_var, m, spec)
     k = cands.shape[1]
-    probs = torch.stack([mean_w, var_w]).to(stats.dtype)  # (2, K)
+    probs = torch.stack([mean_w, var_w]).to(st.dtype)  # (2, K)
     if logits:
         probs = torch.softmax(probs, 1)
     # [mu - mu_in; var]: each row mixed by its own weights in one batched matmul
@@ -239,19 +261,23 @@ def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     b = torch.mul(mixed[0], a).neg_()
     if bias is not None:
         b = b + bias.to(b.dtype)
-    if fast:  # y = a (x - mu_in) + b in one C++ pass
-        y = torch.ops.snexp_cpu.normalize(x, mu, a.contiguous(), b.contiguous())
-    else:
-        shape = xc.shape[:2] + (1,) * (xc.dim() - 2)
-        y = normalize(xc, a.view(shape), b.view(shape))
-    return y, batch, count, (mu, mixed, cands, probs)
+    return a, b, batch, count, mixed, cands, probs
 
 
-def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
-    """dx (statistics dtype), dweight, dbias, dmean_w, dvar_w (None where not needed)."""
+def normalize(x: Tensor, xc: Tensor | None, mu: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """y = a (x - mu_in) + b, in the statistics dtype (over ``xc`` where it is given)."""
+    if xc is None:  # one C++ pass
+        return torch.ops.snexp_cpu.normalize(x, mu, a.contiguous(), b.contiguous())
+    shape = _rows(xc)
+    return _normalize_aten(xc, a.view(shape), b.view(shape))
+
+
+def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits, n_total,
+                 need):
+    """The (N, C)-sized middle of the backward: ``(a, p, q)`` with ``dx = a dy + p x + q``
+    (``p``, ``q`` None when dx is not needed, ``p`` None when dx = a dy), then dweight,
+    dbias, dmean_w, dvar_w (None where not needed)."""
     mu, mixed, cands, probs = saved
-    s1, s2 = grad_sums(dy, x, mu)
-    m = math.prod(x.shape[2:])
     k = probs.shape[1]
     rstd = torch.rsqrt(mixed[1] + spec.eps)
     a = rstd if weight is None else rstd * weight.to(rstd.dtype)
@@ -266,13 +292,13 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
         if logits:  # softmax Jacobian, row by row
             dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
         dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
+    grads = (dweight, dbias, dmean_w, dvar_w)
     if not need[0]:
-        return None, dweight, dbias, dmean_w, dvar_w
+        return (a, None, None, *grads)
     n, c = mu.shape
-    shape = x.shape[:2] + (1,) * (x.dim() - 2)
     pooled, kept = _pooled_grads(d, spec, n_total)
     if not kept:  # only BN on running statistics: dx = a dy
-        return torch.mul(dy, a.view(shape)), dweight, dbias, dmean_w, dvar_w
+        return (a, None, None, *grads)
     offsets, w = cands[0], probs
     if len(kept) < k:
         offsets, w = offsets[kept], probs[:, kept]
@@ -286,9 +312,42 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
     p = e[1] * (-1.0 / denom)
     q = torch.sub(corr, e[0]).mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
-    if _cpu.usable(x, dy, a):  # dx = a dy + p x + q in one C++ pass
-        dx = torch.ops.snexp_cpu.input_grad(x, dy, a.contiguous(), p.contiguous(),
-                                            q.contiguous())
-    else:
-        dx = input_grad(x, dy, a.view(shape), p.view(shape), q.view(shape))
-    return dx, dweight, dbias, dmean_w, dvar_w
+    return (a, p, q, *grads)
+
+
+def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor | None, q: Tensor | None) -> Tensor:
+    """dx = a dy + p x + q (a dy where ``p`` is None), in the statistics dtype."""
+    shape = _rows(x)
+    if p is None:
+        return torch.mul(dy, a.view(shape))
+    if _cpu.usable(x, dy, a):  # one C++ pass
+        return torch.ops.snexp_cpu.input_grad(x, dy, a.contiguous(), p.contiguous(),
+                                              q.contiguous())
+    return _input_grad_aten(x, dy, a.view(shape), p.view(shape), q.view(shape))
+
+
+def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
+    """y (statistics dtype), BN batch statistics (2, C) or None, their count, saved tensors.
+
+    The one dispatch point of every backend's forward: stats -> mix -> normalize.
+    """
+    st, xc = stats(x, spec)
+    a, b, batch, count, mixed, cands, probs = mix(
+        st, weight, bias, mean_w, var_w, bn_mean, bn_var, math.prod(x.shape[2:]), spec=spec,
+        logits=logits)
+    mu = st[0]
+    y = normalize(x, xc, mu, a, b)
+    return y, batch, count, (mu, mixed, cands, probs)
+
+
+def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
+    """dx (statistics dtype), dweight, dbias, dmean_w, dvar_w (None where not needed).
+
+    The one dispatch point of every backend's backward: grad_sums -> mix_backward ->
+    input_grad.
+    """
+    s1, s2 = grad_sums(dy, x, saved[0])
+    a, p, q, *grads = mix_backward(s1, s2, saved, weight, math.prod(x.shape[2:]), spec=spec,
+                                   logits=logits, n_total=n_total, need=need)
+    dx = input_grad(x, dy, a, p, q) if need[0] else None
+    return (dx, *grads)

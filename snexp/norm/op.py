@@ -1,19 +1,34 @@
 """THE Switchable Normalization op: ``torch.ops.snexp.switch_norm`` and its backward.
 
-One ``torch.library.custom_op`` carries SN's forward (statistics, mixing, normalization; it
-returns the BN batch statistics), a second one, ``torch.ops.snexp.switch_norm_backward``, the
-closed-form backward, registered as the first one's autograd formula, and a third one,
-``torch.ops.snexp.update_running_stats``, the blend of the running statistics, declared as a
-mutation of ``running_mean``/``running_var`` (PyTorch registers autograd formulas only for
-functional ops, so the mutation is its own op). All have fake (meta) implementations, so
-``torch.compile(fullgraph=True)`` and ``torch.export`` see them as single nodes with known
-shapes, and eager, compiled and exported runs compute with the same code.
+Three ``torch.library.custom_op``s: ``snexp::switch_norm`` (statistics, mixing, normalization;
+it also returns the BN batch statistics), ``snexp::switch_norm_backward`` (the closed-form
+backward, registered as the first one's autograd formula) and ``snexp::update_running_stats``
+(the blend of the running statistics, a declared mutation of ``running_mean``/``running_var``:
+PyTorch registers autograd formulas only for functional ops). All have fake (meta)
+implementations. How each path runs them:
 
-The equations live once, in :mod:`snexp.norm._mixing` (ATen ops on any device). On CPU the
-full-size passes (per-(n, c) statistics, normalization, gradient sums, input gradient) run in
-:mod:`snexp.norm._cpu` (a C++ source file built by ``torch.utils.cpp_extension``) when it is
-built; the (N, C)-sized mixing is the same ATen code on every path. ``snexp.reference`` holds
-the plain-autograd equations that the tests compare against.
+- **Eager** (plain tensors, no compiler, dispatch mode or ``torch.func`` transform): one
+  ``torch.autograd.Function`` (:class:`_SwitchNormFunction`) calls the same code directly, and
+  blends the running statistics inside its forward. Same numbers, one autograd node, and none
+  of the dispatcher round trips and Python custom-op wrapping that cost more than the passes
+  over the data on small tensors (and imported ``torch._dynamo`` on the first call).
+- **torch.compile** (``fullgraph=True``, ``dynamic=True`` too): dynamo sees the three ops;
+  AOTAutograd then decomposes them into their ATen code (FunctionalTensorMode rules, the
+  mechanism of ``torch.library.triton_op``), so inductor fuses the passes, while autograd still
+  takes the closed-form backward. The running-statistics blend lands in the graph as a buffer
+  mutation.
+- **torch.export** keeps the three ops in the graph (as it keeps triton ops);
+  ``ExportedProgram.run_decompositions(decompose_custom_triton_ops=True)`` inlines them on
+  purpose.
+
+The equations live once, in :mod:`snexp.norm._mixing` (``forward``: stats -> mix -> normalize,
+``backward``: grad_sums -> mix_backward -> input_grad; ATen ops on any device), which is also
+the one dispatch point of the backends. ``SNEXP_BACKEND`` picks them (:mod:`snexp.norm._backend`):
+``auto`` (default: Triton kernels on CUDA where Triton is installed, the C++ CPU passes of
+:mod:`snexp.norm._cpu` for contiguous float32/float64 CPU tensors, ATen ops elsewhere),
+``aten``, ``cpu`` (a failed C++ build raises) or ``triton`` (on any device). The (N, C)-sized
+mixing is the same ATen code on every path. ``snexp.reference`` holds the plain-autograd
+equations that the tests compare against.
 
 Arguments of the op that are not tensors are the layer's static options: ``candidates`` is one
 comma-separated string (``"in,ln,bn"``), ``momentum < 0`` means a cumulative average over

@@ -20,6 +20,8 @@ def test_cli(capsys):
                        "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "ratios to BatchNorm2d" in out and "(2, 8, 4, 4)" in out
+    # channels_last input is not what the C++ passes take: the line says ATen ops
+    assert "SN backend (SNEXP_BACKEND=" in out and "eager ATen ops" in out
 
 
 def test_compiled_rows_and_cpu_description():

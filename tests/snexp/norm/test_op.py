@@ -172,3 +172,53 @@ def test_second_derivative_raises_instead_of_silently_wrong():
     (g,) = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         g.sum().backward()
+
+
+def test_pieces_compose_to_the_reference_in_float64(monkeypatch):
+    # stats -> mix -> normalize and grad_sums -> mix_backward -> input_grad, on the ATen
+    # backend, give the plain-autograd reference's output and gradients
+    from snexp import reference
+    from snexp.norm import _cpu, _mixing
+
+    monkeypatch.setitem(_cpu._state, "loaded", False)
+    torch.manual_seed(0)
+    x = (torch.randn(3, 8, 5, 4, dtype=torch.float64) * 2 + 3).requires_grad_()
+    w, b = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+    mw, vw = torch.randn(4, dtype=torch.float64), torch.randn(4, dtype=torch.float64)
+    params = [t.requires_grad_() for t in (w, b, mw, vw)]
+    spec = _mixing.Options(("in", "ln", "gn2", "bn"))
+    st, xc = _mixing.stats(x.detach(), spec)
+    a, bb, batch, count, mixed, cands, probs = _mixing.mix(
+        st, w.detach(), b.detach(), mw.detach(), vw.detach(), None, None, 20, spec=spec,
+        logits=True)
+    y = _mixing.normalize(x.detach(), xc, st[0], a, bb)
+    want = reference.switch_norm(x, w, b, torch.softmax(mw, 0), torch.softmax(vw, 0), None,
+                                 None, candidates=spec.candidates, training=True)
+    torch.testing.assert_close(y, want, rtol=1e-10, atol=1e-10)
+    assert count == 60 and batch.shape == (2, 8)
+    dy = torch.randn_like(y)
+    want.backward(dy)
+    s1, s2 = _mixing.grad_sums(dy, x.detach(), st[0])
+    a2, p, q, *grads = _mixing.mix_backward(s1, s2, (st[0], mixed, cands, probs), w.detach(),
+                                           20, spec=spec, logits=True, n_total=3,
+                                           need=(True,) * 5)
+    dx = _mixing.input_grad(x.detach(), dy, a2, p, q)
+    torch.testing.assert_close(dx, x.grad, rtol=1e-10, atol=1e-10)
+    for got, t in zip(grads, params):
+        # importance gradients are defined up to a constant shift (softmax Jacobian removes it)
+        torch.testing.assert_close(got, t.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_backend_setting_is_checked(monkeypatch):
+    # a misspelt SNEXP_BACKEND names the valid ones instead of silently running something
+    from snexp.norm import _backend
+
+    monkeypatch.setenv("SNEXP_BACKEND", "cuda")
+    with pytest.raises(ValueError, match="auto, aten, cpu, triton"):
+        _backend.setting()
+    monkeypatch.setenv("SNEXP_BACKEND", "ATEN")
+    assert _backend.setting() == "aten"
+    monkeypatch.delenv("SNEXP_BACKEND")
+    monkeypatch.setenv("SNEXP_CPU_KERNEL", "0")
+    assert _backend.setting() == "aten"
+    assert _backend.describe(torch.zeros(2, 2, 2, dtype=torch.float16)) == "ATen ops"

@@ -1,0 +1,51 @@
+"""Which backend runs SN's passes: the ``SNEXP_BACKEND`` setting, and a description for logs.
+
+``SNEXP_BACKEND`` is one of ``auto`` (default: Triton kernels for CUDA tensors where Triton is
+installed, the C++ CPU passes for contiguous float32/float64 CPU tensors, ATen ops for the
+rest), ``aten`` (ATen ops everywhere; no C++ build), ``cpu`` (the C++ passes wherever they
+apply; a failed build raises instead of falling back) and ``triton`` (the Triton kernels on any
+device, e.g. on CPU under ``TRITON_INTERPRET=1``). The (N, C)-sized mixing is the same
+:mod:`snexp.norm._mixing` code on every backend, and under ``torch.compile`` the ops decompose
+into it whatever the setting.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+__all__ = ["BACKENDS", "describe", "setting"]
+
+BACKENDS = ("auto", "aten", "cpu", "triton")
+
+
+def setting() -> str:
+    """The ``SNEXP_BACKEND`` setting, checked (``SNEXP_CPU_KERNEL=0`` still means ``aten``)."""
+    value = os.environ.get("SNEXP_BACKEND", "").strip().lower()
+    if not value:
+        return "aten" if os.environ.get("SNEXP_CPU_KERNEL", "1") == "0" else "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"SNEXP_BACKEND={value!r} is not a backend of SN; use one of "
+                         f"{', '.join(BACKENDS)} (auto picks Triton on CUDA, the C++ passes "
+                         f"on CPU, ATen ops elsewhere), or unset it")
+    return value
+
+
+def _triton_usable(x: Tensor) -> bool:
+    try:
+        from snexp.norm import _triton
+    except ImportError:
+        return False
+    return bool(_triton.usable(x))
+
+
+def describe(x: Tensor) -> str:
+    """Which passes SN runs for tensors like ``x`` in eager mode, in words."""
+    from snexp.norm import _cpu
+
+    if setting() not in ("aten", "cpu") and _triton_usable(x):
+        return "Triton kernels"
+    if _cpu.usable(x):
+        return "C++ CPU passes (snexp_cpu) + ATen (N, C) mixing"
+    return "ATen ops"
