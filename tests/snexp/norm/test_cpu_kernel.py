@@ -106,6 +106,7 @@ def test_planted_library_without_matching_hash_is_not_loaded(tmp_path, monkeypat
     assert _cpu._verified(folder, name) == folder / f"{name}.so"
 
 
+@pytest.mark.filterwarnings("ignore:snexp. building")
 def test_folder_writable_by_others_is_refused_for_a_private_one(tmp_path, monkeypatch):
     # a shared, group-writable extension root: warn, build in ~/.cache/snexp instead
     root = tmp_path / "shared"
