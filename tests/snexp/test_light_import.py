@@ -36,3 +36,27 @@ def test_runtime_names_stay_reachable_from_snexp():
     assert snexp.Run is snexp.runtime.Run
     assert snexp.open_study is snexp.runtime.open_study
     assert snexp.load_checkpoint is snexp.runtime.load_checkpoint
+
+
+_FIRST_CALL = """
+import sys, torch
+before = set(sys.modules)
+import snexp
+layer = snexp.SwitchNorm2d(4)
+layer(torch.randn(2, 4, 3, 3)).sum().backward()
+layer.eval()(torch.randn(2, 4, 3, 3))
+print(",".join(sorted(m for m in set(sys.modules) - before
+                      if m in ("torch._dynamo", "torch._inductor", "torch.utils.cpp_extension"))))
+"""
+
+
+def test_first_sn_call_imports_no_compiler_stack():
+    # an eager SN step must not pull torch._dynamo (~1.5 s of CPU at start-up) or inductor; the
+    # C++ passes, once built, load without cpp_extension (built here first if need be)
+    from snexp.norm import _cpu
+
+    _cpu.load()
+    out = subprocess.run([sys.executable, "-c", _FIRST_CALL], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "", f"the first SN call imported: {out.stdout.strip()}"
+    assert "CUDA_HOME" not in out.stderr
