@@ -336,6 +336,13 @@ class _SwitchNormFunction(torch.autograd.Function):
         return (*out, *(None,) * 7)
 
 
+class _NoContext:
+    """Stands in for autograd's ctx where the forward runs without a graph."""
+
+    def save_for_backward(self, *tensors) -> None:
+        pass
+
+
 def switch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_w: Tensor,
                 var_w: Tensor, running_mean: Tensor | None, running_var: Tensor | None,
                 candidates: str, eps: float, training: bool, logits: bool, official: bool,
@@ -350,8 +357,13 @@ def switch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_w: T
     """
     if _eager((x, weight, bias, mean_w, var_w, running_mean, running_var)):
         spec = _options(candidates, eps, official, official_2d, group)
-        return _SwitchNormFunction.apply(x, weight, bias, mean_w, var_w, running_mean,
-                                         running_var, spec, training, logits, official, update)
+        args = (x, weight, bias, mean_w, var_w, running_mean, running_var, spec, training,
+                logits, official, update)
+        if torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias, mean_w, var_w)):
+            return _SwitchNormFunction.apply(*args)
+        # nothing to differentiate (eval, no_grad): the same forward, without an autograd node
+        return _SwitchNormFunction.forward(_NoContext(), *args)
     y, batch, n_bn, *_ = switch_norm_op(
         x, weight, bias, mean_w, var_w, running_mean, running_var, candidates, eps, training,
         logits, official, official_2d, group)
