@@ -63,6 +63,15 @@ def test_running_update_is_bessel_corrected_lerp():
     torch.testing.assert_close(rm, torch.tensor([0.55, 1.1]))
 
 
+@pytest.fixture
+def fresh_dynamo():
+    # each test compiles new modules of the same classes: start from an empty code cache, so
+    # that their sum never reaches dynamo's recompile limit (8 per code object)
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 def _net(norm="sn", **options):
     layer = snexp.norm_layer(norm, **options)
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer(8), nn.ReLU(),
@@ -77,7 +86,7 @@ def _step(model, x):
 
 @pytest.mark.parametrize("norm,options", [("sn", {}), ("ssn", {}),
                                           ("sn", {"candidates": ("ln", "gn4", "bn")})])
-def test_compile_fullgraph_matches_eager_train_and_eval(norm, options):
+def test_compile_fullgraph_matches_eager_train_and_eval(norm, options, fresh_dynamo):
     # outputs, input and parameter gradients and running statistics equal eager's
     torch.manual_seed(0)
     eager = _net(norm, **options)
@@ -99,7 +108,7 @@ def test_compile_fullgraph_matches_eager_train_and_eval(norm, options):
     assert eager[1].num_batches_tracked.item() == 2
 
 
-def test_compile_decomposes_the_op_with_dynamic_shapes():
+def test_compile_decomposes_the_op_with_dynamic_shapes(fresh_dynamo):
     # under torch.compile the ops decompose into ATen ops (what inductor fuses), also with
     # dynamic=True over changing batch sizes; outputs, gradients and buffers equal eager's
     from functorch.compile import make_boxed_func
@@ -132,7 +141,7 @@ def test_compile_decomposes_the_op_with_dynamic_shapes():
 
 
 @pytest.mark.slow
-def test_compile_inductor_matches_eager():
+def test_compile_inductor_matches_eager(fresh_dynamo):
     # the default backend (inductor) compiles SN models in one graph and agrees with eager
     torch.manual_seed(0)
     eager = _net()
