@@ -268,7 +268,8 @@ def _decomposition(impl):
     from torch._subclasses.functional_tensor import FunctionalTensor
 
     def rule(mode, op, types, args, kwargs):
-        if not torch._functorch.config.decompose_custom_triton_ops:  # torch.export
+        if not getattr(torch._functorch.config, "decompose_custom_triton_ops", True):
+            # torch.export: keep the op
             return mode.__torch_dispatch__(op, types, args, kwargs)
         if any(t is not Tensor and not issubclass(t, (FakeTensor, FunctionalTensor))
                for t in types):
@@ -283,7 +284,8 @@ def _register_decompositions() -> None:
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     for custom in (switch_norm_op, switch_norm_backward_op, update_running_stats):
-        custom.register_torch_dispatch(FunctionalTensorMode, _decomposition(custom._init_fn))
+        if hasattr(custom, "register_torch_dispatch"):  # older torch: the op stays opaque
+            custom.register_torch_dispatch(FunctionalTensorMode, _decomposition(custom._init_fn))
 
 
 _register_decompositions()
