@@ -8,7 +8,7 @@ candidate's statistics are derived from them (LN pools over C, BN over N, GN ove
     mu    = sum_k p_k mu_k,   var = sum_k q_k var_k,   y = a (x - mu_in) + b
 
 with ``a = weight / sqrt(var + eps)`` and ``b = bias - (mu - mu_in) a``. The two rows (means,
-variances) travel stacked as one (2, N, C) tensor and are mixed by one batched matmul, so the
+variances) travel stacked as one (2, N, C) tensor and are mixed by one product and sum, so the
 op count does not grow with the candidates. Backward, from ``s1 = sum dy`` and
 ``s2 = sum dy (x - mu_in)`` per (n, c), with ``g = s2 - (mu - mu_in) s1``:
 ``dmu = -a s1``, ``dvar = -a rstd^2 g / 2``, ``dweight = sum_n g rstd``, ``dbias = sum_n s1``,
@@ -251,10 +251,15 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
     cands, batch, count = _candidate_stats(st, bn_mean, bn_var, m, spec)
     k = cands.shape[1]
     probs = torch.stack([mean_w, var_w]).to(st.dtype)  # (2, K)
+    # NOTE: softmax and the mixing as elementwise ops and reductions, not torch.softmax and
+    # torch.bmm: on these tiny tensors those two enter OpenMP parallel regions, and with 2
+    # threads on a busy machine each call waited ~1.3-1.5 ms for the other thread (measured
+    # with the profiler), against a few microseconds here.
     if logits:
-        probs = torch.softmax(probs, 1)
-    # [mu - mu_in; var]: each row mixed by its own weights in one batched matmul
-    mixed = torch.bmm(probs.view(2, 1, k), cands.view(2, k, n * c)).view(2, n, c)
+        probs = probs.sub(probs.amax(1, keepdim=True)).exp_()
+        probs = probs.div_(probs.sum(1, keepdim=True))
+    # [mu - mu_in; var]: each row mixed by its own weights
+    mixed = torch.mul(probs.view(2, k, 1, 1), cands).sum(1)  # (2, N, C)
     a = torch.rsqrt(mixed[1] + spec.eps)
     if weight is not None:
         a = a * weight.to(a.dtype)
@@ -278,6 +283,7 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     (``p``, ``q`` None when dx is not needed, ``p`` None when dx = a dy), then dweight,
     dbias, dmean_w, dvar_w (None where not needed)."""
     mu, mixed, cands, probs = saved
+    n, c = mu.shape
     k = probs.shape[1]
     rstd = torch.rsqrt(mixed[1] + spec.eps)
     a = rstd if weight is None else rstd * weight.to(rstd.dtype)
@@ -288,14 +294,13 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     d = torch.stack([s1, h * rstd]).mul_(a)  # (2, N, C)
     dmean_w = dvar_w = None
     if need[3] or need[4]:
-        dp = torch.bmm(cands.view(2, k, -1), d.view(2, -1, 1)).view(2, k)
+        dp = torch.mul(cands, d.view(2, 1, n, c)).sum((2, 3))  # (2, K); not bmm: see mix
         if logits:  # softmax Jacobian, row by row
             dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
         dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
     grads = (dweight, dbias, dmean_w, dvar_w)
     if not need[0]:
         return (a, None, None, *grads)
-    n, c = mu.shape
     pooled, kept = _pooled_grads(d, spec, n_total)
     if not kept:  # only BN on running statistics: dx = a dy
         return (a, None, None, *grads)
