@@ -21,6 +21,7 @@ then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -205,8 +206,18 @@ def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor, q: Tensor) -> Tensor
     return torch.mul(x, p).add_(q).addcmul_(dy, a)
 
 
+def _triton():
+    """The Triton backend, imported on first use on CUDA (``import snexp`` loads no Triton)."""
+    from snexp.norm import _triton
+
+    return _triton
+
+
 def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     """y (statistics dtype), BN batch statistics (2, C) or None, their count, saved tensors."""
+    if (x.is_cuda or os.environ.get("SNEXP_BACKEND") == "triton") and _triton().usable(x):
+        return _triton().forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec=spec,
+                                 logits=logits)
     fast = _cpu.usable(x)
     if fast:  # one C++ pass per row: mean, then the centered sum of squares
         mu, ss = torch.ops.snexp_cpu.row_stats(x)
@@ -241,6 +252,9 @@ def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
 
 def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     """dx (statistics dtype), dweight, dbias, dmean_w, dvar_w (None where not needed)."""
+    if (x.is_cuda or os.environ.get("SNEXP_BACKEND") == "triton") and _triton().usable(x):
+        return _triton().backward(saved, x, dy, weight, spec=spec, logits=logits,
+                                  n_total=n_total, need=need)
     mu, mixed, cands, probs = saved
     s1, s2 = grad_sums(dy, x, mu)
     m = math.prod(x.shape[2:])
