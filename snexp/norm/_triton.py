@@ -33,6 +33,7 @@ run the kernels without a GPU); ``SNEXP_BACKEND=aten`` switches it off.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -490,6 +491,13 @@ def _fused(spec) -> bool:
     return set(spec.candidates) <= _FUSED and not spec.sync and not spec.official_2d
 
 
+def _device(x: Tensor):
+    """x's GPU as the current device (Triton launches on the current one), else nothing."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def _index(spec, cand: str) -> int:
     return spec.candidates.index(cand) if cand in spec.candidates else -1
 
@@ -514,6 +522,15 @@ def _mix_aten(stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec, logi
 
 def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     """As :func:`snexp.norm._mixing.forward`, except that y is in the dtype of ``x``."""
+    with _device(x):
+        return _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits)
+
+
+def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
+    # the kernels index the small tensors as dense vectors
+    weight, bias, mean_w, var_w, bn_mean, bn_var = (
+        None if t is None else t.contiguous() for t in (weight, bias, mean_w, var_w, bn_mean,
+                                                        bn_var))
     lay = _Layout(x)
     n, c, m = lay.n, lay.c, lay.m
     dt = _stats_dtype(x.dtype)
@@ -595,7 +612,13 @@ def _mix_bwd_aten(s1, s2, mu, mixed, cands, probs, weight, m, spec, logits, n_to
 
 def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     """As :func:`snexp.norm._mixing.backward`, except that dx is in the dtype of ``x``."""
+    with _device(x):
+        return _backward(saved, x, dy, weight, spec, logits, n_total, need)
+
+
+def _backward(saved, x, dy, weight, spec, logits, n_total, need):
     mu, mixed, cands, probs = (t.contiguous() for t in saved)
+    weight = None if weight is None else weight.contiguous()
     lay = _Layout(x)
     n, c, m = lay.n, lay.c, lay.m
     dt = mu.dtype

@@ -23,7 +23,7 @@ import snexp
 from snexp import reference
 from snexp.norm import _mixing
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 
 REPO = Path(__file__).resolve().parents[3]
 INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
@@ -301,6 +301,69 @@ def test_import_snexp_and_a_cpu_layer_leave_the_triton_backend_unloaded():
                          check=True, env=env, cwd=REPO).stdout.split()
     # on CPU the dispatch never imports the backend (torch's own dynamo may import triton)
     assert out == ["False"]
+
+
+# -- compiled for a GPU without one ---------------------------------------------------------
+
+_PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16",
+        torch.float64: "*fp64"}
+
+
+def _compile_instead_of_launching(compiled):
+    """A ``JITFunction.run`` that compiles the launch for sm_90 (H100/H200) and launches
+    nothing, specializing as the JIT does (an int equal to 1 becomes a constant)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    def run(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip(self.arg_names, args), **kwargs)
+        signature, constants = {}, {}
+        for name, param in zip(self.arg_names, self.params):
+            value = bound[name]
+            if param.is_constexpr or (type(value) is int and value == 1):
+                signature[name], constants[name] = "constexpr", value
+            elif isinstance(value, torch.Tensor):
+                signature[name] = _PTR[value.dtype]
+            else:
+                signature[name] = {bool: "i1", int: "i32", float: "fp32"}[type(value)]
+        key = (self.fn.__name__, str(signature), str(constants))
+        if key not in compiled:
+            compiled[key] = triton.compile(ASTSource(self, signature, constants),
+                                           target=GPUTarget("cuda", 90, 32))
+    return run
+
+
+@pytest.mark.skipif(INTERPRETING, reason="compiles the JIT kernels, not interpreted ones")
+def test_every_launch_compiles_for_sm90_without_a_gpu(monkeypatch):
+    # Triton's own compiler and ptxas turn each kernel, as launched, into a cubin for an
+    # H100/H200: type and lowering errors show up here, not first on the GPU
+    from triton.backends import backends
+    from triton.runtime.jit import JITFunction
+
+    from snexp.norm import _triton
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no NVIDIA backend")
+    compiled = {}
+    monkeypatch.setattr(JITFunction, "run", _compile_instead_of_launching(compiled))
+    cases = [((4, 6, 7, 5), {}), ((4, 6, 7, 5), {"dtype": torch.bfloat16,
+                                                 "channels_last": True}),
+             ((3, 5, 1, 1), {"eval_": True}), ((8, 32, 9, 9), {"affine": False,
+                                                                 "logits": False}),
+             ((2, 4, 3, 3), {"dtype": torch.float64}), ((2, 4), {"dtype": torch.float16})]
+    for shape, kw in cases:
+        for candidates in (("in", "ln", "bn"), ("bn",), ("in", "gn1")):
+            x, weight, bias, mw, vw, bn_mean, bn_var, dy = _case(shape, candidates, **kw)
+            spec = _mixing.Options(candidates, 1e-5)
+            *_, saved = _triton.forward(x, weight, bias, mw, vw, bn_mean, bn_var, spec=spec,
+                                        logits=kw.get("logits", True))
+            _triton.backward(saved, x, dy, weight, spec=spec, logits=kw.get("logits", True),
+                             n_total=None if kw.get("eval_") else shape[0], need=(True,) * 5)
+    names = {key[0] for key in compiled}
+    assert names == {"_stats_kernel", "_finish_kernel", "_pool_kernel", "_mix_kernel",
+                     "_normalize_kernel", "_grad_sums_kernel", "_pool_bwd_kernel",
+                     "_mix_bwd_kernel", "_input_grad_kernel"}
+    assert all(c.asm.get("cubin") for c in compiled.values())
 
 
 # -- compiled kernels on a GPU ---------------------------------------------------------------
