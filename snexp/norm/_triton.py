@@ -50,11 +50,13 @@ except ImportError:  # no Triton: usable() is False and nothing below is defined
 
 __all__ = ["usable", "forward", "backward"]
 
-# Elements per tile of the full-size kernels, and the number of programs below which a row is
-# split into chunks (Chan partials) so that few long rows still fill the GPU. Tests shrink
-# them to exercise tiling and splits on small tensors.
+# Elements per tile of the full-size kernels; the number of programs below which rows are
+# split into chunks (Chan partials) so that few long rows still fill the GPU; the most
+# elements one program reads, so that the statistics' second read finds them in cache. Tests
+# shrink them to exercise tiling and splits on small tensors.
 _BLOCK = 1024
 _PROGRAMS = 1024
+_CHUNK = 8192
 _FUSED = frozenset({"in", "ln", "bn"})
 
 if triton is not None:
@@ -423,10 +425,13 @@ def _interpreted() -> bool:
 
 def usable(x: Tensor) -> bool:
     """Whether the Triton kernels run ``x``: CUDA (or, with ``SNEXP_BACKEND=triton`` and the
-    interpreter on, CPU) float tensors under 2**31 elements, Triton importable; never with
-    ``SNEXP_BACKEND=aten``."""
+    interpreter on, CPU) float tensors under 2**31 elements, Triton importable, not while
+    ``torch.compile`` or ``torch.export`` traces; never with ``SNEXP_BACKEND=aten``."""
     backend = os.environ.get("SNEXP_BACKEND", "")
     if triton is None or backend == "aten":
+        return False
+    # fake, functional or traced tensors (torch.compile, export) take the ATen equations
+    if type(x) not in (Tensor, torch.nn.Parameter) or torch.compiler.is_compiling():
         return False
     if x.device.type == "cpu":
         if backend != "triton" or not _interpreted():
@@ -461,7 +466,8 @@ class _Layout:
             self.bc = max(1, min(_np2(c), _BLOCK // self.bm))
         programs = n * triton.cdiv(c, self.bc)
         blocks = triton.cdiv(m, self.bm)
-        splits = min(blocks, max(1, _PROGRAMS // programs))
+        splits = min(blocks, 65535, max(triton.cdiv(_PROGRAMS, programs),  # (grid y limit)
+                                        triton.cdiv(m * self.bc, _CHUNK)))
         self.chunk = triton.cdiv(blocks, splits) * self.bm
         self.splits = triton.cdiv(m, self.chunk)
         self.grid = (programs, self.splits)

@@ -290,6 +290,12 @@ def test_interp_cpu_runs_aten_unless_triton_is_asked_for(interp, monkeypatch):
     monkeypatch.setenv("SNEXP_BACKEND", "triton")
     assert interp.usable(torch.randn(2, 3, 4))
     assert not interp.usable(torch.zeros(2, 3, 4, dtype=torch.int64))
+    # tracing (fake tensors: torch.compile, export) keeps the ATen equations, which it can see
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = torch.empty(2, 3, 4)
+    assert not interp.usable(fake)
 
 
 def test_import_snexp_and_a_cpu_layer_leave_the_triton_backend_unloaded():
