@@ -62,9 +62,10 @@ _FUSED = frozenset({"in", "ln", "bn"})
 if triton is not None:
 
     @triton.jit
-    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, C, M, CHUNK, NC, sxn, sxc, sxm,
+    def _stats_kernel(x_ptr, mean_ptr, m2_ptr, C, M, CHUNK, NC, sxn, sxc, sxm, DEN,
                       BC: tl.constexpr, BM: tl.constexpr):
-        # one program: channels [c, c + BC) of sample n, spatial chunk s
+        # one program: channels [c, c + BC) of sample n, spatial chunk s; the sum of squares
+        # is divided by DEN (1 for the partials of split rows, the variance's for whole rows)
         pid = tl.program_id(0)
         s = tl.program_id(1)
         ncb = tl.cdiv(C, BC)
@@ -90,7 +91,7 @@ if triton is not None:
             acc += d * d
         out = s * NC + n * C + c
         tl.store(mean_ptr + out, mean, mask=cm)
-        tl.store(m2_ptr + out, tl.sum(acc, axis=1), mask=cm)
+        tl.store(m2_ptr + out, tl.sum(acc, axis=1) / DEN, mask=cm)
 
     @triton.jit
     def _finish_kernel(mean_ptr, m2_ptr, stats_ptr, NC, M, S, CHUNK, DEN,
@@ -481,12 +482,17 @@ def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _row_stats(lay: _Layout, dt: torch.dtype, denom: int) -> Tensor:
-    """[mu_in; var_in] (2, N, C) in ``dt``: per-chunk mean and M2, then Chan's combination."""
+    """[mu_in; var_in] (2, N, C) in ``dt``: per-chunk mean and M2, then Chan's combination
+    (one launch when rows are not split)."""
     n, c, m, x = lay.n, lay.c, lay.m, lay.v
-    part = torch.empty((2, lay.splits, n, c), dtype=dt, device=x.device)
-    _stats_kernel[lay.grid](x, part[0], part[1], c, m, lay.chunk, n * c, *x.stride(),
-                            BC=lay.bc, BM=lay.bm)
     stats = torch.empty((2, n, c), dtype=dt, device=x.device)
+    if lay.splits == 1:
+        _stats_kernel[lay.grid](x, stats[0], stats[1], c, m, lay.chunk, n * c, *x.stride(),
+                                denom, BC=lay.bc, BM=lay.bm)
+        return stats
+    part = torch.empty((2, lay.splits, n, c), dtype=dt, device=x.device)
+    _stats_kernel[lay.grid](x, part[0], part[1], c, m, lay.chunk, n * c, *x.stride(), 1,
+                            BC=lay.bc, BM=lay.bm)
     _finish_kernel[(triton.cdiv(n * c, _BLOCK),)](part[0], part[1], stats, n * c, m,
                                                   lay.splits, lay.chunk, denom, BLK=_BLOCK)
     return stats

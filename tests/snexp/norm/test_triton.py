@@ -356,7 +356,8 @@ def test_every_launch_compiles_for_sm90_without_a_gpu(monkeypatch):
                                                  "channels_last": True}),
              ((3, 5, 1, 1), {"eval_": True}), ((8, 32, 9, 9), {"affine": False,
                                                                  "logits": False}),
-             ((2, 4, 3, 3), {"dtype": torch.float64}), ((2, 4), {"dtype": torch.float16})]
+             ((2, 4, 3, 3), {"dtype": torch.float64}), ((2, 4), {"dtype": torch.float16}),
+             ((2, 4, 64, 64), {})]  # long rows: split, then Chan's combination
     for shape, kw in cases:
         for candidates in (("in", "ln", "bn"), ("bn",), ("in", "gn1")):
             x, weight, bias, mw, vw, bn_mean, bn_var, dy = _case(shape, candidates, **kw)
