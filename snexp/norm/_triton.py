@@ -4,8 +4,8 @@ The equations are :mod:`snexp.norm._mixing`'s (its docstring states forward and 
 backward); this module computes them in a handful of launches with nothing leaving the device:
 
 forward   1. row statistics: per (n, c) and spatial chunk, the mean, then the centered sum of
-             squares in a second read of the chunk (Chan partials when a row is split);
-          2. finish: Chan's combination of the chunks -> ``[mu_in; var_in]`` (2, N, C);
+             squares in a second read of the chunk (from cache) -> ``[mu_in; var_in]``;
+          2. only where rows are split into chunks (few or long rows): Chan's combination;
           3. pool: BN statistics per channel (over N) and LN statistics per sample (over C),
              and the importance probabilities (softmax of the logits);
           4. mix: every candidate's ``[mu_k - mu_in; var_k]``, the mixed ``[mu - mu_in; var]``
