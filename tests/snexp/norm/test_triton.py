@@ -91,9 +91,13 @@ def _case(shape, candidates=("in", "ln", "bn"), *, dtype=torch.float64, eval_=Fa
 
 
 def _check_against_mixing(module, shape, candidates=("in", "ln", "bn"), *, atol=1e-12,
-                          rtol=0.0, unbiased=False, eval_=False, device="cpu", **kw):
-    """Forward outputs, saved tensors and every gradient of ``module`` equal ``_mixing``'s
-    (``rtol`` applies to the full-size outputs y and dx only)."""
+                          rtol=0.0, rel_small=0.0, unbiased=False, eval_=False, device="cpu",
+                          **kw):
+    """Forward outputs, saved tensors and every gradient of ``module`` equal ``_mixing``'s.
+
+    ``rtol`` applies to the full-size outputs y and dx; ``rel_small``, if given, bounds the
+    gradients of the small tensors (sums over many terms, in another order) relative to their
+    largest value instead of by ``10 atol``."""
     affine = kw.get("affine", True)
     x, weight, bias, mw, vw, bn_mean, bn_var, dy = (
         None if t is None else t.to(device) for t in _case(shape, candidates, eval_=eval_, **kw))
@@ -121,9 +125,13 @@ def _check_against_mixing(module, shape, candidates=("in", "ln", "bn"), *, atol=
                             n_total=n_total, need=need)
     for i, (a, b) in enumerate(zip(got_g, want_g)):
         assert (a is None) == (b is None)
-        if a is not None:
-            torch.testing.assert_close(a.double(), b.double(), atol=atol * 10,
-                                       rtol=rtol if i == 0 else 0.0)
+        if a is None:
+            continue
+        a, b = a.double(), b.double()
+        if i > 0 and rel_small:
+            assert (a - b).abs().max() <= rel_small * b.abs().max(), (i, a, b)
+        else:
+            torch.testing.assert_close(a, b, atol=atol * 10, rtol=rtol if i == 0 else 0.0)
 
 
 # -- the kernels against _mixing, in the interpreter ----------------------------------------
@@ -387,8 +395,10 @@ def test_cuda_kernels_equal_the_aten_equations(shape, kw, monkeypatch):
     from snexp.norm import _triton
 
     monkeypatch.setenv("SNEXP_BACKEND", "aten")  # _mixing's own passes for the expectation
-    _check_against_mixing(_triton, shape, device="cuda", dtype=torch.float32, atol=5e-5, **kw)
-    _check_against_mixing(_triton, shape, ("in", "gn1"), device="cuda", dtype=torch.float64)
+    _check_against_mixing(_triton, shape, device="cuda", dtype=torch.float32, atol=5e-5,
+                          rel_small=1e-4, **kw)
+    _check_against_mixing(_triton, shape, ("in", "gn1"), device="cuda", dtype=torch.float64,
+                          rel_small=1e-10)
 
 
 @cuda
@@ -399,7 +409,7 @@ def test_cuda_half_inputs_keep_float32_statistics(dtype, monkeypatch):
     monkeypatch.setenv("SNEXP_BACKEND", "aten")
     # y and dx in the input dtype (one rounding), everything else from float32 statistics
     _check_against_mixing(_triton, (4, 32, 14, 14), device="cuda", dtype=dtype, atol=1e-4,
-                          rtol=math.ldexp(1, -7))
+                          rtol=math.ldexp(1, -7), rel_small=1e-4)
 
 
 @cuda
@@ -420,4 +430,4 @@ def test_cuda_switchnorm2d_uses_the_kernels_and_equals_the_aten_path(monkeypatch
     want = _layer_run(twin, x, dy)
     assert calls == [1]
     for a, b in zip([got[0], *got[1], *got[2]], [want[0], *want[1], *want[2]]):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
