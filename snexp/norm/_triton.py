@@ -478,8 +478,9 @@ class _Layout:
         self.splits = _cdiv(m, self.chunk)
         self.grid = (programs, self.splits)
 
-    def strides(self, t: Tensor) -> tuple[int, int, int]:
-        return t.view(self.n, self.c, self.m).stride()
+    def new_like(self) -> Tensor:
+        """An empty (N, C, M) tensor laid out as the input's view (NCHW or channels_last)."""
+        return torch.empty_like(self.v)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -498,8 +499,8 @@ def _row_stats(lay: _Layout, dt: torch.dtype, denom: int) -> Tensor:
     part = torch.empty((2, lay.splits, n, c), dtype=dt, device=x.device)
     _stats_kernel[lay.grid](x, part[0], part[1], c, m, lay.chunk, n * c, *x.stride(), 1,
                             BC=lay.bc, BM=lay.bm)
-    _finish_kernel[(_cdiv(n * c, _BLOCK),)](part[0], part[1], stats, n * c, m,
-                                                  lay.splits, lay.chunk, denom, BLK=_BLOCK)
+    _finish_kernel[(_cdiv(n * c, _BLOCK),)](part[0], part[1], stats, n * c, m, lay.splits,
+                                            lay.chunk, denom, BLK=_BLOCK)
     return stats
 
 
@@ -581,10 +582,10 @@ def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
         ab, batch, count, mixed, cands, probs = _mix_aten(
             stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec, logits)
     mu = stats[0]
-    y = torch.empty_like(x)
+    y = lay.new_like()
     _normalize_kernel[lay.grid](lay.v, y, mu, ab, c, m, lay.chunk, n * c, *lay.v.stride(),
-                                *lay.strides(y), BC=lay.bc, BM=lay.bm)
-    return y, batch, count, (mu, mixed, cands, probs)
+                                *y.stride(), BC=lay.bc, BM=lay.bm)
+    return y.view(x.shape), batch, count, (mu, mixed, cands, probs)
 
 
 def _mix_bwd_aten(s1, s2, mu, mixed, cands, probs, weight, m, spec, logits, n_total, need):
@@ -674,8 +675,8 @@ def _backward(saved, x, dy, weight, spec, logits, n_total, need):
                                     n_total, need)
     if not need[0]:
         return (None, *grads)
-    dx = torch.empty_like(x)
+    dx = lay.new_like()
     _input_grad_kernel[lay.grid](lay.v, dyv, dx, apq, c, m, lay.chunk, n * c,
-                                 *lay.v.stride(), *dyv.stride(), *lay.strides(dx),
+                                 *lay.v.stride(), *dyv.stride(), *dx.stride(),
                                  BC=lay.bc, BM=lay.bm)
-    return (dx, *grads)
+    return (dx.view(x.shape), *grads)

@@ -73,12 +73,14 @@ def backend(interp, monkeypatch):
 
 
 def _case(shape, candidates=("in", "ln", "bn"), *, dtype=torch.float64, eval_=False,
-          affine=True, logits=True, channels_last=False, seed=0):
+          affine=True, logits=True, channels_last=False, transposed=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     c, k = shape[1], len(candidates)
     x = torch.randn(shape, generator=g, dtype=torch.float64).mul_(2).add_(3).to(dtype)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
+    if transposed:  # dense, but H and W do not collapse into one stride
+        x = x.transpose(2, 3).contiguous().transpose(2, 3)
     weight = torch.randn(c, generator=g, dtype=dtype) if affine else None
     bias = torch.randn(c, generator=g, dtype=dtype) if affine else None
     mw, vw = (torch.randn(k, generator=g, dtype=dtype) for _ in range(2))
@@ -107,8 +109,10 @@ def _check_against_mixing(module, shape, candidates=("in", "ln", "bn"), *, atol=
                                "logits", True))
     got = module.forward(x, weight, bias, mw, vw, bn_mean, bn_var, spec=spec,
                          logits=kw.get("logits", True))
-    # y comes back in the dtype and memory layout of x; statistics in float32 or float64
-    assert got[0].dtype == x.dtype and got[0].stride() == x.stride()
+    # y comes back in the dtype and memory layout of x (contiguous where the spatial dims do
+    # not collapse); statistics in float32 or float64
+    assert got[0].dtype == x.dtype and got[0].shape == x.shape
+    assert got[0].stride() == (x.contiguous() if kw.get("transposed") else x).stride()
     torch.testing.assert_close(got[0].double(), want[0].double(), atol=atol, rtol=rtol)
     assert (got[1] is None) == (want[1] is None) and got[2] == want[2]
     if want[1] is not None:
@@ -143,6 +147,7 @@ def _check_against_mixing(module, shape, candidates=("in", "ln", "bn"), *, atol=
     ((1, 3, 7), ("in", "ln", "bn"), {}),  # N = 1
     ((4, 5, 1, 1), ("in", "ln", "bn"), {}),  # H*W = 1
     ((2, 3, 5, 7), ("in", "ln", "bn"), {"channels_last": True}),
+    ((2, 3, 5, 4), ("in", "ln", "bn"), {"transposed": True}),  # copied to NCHW first
     ((2, 4, 3, 3), ("in", "ln", "bn"), {"eval_": True}),  # BN on running statistics
     ((2, 4, 3, 3), ("bn",), {"eval_": True}),  # only constants to pool: dx = a dy
     ((2, 4, 3, 3), ("ln", "bn"), {"affine": False, "logits": False}),
