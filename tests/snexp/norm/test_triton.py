@@ -352,7 +352,9 @@ def _compile_instead_of_launching(compiled):
     return run
 
 
-@pytest.mark.skipif(INTERPRETING, reason="compiles the JIT kernels, not interpreted ones")
+@pytest.mark.skipif(INTERPRETING or torch.cuda.is_available(),
+                    reason="the child process (interpreted kernels), or a GPU (the CUDA tests "
+                           "launch the kernels themselves)")
 def test_every_launch_compiles_for_sm90_without_a_gpu(monkeypatch):
     # Triton's own compiler and ptxas turn each kernel, as launched, into a cubin for an
     # H100/H200: type and lowering errors show up here, not first on the GPU
