@@ -14,8 +14,9 @@ One process, two parts (about 2 minutes on one H200, most of it compiling kernel
 2. ``bench``: at ResNet-50's normalization shapes, batch 32 and 2, float32 and bfloat16 (and
    bfloat16 channels_last at batch 32): the time of one fwd+bwd and of one eval forward of
    SN through the Triton path, of SN through the ATen path, and of ``nn.BatchNorm2d`` (cuDNN),
-   timed with CUDA events (median of 5 runs of a loop of ~30 ms each, warm caches), plus the
-   same agreement check at every shape.
+   timed with CUDA events (median of 5 runs of a loop of ~30 ms each, warm caches), the
+   fwd+bwd kernels' own GPU time from the profiler (launch overhead left out), plus the same
+   agreement check at every shape.
 
 The markdown table goes to stdout and to ``--out``; the exit status is 1 when an agreement
 check failed. ``--check`` runs part 1 only (seconds). Imports only torch, triton and snexp.
@@ -206,6 +207,28 @@ def _time_us(fn: Callable[[], object]) -> float:
     return statistics.median(runs)
 
 
+def _kernel_us(fn: Callable[[], object], iters: int = 5) -> float | None:
+    """GPU time of ``fn``'s kernels alone (their durations summed, gaps left out), per call,
+    from the profiler: what is left when the host's launch overhead is hidden (CUDA graphs,
+    a busy stream). ``None`` where the profiler cannot see the GPU."""
+    try:
+        from torch.profiler import ProfilerActivity, profile
+
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(iters):
+                fn()
+            torch.cuda.synchronize()
+        total = 0.0
+        for event in prof.key_averages():
+            total += getattr(event, "self_device_time_total",
+                             getattr(event, "self_cuda_time_total", 0.0))
+        return total / iters if total > 0 else None
+    except Exception:  # noqa: BLE001 - a figure we can do without
+        return None
+
+
 def _train_fn(layer, x, dy):
     params = [p for p in layer.parameters() if p.requires_grad]
     x = x.detach().requires_grad_()
@@ -250,6 +273,8 @@ def bench(device, batches=(32, 2), budget: float = 150.0) -> list[dict]:
                 _backend(backend)
                 fn = _train_fn(layer, x, dy) if mode == "train" else _eval_fn(layer, x)
                 row[f"{name}_{mode}"] = _time_us(fn)
+                if mode == "train" and name != "aten":
+                    row[f"{name}_kernels"] = _kernel_us(fn)
         _backend("triton")
         rows.append(row)
         print(f"  {shape} {row['dtype']} {row['layout']}: SN/BN fwd+bwd "
@@ -260,22 +285,30 @@ def bench(device, batches=(32, 2), budget: float = 150.0) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| shape | dtype | layout | BN fwd+bwd us | SN/BN fwd+bwd | SN-ATen/BN fwd+bwd | "
-            "BN eval us | SN/BN eval | SN-ATen/BN eval | Triton vs ATen (max rel. diff) |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| shape | dtype | layout | BN fwd+bwd us | SN/BN fwd+bwd | SN/BN kernels only | "
+            "SN-ATen/BN fwd+bwd | BN eval us | SN/BN eval | SN-ATen/BN eval | "
+            "Triton vs ATen (max rel. diff) |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
+        sn_k, bn_k = r.get("sn_kernels"), r.get("bn_kernels")
+        kernels = f"{sn_k / bn_k:.2f}" if sn_k and bn_k else "-"
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['layout']} | {r['bn_train']:.0f} | "
-            f"{r['sn_train'] / r['bn_train']:.2f} | {r['aten_train'] / r['bn_train']:.2f} | "
+            f"{r['sn_train'] / r['bn_train']:.2f} | {kernels} | "
+            f"{r['aten_train'] / r['bn_train']:.2f} | "
             f"{r['bn_eval']:.0f} | {r['sn_eval'] / r['bn_eval']:.2f} | "
             f"{r['aten_eval'] / r['bn_eval']:.2f} | {'ok' if r['ok'] else 'MISMATCH'}: "
             f"{r['errors']} |")
     train = [r["sn_train"] / r["bn_train"] for r in rows]
     evals = [r["sn_eval"] / r["bn_eval"] for r in rows]
+    kernels = [r["sn_kernels"] / r["bn_kernels"] for r in rows
+               if r.get("sn_kernels") and r.get("bn_kernels")]
     lines.append("")
     lines.append(f"SN (Triton) / cuDNN BN: median fwd+bwd ratio {statistics.median(train):.2f} "
                  f"(max {max(train):.2f}), eval ratio {statistics.median(evals):.2f} "
-                 f"(max {max(evals):.2f})")
+                 f"(max {max(evals):.2f})"
+                 + (f", kernels-only fwd+bwd ratio {statistics.median(kernels):.2f} "
+                    f"(max {max(kernels):.2f})" if kernels else ""))
     return "\n".join(lines) + "\n"
 
 
