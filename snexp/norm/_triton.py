@@ -8,20 +8,25 @@ forward   1. row statistics: per (n, c) and spatial chunk, the mean, then the ce
           2. only where rows are split into chunks (few or long rows): Chan's combination;
           3. pool: BN statistics per channel (over N) and LN statistics per sample (over C),
              and the importance probabilities (softmax of the logits);
-          4. mix: every candidate's ``[mu_k - mu_in; var_k]``, the mixed ``[mu - mu_in; var]``
-             and the per-(n, c) scale and shift ``a``, ``b``;
-          5. normalize: ``y = a (x - mu_in) + b``, stored in the dtype of ``x``.
+          4. mix and normalize: each program mixes its rows (every candidate's
+             ``[mu_k - mu_in; var_k]``, the mixed ``[mu - mu_in; var]``, the scale and shift
+             ``a``, ``b``; stored by the programs of the first chunk), then writes
+             ``y = a (x - mu_in) + b`` in the dtype of ``x``.
 backward  1. gradient sums ``s1 = sum dy``, ``s2 = sum dy (x - mu_in)`` per (n, c) and chunk;
-          2. pool: ``dweight``, ``dbias``, the BN and LN adjoints of ``d = [a s1; a rstd h]``
-             and per-block partials of ``dp = cands . d``;
-          3. mix: ``dmean_w``, ``dvar_w`` (softmax Jacobian) and the per-(n, c) ``a, p, q``;
-          4. input gradient ``dx = a dy + p x + q``, in the dtype of ``x``.
+          2. pool: ``dweight``, ``dbias``, the BN and LN adjoints of ``d = [a s1; a rstd h]``,
+             per-block partials of ``dp = cands . d`` and the chunks' sums added up;
+          3. mix and input gradient: each program computes its rows' ``a, p, q``, then
+             ``dx = a dy + p x + q`` in the dtype of ``x``; the first one also finishes
+             ``dmean_w``, ``dvar_w`` (softmax Jacobian).
+
+That is 3 launches forward (4 where rows are split) and 3 backward, against cuDNN BN's 2-4.
 
 Statistics are float32 (float64 for float64 input) whatever the input dtype. Candidates among
 ``in``, ``ln``, ``bn`` are mixed by the kernels above, with batch or running BN statistics and
 per-(n, c) variances biased or not (``compat="official"``). Group candidates, SyncSwitchNorm
 (its BN statistics are pooled across ranks) and official (N, C) input keep the full-size
-kernels (1, 2, 5 and 1, 4) and mix with ``_mixing``'s ATen helpers instead.
+kernels (statistics, normalize; gradient sums, input gradient) and mix with ``_mixing``'s
+ATen helpers in between instead.
 
 The full-size kernels take any strides that collapse the spatial dimensions to one (NCHW and
 channels_last both do; channels_last reads whole channel vectors per spatial position); other
@@ -173,13 +178,13 @@ if triton is not None:
                 tl.store(ln_ptr + N + n, tl.sum(acc1, axis=0) / C)
 
     @triton.jit
-    def _mix_kernel(stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs_ptr, w_ptr, b_ptr, mixed_ptr,
-                    cands_ptr, ab_ptr, N, C, K, eps,
-                    I_IN: tl.constexpr, I_LN: tl.constexpr, I_BN: tl.constexpr,
-                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLK: tl.constexpr):
+    def _mix_rows(stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs_ptr, w_ptr, b_ptr, mixed_ptr,
+                  cands_ptr, i, msk, smsk, N, C, K, eps, I_IN: tl.constexpr,
+                  I_LN: tl.constexpr, I_BN: tl.constexpr, HAS_W: tl.constexpr,
+                  HAS_B: tl.constexpr):
+        # at flat (n, c) indices i: mu_in and the scale and shift a, b; the candidates'
+        # [mu_k - mu_in; var_k] and the mixed [mu - mu_in; var] are stored where smsk
         NC = N * C
-        i = tl.program_id(0) * BLK + tl.arange(0, BLK)
-        msk = i < NC
         n = i // C
         c = i % C
         dt = stats_ptr.dtype.element_ty
@@ -189,16 +194,16 @@ if triton is not None:
         var_mix = tl.zeros_like(mu)
         if I_IN >= 0:
             q = tl.load(probs_ptr + K + I_IN)
-            tl.store(cands_ptr + I_IN * NC + i, off_mix, mask=msk)
-            tl.store(cands_ptr + (K + I_IN) * NC + i, var, mask=msk)
+            tl.store(cands_ptr + I_IN * NC + i, off_mix, mask=smsk)
+            tl.store(cands_ptr + (K + I_IN) * NC + i, var, mask=smsk)
             var_mix += q * var
         if I_LN >= 0:
             p = tl.load(probs_ptr + I_LN)
             q = tl.load(probs_ptr + K + I_LN)
             off = tl.load(ln_ptr + n, mask=msk, other=0.0) - mu
             v = tl.load(ln_ptr + N + n, mask=msk, other=0.0)
-            tl.store(cands_ptr + I_LN * NC + i, off, mask=msk)
-            tl.store(cands_ptr + (K + I_LN) * NC + i, v, mask=msk)
+            tl.store(cands_ptr + I_LN * NC + i, off, mask=smsk)
+            tl.store(cands_ptr + (K + I_LN) * NC + i, v, mask=smsk)
             off_mix += p * off
             var_mix += q * v
         if I_BN >= 0:
@@ -206,20 +211,50 @@ if triton is not None:
             q = tl.load(probs_ptr + K + I_BN)
             off = tl.load(bm_ptr + c, mask=msk, other=0.0).to(dt) - mu
             v = tl.load(bv_ptr + c, mask=msk, other=0.0).to(dt)
-            tl.store(cands_ptr + I_BN * NC + i, off, mask=msk)
-            tl.store(cands_ptr + (K + I_BN) * NC + i, v, mask=msk)
+            tl.store(cands_ptr + I_BN * NC + i, off, mask=smsk)
+            tl.store(cands_ptr + (K + I_BN) * NC + i, v, mask=smsk)
             off_mix += p * off
             var_mix += q * v
-        tl.store(mixed_ptr + i, off_mix, mask=msk)
-        tl.store(mixed_ptr + NC + i, var_mix, mask=msk)
+        tl.store(mixed_ptr + i, off_mix, mask=smsk)
+        tl.store(mixed_ptr + NC + i, var_mix, mask=smsk)
         a = 1.0 / tl.sqrt(var_mix + eps)
         if HAS_W:
             a = a * tl.load(w_ptr + c, mask=msk, other=0.0).to(dt)
         b = -(off_mix * a)
         if HAS_B:
             b = b + tl.load(b_ptr + c, mask=msk, other=0.0).to(dt)
-        tl.store(ab_ptr + i, a, mask=msk)
-        tl.store(ab_ptr + NC + i, b, mask=msk)
+        return mu, a, b
+
+    @triton.jit
+    def _mix_normalize_kernel(x_ptr, y_ptr, stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs_ptr,
+                              w_ptr, b_ptr, mixed_ptr, cands_ptr, N, C, K, eps, M, CHUNK,
+                              sxn, sxc, sxm, syn, syc, sym,
+                              I_IN: tl.constexpr, I_LN: tl.constexpr, I_BN: tl.constexpr,
+                              HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                              BC: tl.constexpr, BM: tl.constexpr):
+        # the mixing of rows [c, c + BC) of sample n (stored by the first chunk's program),
+        # then y = a (x - mu_in) + b over this program's chunk
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        ncb = (C + BC - 1) // BC
+        n = pid // ncb
+        c = (pid % ncb) * BC + tl.arange(0, BC)
+        cm = c < C
+        mu, a, b = _mix_rows(stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs_ptr, w_ptr, b_ptr,
+                             mixed_ptr, cands_ptr, n * C + c, cm, cm & (s == 0), N, C, K, eps,
+                             I_IN, I_LN, I_BN, HAS_W, HAS_B)
+        mu = mu[:, None]
+        a = a[:, None]
+        b = b[:, None]
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, M)
+        for start in range(0, CHUNK, BM):
+            j = lo + start + tl.arange(0, BM)
+            msk = cm[:, None] & (j[None, :] < hi)
+            v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
+                        other=0.0).to(mu.dtype)
+            tl.store(y_ptr + n * syn + c[:, None] * syc + j[None, :] * sym,
+                     (a * (v - mu) + b).to(y_ptr.dtype.element_ty), mask=msk)
 
     @triton.jit
     def _normalize_kernel(x_ptr, y_ptr, mu_ptr, ab_ptr, C, M, CHUNK, NC, sxn, sxc, sxm,
@@ -274,7 +309,8 @@ if triton is not None:
     @triton.jit
     def _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, i, msk, C, NC, S, eps,
                  HAS_W: tl.constexpr):
-        # s1, h = g rstd, d = [a s1; a rstd h] and a at flat (n, c) indices i (0 where masked)
+        # s1, s2, h = g rstd, d = [a s1; a rstd h] and a at flat (n, c) indices i (0 where
+        # masked), s1 and s2 summed over the S chunks
         s1 = tl.load(s1_ptr + i, mask=msk, other=0.0)
         s2 = tl.load(s2_ptr + i, mask=msk, other=0.0)
         for s in range(1, S):
@@ -286,17 +322,18 @@ if triton is not None:
         if HAS_W:
             a = a * tl.load(w_ptr + i % C, mask=msk, other=0.0).to(rstd.dtype)
         h = (s2 - m0 * s1) * rstd
-        return s1, h, a * s1, a * rstd * h, a
+        return s1, s2, h, a * s1, a * rstd * h, a
 
     @triton.jit
     def _pool_bwd_kernel(s1_ptr, s2_ptr, mixed_ptr, w_ptr, cands_ptr, dw_ptr, db_ptr, bnd_ptr,
-                         lnd_ptr, dpart_ptr, N, C, S, eps, ROW0, K: tl.constexpr,
+                         lnd_ptr, dpart_ptr, sum_ptr, N, C, S, eps, ROW0, K: tl.constexpr,
                          HAS_W: tl.constexpr, DO_LN: tl.constexpr, KP: tl.constexpr,
                          BN_: tl.constexpr, BC: tl.constexpr, BL: tl.constexpr):
         pid = tl.program_id(0)
         NC = N * C
         dt = mixed_ptr.dtype.element_ty
-        if pid < ROW0:  # channels [c, c + BC): sums over n, and this block's share of dp
+        if pid < ROW0:  # channels [c, c + BC): sums over n, this block's share of dp, and
+            # s1, s2 summed over the chunks for the input gradient
             c = pid * BC + tl.arange(0, BC)
             cm = c < C
             acc_h = tl.zeros([BN_, BC], dtype=dt)
@@ -310,8 +347,10 @@ if triton is not None:
                 n = n0 + tl.arange(0, BN_)
                 msk = (n[:, None] < N) & cm[None, :]
                 i = n[:, None] * C + c[None, :]
-                s1, h, d0, d1, a = _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, i, msk, C, NC,
-                                            S, eps, HAS_W)
+                s1, s2, h, d0, d1, a = _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, i, msk, C,
+                                                NC, S, eps, HAS_W)
+                tl.store(sum_ptr + i, s1, mask=msk)
+                tl.store(sum_ptr + NC + i, s2, mask=msk)
                 acc_h += h
                 acc_s += s1
                 acc_0 += d0
@@ -336,43 +375,47 @@ if triton is not None:
                 for c0 in range(0, C, BL):
                     c = c0 + tl.arange(0, BL)
                     cm = c < C
-                    s1, h, d0, d1, a = _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, n * C + c, cm,
-                                                C, NC, S, eps, HAS_W)
+                    s1, s2, h, d0, d1, a = _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, n * C + c,
+                                                    cm, C, NC, S, eps, HAS_W)
                     acc_0 += d0
                     acc_1 += d1
                 tl.store(lnd_ptr + n, tl.sum(acc_0, axis=0) / C)
                 tl.store(lnd_ptr + N + n, tl.sum(acc_1, axis=0) / C)
 
     @triton.jit
-    def _mix_bwd_kernel(s1_ptr, s2_ptr, mixed_ptr, w_ptr, mu_ptr, cands_ptr, probs_ptr,
-                        bnd_ptr, lnd_ptr, dpart_ptr, dmw_ptr, dvw_ptr, apq_ptr, N, C, K, S,
-                        M, DEN, eps, NPART,
-                        I_IN: tl.constexpr, I_LN: tl.constexpr, I_BN: tl.constexpr,
-                        LOGITS: tl.constexpr, HAS_W: tl.constexpr, KP: tl.constexpr,
-                        BLK: tl.constexpr):
-        pid = tl.program_id(0)
+    def _dp_final(dpart_ptr, probs_ptr, dmw_ptr, dvw_ptr, K, NPART, LOGITS: tl.constexpr,
+                  KP: tl.constexpr):
+        # dmean_w, dvar_w: the blocks' partials of dp summed, then the softmax Jacobian
+        kk = tl.arange(0, KP)
+        km = kk < K
+        dp = tl.load(dpart_ptr + kk)
+        dq = tl.load(dpart_ptr + KP + kk)
+        for j in range(1, NPART):
+            dp += tl.load(dpart_ptr + j * 2 * KP + kk)
+            dq += tl.load(dpart_ptr + j * 2 * KP + KP + kk)
+        if LOGITS:
+            pm = tl.load(probs_ptr + kk, mask=km, other=0.0)
+            pv = tl.load(probs_ptr + K + kk, mask=km, other=0.0)
+            dp = pm * (dp - tl.sum(pm * dp, 0))
+            dq = pv * (dq - tl.sum(pv * dq, 0))
+        tl.store(dmw_ptr + kk, -dp, mask=km)
+        tl.store(dvw_ptr + kk, -0.5 * dq, mask=km)
+
+    @triton.jit
+    def _dp_kernel(dpart_ptr, probs_ptr, dmw_ptr, dvw_ptr, K, NPART, LOGITS: tl.constexpr,
+                   KP: tl.constexpr):
+        _dp_final(dpart_ptr, probs_ptr, dmw_ptr, dvw_ptr, K, NPART, LOGITS, KP)
+
+    @triton.jit
+    def _apq_rows(s1_ptr, s2_ptr, mixed_ptr, w_ptr, mu_ptr, cands_ptr, probs_ptr, bnd_ptr,
+                  lnd_ptr, i, msk, N, C, K, M, DEN, eps, I_IN: tl.constexpr,
+                  I_LN: tl.constexpr, I_BN: tl.constexpr, HAS_W: tl.constexpr):
+        # dx = a dy + p x + q at flat (n, c) indices i, from the summed s1, s2
         NC = N * C
-        if pid == 0:  # dmean_w, dvar_w: the blocks' partials summed, then the softmax Jacobian
-            kk = tl.arange(0, KP)
-            km = kk < K
-            dp = tl.load(dpart_ptr + kk)
-            dq = tl.load(dpart_ptr + KP + kk)
-            for j in range(1, NPART):
-                dp += tl.load(dpart_ptr + j * 2 * KP + kk)
-                dq += tl.load(dpart_ptr + j * 2 * KP + KP + kk)
-            if LOGITS:
-                pm = tl.load(probs_ptr + kk, mask=km, other=0.0)
-                pv = tl.load(probs_ptr + K + kk, mask=km, other=0.0)
-                dp = pm * (dp - tl.sum(pm * dp, 0))
-                dq = pv * (dq - tl.sum(pv * dq, 0))
-            tl.store(dmw_ptr + kk, -dp, mask=km)
-            tl.store(dvw_ptr + kk, -0.5 * dq, mask=km)
-        i = pid * BLK + tl.arange(0, BLK)
-        msk = i < NC
         n = i // C
         c = i % C
-        s1, h, d0, d1, a = _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, i, msk, C, NC, S, eps,
-                                    HAS_W)
+        s1, s2, h, d0, d1, a = _d_terms(s1_ptr, s2_ptr, mixed_ptr, w_ptr, i, msk, C, NC, 1,
+                                        eps, HAS_W)
         e0 = tl.zeros_like(d0)
         e1 = tl.zeros_like(d0)
         corr = tl.zeros_like(d0)
@@ -390,9 +433,43 @@ if triton is not None:
             e1 += t
             corr += tl.load(cands_ptr + I_BN * NC + i, mask=msk, other=0.0) * t
         mu = tl.load(mu_ptr + i, mask=msk, other=0.0)
-        tl.store(apq_ptr + i, a, mask=msk)
-        tl.store(apq_ptr + NC + i, -e1 / DEN, mask=msk)
-        tl.store(apq_ptr + 2 * NC + i, (corr - e0) / M + e1 * mu / DEN, mask=msk)
+        return a, -e1 / DEN, (corr - e0) / M + e1 * mu / DEN
+
+    @triton.jit
+    def _mix_input_grad_kernel(x_ptr, dy_ptr, dx_ptr, s1_ptr, s2_ptr, mixed_ptr, w_ptr, mu_ptr,
+                               cands_ptr, probs_ptr, bnd_ptr, lnd_ptr, dpart_ptr, dmw_ptr,
+                               dvw_ptr, N, C, K, M, DEN, eps, NPART, CHUNK, sxn, sxc, sxm,
+                               sdn, sdc, sdm, son, soc, som,
+                               I_IN: tl.constexpr, I_LN: tl.constexpr, I_BN: tl.constexpr,
+                               LOGITS: tl.constexpr, HAS_W: tl.constexpr, KP: tl.constexpr,
+                               BC: tl.constexpr, BM: tl.constexpr):
+        # a, p, q of rows [c, c + BC) of sample n, then dx over this program's chunk; the
+        # first program also finishes dmean_w, dvar_w
+        pid = tl.program_id(0)
+        s = tl.program_id(1)
+        if pid + s == 0:
+            _dp_final(dpart_ptr, probs_ptr, dmw_ptr, dvw_ptr, K, NPART, LOGITS, KP)
+        ncb = (C + BC - 1) // BC
+        n = pid // ncb
+        c = (pid % ncb) * BC + tl.arange(0, BC)
+        cm = c < C
+        a, p, q = _apq_rows(s1_ptr, s2_ptr, mixed_ptr, w_ptr, mu_ptr, cands_ptr, probs_ptr,
+                            bnd_ptr, lnd_ptr, n * C + c, cm, N, C, K, M, DEN, eps, I_IN, I_LN,
+                            I_BN, HAS_W)
+        a = a[:, None]
+        p = p[:, None]
+        q = q[:, None]
+        lo = s * CHUNK
+        hi = tl.minimum(lo + CHUNK, M)
+        for start in range(0, CHUNK, BM):
+            j = lo + start + tl.arange(0, BM)
+            msk = cm[:, None] & (j[None, :] < hi)
+            v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
+                        other=0.0).to(a.dtype)
+            g = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + j[None, :] * sdm, mask=msk,
+                        other=0.0).to(a.dtype)
+            tl.store(dx_ptr + n * son + c[:, None] * soc + j[None, :] * som,
+                     (a * g + p * v + q).to(dx_ptr.dtype.element_ty), mask=msk)
 
     @triton.jit
     def _input_grad_kernel(x_ptr, dy_ptr, dx_ptr, apq_ptr, C, M, CHUNK, NC, sxn, sxc, sxm,
@@ -570,17 +647,18 @@ def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
             DO_BN=batch_bn, DO_LN=do_ln, KP=4, BN_=16, BC=64, BL=1024)
         mixed = new((2, n, c))
         cands = new((2, k, n, c))
-        ab = new((2, n, c))
         bm, bv = (bnb[0], bnb[1]) if bn_mean is None else (bn_mean, bn_var)
-        _mix_kernel[(_cdiv(n * c, _BLOCK),)](
-            stats, ln, bm, bv, probs, stats if weight is None else weight,
-            stats if bias is None else bias, mixed, cands, ab, n, c, k, float(spec.eps),
-            I_IN=_index(spec, "in"), I_LN=_index(spec, "ln"), I_BN=i_bn,
-            HAS_W=weight is not None, HAS_B=bias is not None, BLK=_BLOCK)
         count = n * m if batch_bn else 0
-    else:
-        ab, batch, count, mixed, cands, probs = _mix_aten(
-            stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec, logits)
+        y = lay.new_like()
+        _mix_normalize_kernel[lay.grid](
+            lay.v, y, stats, ln, bm, bv, probs, stats if weight is None else weight,
+            stats if bias is None else bias, mixed, cands, n, c, k, float(spec.eps), m,
+            lay.chunk, *lay.v.stride(), *y.stride(), I_IN=_index(spec, "in"),
+            I_LN=_index(spec, "ln"), I_BN=i_bn, HAS_W=weight is not None,
+            HAS_B=bias is not None, BC=lay.bc, BM=lay.bm)
+        return y.view(x.shape), batch, count, (stats[0], mixed, cands, probs)
+    ab, batch, count, mixed, cands, probs = _mix_aten(
+        stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec, logits)
     mu = stats[0]
     y = lay.new_like()
     _normalize_kernel[lay.grid](lay.v, y, mu, ab, c, m, lay.chunk, n * c, *lay.v.stride(),
@@ -654,25 +732,30 @@ def _backward(saved, x, dy, weight, spec, logits, n_total, need):
         ncb = _cdiv(c, 64)
         do_ln = "ln" in spec.candidates
         dpart = new((ncb, 2, 4))
+        sums = new((2, n, c))
         w = mixed if weight is None else weight
         _pool_bwd_kernel[(ncb + (n if do_ln else 0),)](
-            part[0], part[1], mixed, w, cands, dweight, dbias, bnd, lnd, dpart, n, c,
+            part[0], part[1], mixed, w, cands, dweight, dbias, bnd, lnd, dpart, sums, n, c,
             lay.splits, float(spec.eps), ncb, K=k, HAS_W=weight is not None, DO_LN=do_ln, KP=4,
             BN_=16, BC=64, BL=1024)
-        dmw, dvw, apq = new(k), new(k), new((3, n, c))
-        denom = m - 1 if (spec.unbiased_in and m > 1) else m
-        _mix_bwd_kernel[(_cdiv(n * c, _BLOCK),)](
-            part[0], part[1], mixed, w, mu, cands, probs, bnd, lnd, dpart, dmw, dvw, apq,
-            n, c, k, lay.splits, m, denom, float(spec.eps), ncb,
-            I_IN=_index(spec, "in"), I_LN=_index(spec, "ln"),
-            I_BN=_index(spec, "bn") if n_total is not None else -1, LOGITS=bool(logits),
-            HAS_W=weight is not None, KP=4, BLK=_BLOCK)
+        dmw, dvw = new(k), new(k)
         grads = (dweight if need[1] else None, dbias if need[2] else None,
                  dmw if need[3] else None, dvw if need[4] else None)
-    else:
-        s1, s2 = part.sum(1)
-        apq, *grads = _mix_bwd_aten(s1, s2, mu, mixed, cands, probs, weight, m, spec, logits,
-                                    n_total, need)
+        if not need[0]:
+            _dp_kernel[(1,)](dpart, probs, dmw, dvw, k, ncb, LOGITS=bool(logits), KP=4)
+            return (None, *grads)
+        denom = m - 1 if (spec.unbiased_in and m > 1) else m
+        dx = lay.new_like()
+        _mix_input_grad_kernel[lay.grid](
+            lay.v, dyv, dx, sums[0], sums[1], mixed, w, mu, cands, probs, bnd, lnd, dpart, dmw,
+            dvw, n, c, k, m, denom, float(spec.eps), ncb, lay.chunk, *lay.v.stride(),
+            *dyv.stride(), *dx.stride(), I_IN=_index(spec, "in"), I_LN=_index(spec, "ln"),
+            I_BN=_index(spec, "bn") if n_total is not None else -1, LOGITS=bool(logits),
+            HAS_W=weight is not None, KP=4, BC=lay.bc, BM=lay.bm)
+        return (dx.view(x.shape), *grads)
+    s1, s2 = part.sum(1)
+    apq, *grads = _mix_bwd_aten(s1, s2, mu, mixed, cands, probs, weight, m, spec, logits,
+                                n_total, need)
     if not need[0]:
         return (None, *grads)
     dx = lay.new_like()

@@ -175,6 +175,22 @@ def test_interp_split_rows_and_small_tiles_equal_the_aten_equations(interp, monk
 
 
 @interpreted
+@pytest.mark.parametrize("candidates", [("in", "ln", "bn"), ("in", "gn2")])
+def test_interp_without_the_input_gradient_the_others_are_unchanged(interp, candidates):
+    # need[0] False: no dx pass, and the importance gradients are finished on their own
+    x, weight, bias, mw, vw, _, _, dy = _case((2, 4, 3, 5), candidates)
+    spec = _mixing.Options(candidates, 1e-5)
+    *_, saved = interp.forward(x, weight, bias, mw, vw, None, None, spec=spec, logits=True)
+    *_, want = _mixing.forward(x, weight, bias, mw, vw, None, None, spec=spec, logits=True)
+    need = (False, True, True, True, True)
+    got = interp.backward(saved, x, dy, weight, spec=spec, logits=True, n_total=2, need=need)
+    ref = _mixing.backward(want, x, dy, weight, spec=spec, logits=True, n_total=2, need=need)
+    assert got[0] is None and ref[0] is None
+    for a, b in zip(got[1:], ref[1:]):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+@interpreted
 def test_interp_float16_input_keeps_float32_statistics(interp):
     # y in float16, statistics and gradients of the small tensors in float32
     _check_against_mixing(interp, (2, 4, 3, 5), dtype=torch.float16, atol=1e-5,
@@ -379,12 +395,15 @@ def test_every_launch_compiles_for_sm90_without_a_gpu(monkeypatch):
             spec = _mixing.Options(candidates, 1e-5)
             *_, saved = _triton.forward(x, weight, bias, mw, vw, bn_mean, bn_var, spec=spec,
                                         logits=kw.get("logits", True))
-            _triton.backward(saved, x, dy, weight, spec=spec, logits=kw.get("logits", True),
-                             n_total=None if kw.get("eval_") else shape[0], need=(True,) * 5)
+            for need_x in (True, False):
+                _triton.backward(saved, x, dy, weight, spec=spec,
+                                 logits=kw.get("logits", True),
+                                 n_total=None if kw.get("eval_") else shape[0],
+                                 need=(need_x,) + (True,) * 4)
     names = {key[0] for key in compiled}
-    assert names == {"_stats_kernel", "_finish_kernel", "_pool_kernel", "_mix_kernel",
-                     "_normalize_kernel", "_grad_sums_kernel", "_pool_bwd_kernel",
-                     "_mix_bwd_kernel", "_input_grad_kernel"}
+    assert names == {"_stats_kernel", "_finish_kernel", "_pool_kernel", "_mix_normalize_kernel",
+                     "_normalize_kernel", "_grad_sums_kernel", "_pool_bwd_kernel", "_dp_kernel",
+                     "_mix_input_grad_kernel", "_input_grad_kernel"}
     assert all(c.asm.get("cubin") for c in compiled.values())
 
 
