@@ -245,9 +245,12 @@ def _eval_fn(layer, x):
     return step
 
 
-def bench(device, batches=(32, 2), budget: float = 150.0) -> list[dict]:
+def bench(device, batches=(32, 2), budget: float = 150.0,
+          errors: list[str] | None = None) -> list[dict]:
     """Part 2: one row per (batch, shape, dtype, layout); rows past ``budget`` seconds are
-    left out (the note says how many)."""
+    left out (the note says how many); a configuration that raises is appended to
+    ``errors`` and left out of the table."""
+    errors = [] if errors is None else errors
     configs = [(b, s, dt, False) for dt in (F32, BF16) for b in batches for s in SHAPES]
     configs += [(32, s, BF16, True) for s in SHAPES if 32 in batches]
     rows = []
@@ -258,29 +261,36 @@ def bench(device, batches=(32, 2), budget: float = 150.0) -> list[dict]:
                   f"out", flush=True)
             break
         shape = (b, c, h, w)
-        x = _x(shape, device, dt, cl)
-        dy = _x(shape, device, dt, cl, seed=1)
-        make = _sn(c, device)
-        ok, errors = agree(make, x, True, steps=1)
-        sn, bn = make(), nn.BatchNorm2d(c).to(device)
         row = {"shape": shape, "dtype": str(dt).removeprefix("torch."),
-               "layout": "channels_last" if cl else "NCHW", "ok": ok, "errors": errors}
-        for mode in ("train", "eval"):
-            sn.train(mode == "train")
-            bn.train(mode == "train")
-            for name, layer, backend in (("bn", bn, "triton"), ("sn", sn, "triton"),
-                                         ("aten", sn, "aten")):
-                _backend(backend)
-                fn = _train_fn(layer, x, dy) if mode == "train" else _eval_fn(layer, x)
-                row[f"{name}_{mode}"] = _time_us(fn)
-                if mode == "train" and name != "aten":
-                    row[f"{name}_kernels"] = _kernel_us(fn)
-        _backend("triton")
+               "layout": "channels_last" if cl else "NCHW"}
+        try:
+            x = _x(shape, device, dt, cl)
+            dy = _x(shape, device, dt, cl, seed=1)
+            make = _sn(c, device)
+            row["ok"], row["errors"] = agree(make, x, True, steps=1)
+            sn, bn = make(), nn.BatchNorm2d(c).to(device)
+            for mode in ("train", "eval"):
+                sn.train(mode == "train")
+                bn.train(mode == "train")
+                for name, layer, backend in (("bn", bn, "triton"), ("sn", sn, "triton"),
+                                             ("aten", sn, "aten")):
+                    _backend(backend)
+                    fn = _train_fn(layer, x, dy) if mode == "train" else _eval_fn(layer, x)
+                    row[f"{name}_{mode}"] = _time_us(fn)
+                    if mode == "train" and name != "aten":
+                        row[f"{name}_kernels"] = _kernel_us(fn)
+        except Exception as exc:  # noqa: BLE001 - one configuration, not the whole run
+            print(f"  {shape} {row['dtype']} {row['layout']}: ERROR {type(exc).__name__}: "
+                  f"{exc}"[:400], flush=True)
+            errors.append(f"{shape} {row['dtype']} {row['layout']}: {type(exc).__name__}")
+            continue
+        finally:
+            _backend("triton")
         rows.append(row)
         print(f"  {shape} {row['dtype']} {row['layout']}: SN/BN fwd+bwd "
               f"{row['sn_train'] / row['bn_train']:.2f}, eval "
-              f"{row['sn_eval'] / row['bn_eval']:.2f} ({'ok' if ok else 'MISMATCH'}: "
-              f"{errors})", flush=True)
+              f"{row['sn_eval'] / row['bn_eval']:.2f} ({'ok' if row['ok'] else 'MISMATCH'}: "
+              f"{row['errors']})", flush=True)
     return rows
 
 
@@ -347,8 +357,10 @@ def main(argv: list[str] | None = None) -> int:
               *(f"| {n} | {'ok' if ok else 'FAILED'} | {e} |" for n, ok, e in checks), ""]
     if not args.check:
         print("\n## bench", flush=True)
-        rows = bench(device, tuple(int(b) for b in args.batches.split(",")), args.budget)
-        failed += [str(r["shape"]) for r in rows if not r["ok"]]
+        errors: list[str] = []
+        rows = bench(device, tuple(int(b) for b in args.batches.split(",")), args.budget,
+                     errors)
+        failed += [str(r["shape"]) for r in rows if not r["ok"]] + errors
         text = table(rows) if rows else "(no configuration measured)\n"
         print("\n" + text)
         report += ["## Time against cuDNN BatchNorm2d (CUDA events, warm caches)\n", text]
