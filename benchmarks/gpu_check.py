@@ -9,6 +9,9 @@ runs, each as its own process with its own timeout, writing its log and outputs 
 - ``python -m snexp.bench --device cuda``, float32 (first) and bfloat16 (last: the step the
   budget may cut): SN against cuDNN BatchNorm, eager and ``torch.compile``d (how to ask for the
   compiled runs is read from its ``--help``);
+- ``benchmarks/sn_gpu.py``: SN's Triton kernels against SN's ATen path (agreement over edge
+  cases and ResNet-50 shapes) and against cuDNN BN (fwd+bwd and eval time), its table in
+  ``<out>/sn_gpu.md``;
 - the SN/BN step-time ratio of the NAS child and controller (``benchmarks/nas_search.py``);
 - ``nas.train`` for a few steps, the same under ``torchrun --nproc-per-node=1`` with
   ``--sync-norm`` (NCCL on CUDA), and an NCCL probe: a one-rank NCCL group, an all-reduce and a
@@ -20,9 +23,9 @@ A failed or timed-out step is recorded with the tail of its log and the check go
 past the time budget (``--budget``) are skipped. The table (step, command, status, key figure,
 seconds) is printed and written to ``<out>/gpu_check.md``, every result to
 ``<out>/results.json``; the exit status is 1 when a step failed. ``--device cpu --tiny`` runs
-the same steps at the smallest sizes on CPU (the tests do): the bf16 benchmark and the NCCL
-probe are skipped there, and ``--amp bf16``/``--compile`` (and the bench's compiled rows) are
-left out.
+the same steps at the smallest sizes on CPU (the tests do): the bf16 benchmark, the Triton
+kernels' check and the NCCL probe are skipped there, and ``--amp bf16``/``--compile`` (and the
+bench's compiled rows) are left out.
 
 The check imports neither ``snexp`` nor ``nas``/``stylize`` (only its NCCL probe does, in its
 own step), so a broken package shows up as failed steps in the table, not as a traceback.
@@ -111,6 +114,13 @@ def ddp_figure(log: str, out: Path) -> str:
     """The epoch summary and whether NCCL said anything (the step sets ``NCCL_DEBUG=INFO``)."""
     nccl = "NCCL initialized" if "NCCL INFO" in log else "NCCL not initialized"
     return f"{epoch_figure(log, out)}; {nccl}"
+
+
+def triton_figure(log: str, out: Path) -> str:
+    """``SN (Triton) / cuDNN BN: median fwd+bwd ratio 1.05 ...; 20 checks, 0 failed``."""
+    ratio = _lines(r"^SN \(Triton\) / cuDNN BN: .*$", log)
+    checks = _lines(r"^\d+ checks, \d+ failed.*$", log)
+    return "; ".join(line.removeprefix("SN (Triton) / cuDNN BN: ") for line in ratio + checks)
 
 
 def probe_figure(log: str, out: Path) -> str:
@@ -214,6 +224,10 @@ def plan(out: Path, inputs: dict[str, str], *, cuda: bool, tiny: bool,
     bench_time = 300 if compiled else 120  # compiling SN and BN for every shape takes long
     return [
         Step("bench fp32", (*bench,), bench_time * slow, bench_figure, note=bench_note),
+        Step("SN Triton kernels", (PY, "benchmarks/sn_gpu.py", *device, "--out",
+                                   str(out / "sn_gpu.md")), 240, triton_figure,
+             skip="" if cuda else "needs CUDA (the tests run the kernels in Triton's "
+                                  "interpreter)"),
         Step("NAS SN/BN step ratio", (*ratio,), 120 * slow, nas_ratio_figure),
         Step("nas.train", (PY, *nas_train, "--out", str(out / "nas-train")), 120 * slow,
              epoch_figure),

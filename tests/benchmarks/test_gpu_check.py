@@ -135,6 +135,12 @@ def test_key_figures_are_read_from_the_logs_the_entry_points_write(tmp_path):
     assert gc.stylize_figure(stylize, tmp_path) == "40 steps in 18 s (log clock)"
     (tmp_path / "stylize.pt2").write_bytes(b"\0" * 2_500_000)
     assert gc.file_figure("stylize.pt2")("", tmp_path) == "stylize.pt2: 2.50 MB"
+    triton = ("  (2, 2048, 7, 7) bfloat16 NCHW: SN/BN fwd+bwd 1.20, eval 1.10 (ok: y 0)\n"
+              "SN (Triton) / cuDNN BN: median fwd+bwd ratio 1.05 (max 1.31), eval ratio 1.10 "
+              "(max 1.40)\n20 checks, 0 failed; 95 s\n")
+    assert gc.triton_figure(triton, tmp_path) == (
+        "median fwd+bwd ratio 1.05 (max 1.31), eval ratio 1.10 (max 1.40); "
+        "20 checks, 0 failed; 95 s")
 
 
 # -- the plan -------------------------------------------------------------------------------
@@ -149,7 +155,8 @@ BENCH_HELP = "usage: python -m snexp.bench [-h] [--device DEVICE] [--no-compile]
 
 def test_the_gpu_plan_uses_cuda_bf16_compile_256px_sync_norm_and_nccl(tmp_path):
     steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=True, tiny=False, bench_help=BENCH_HELP))
-    assert list(steps) == ["bench fp32", "NAS SN/BN step ratio", "nas.train",
+    assert list(steps) == ["bench fp32", "SN Triton kernels", "NAS SN/BN step ratio",
+                           "nas.train",
                            "torchrun nas.train --sync-norm", "NCCL probe", "stylize.train",
                            "stylize.apply --export", "nas.search", "bench bf16"]
     assert not any(s.skip for s in steps.values())
@@ -191,7 +198,9 @@ def test_the_bench_command_follows_the_compile_flags_snexp_bench_offers(help_tex
 def test_the_tiny_cpu_plan_skips_bf16_and_nccl_and_leaves_out_amp_and_compile(tmp_path):
     steps = _by_name(gc.plan(tmp_path, INPUTS, cuda=False, tiny=True, bench_help=BENCH_HELP))
     skipped = {n: s.skip for n, s in steps.items() if s.skip}
-    assert skipped == {"bench bf16": "a GPU check: needs CUDA", "NCCL probe": "NCCL needs CUDA"}
+    assert skipped == {"bench bf16": "a GPU check: needs CUDA", "NCCL probe": "NCCL needs CUDA",
+                       "SN Triton kernels": "needs CUDA (the tests run the kernels in Triton's "
+                                            "interpreter)"}
     ran = [s for s in steps.values() if not s.skip]
     assert not any({"--amp", "--compile", "cuda"} & set(s.argv) for s in ran)
     assert "CPU: without --amp bf16 --compile" in steps["nas.search"].note
@@ -282,6 +291,7 @@ def test_the_tiny_cpu_run_goes_through_every_step_and_writes_the_table(tmp_path)
     statuses = {n: r["status"] for n, r in results.items()}
     # every step ran and passed, except the two that need CUDA
     assert statuses == {"prepare inputs": "ok", "bench fp32": "ok", "bench bf16": "skipped",
+                        "SN Triton kernels": "skipped",
                         "NAS SN/BN step ratio": "ok", "nas.train": "ok",
                         "torchrun nas.train --sync-norm": "ok", "NCCL probe": "skipped",
                         "stylize.train": "ok", "stylize.apply --export": "ok",
