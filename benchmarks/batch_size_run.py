@@ -36,7 +36,6 @@ __all__ = ["ModelConfig", "RunConfig", "SmallResNet", "TrainConfig", "cosine_lr"
            "importance_summary", "linear_lr", "train"]
 
 NORMS = ("bn", "gn", "sn", "in", "ln", "ssn")
-SWITCHABLE = (snexp.SwitchNorm2d, snexp.SparseSwitchNorm2d)
 
 
 @dataclass(frozen=True)
