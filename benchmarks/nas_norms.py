@@ -209,10 +209,13 @@ def report(jobs: list[Job]) -> str:
         if not arms:
             continue
         epochs = max(len(r["derived"]) for _, runs in arms for _, r in runs)
-        lines += [f"## {data}: derived valid accuracy per epoch (mean ± std over seeds)", "",
-                  "| arm | " + " | ".join(str(e + 1) for e in range(epochs)) + " |",
-                  "|---|" + "---|" * epochs]
-        for arm, runs in arms:
+        lines += [f"## {data}: derived valid accuracy per epoch (mean ± std over seeds)", ""]
+        if not epochs:
+            lines.append("No epoch finished yet.")
+        else:
+            lines += ["| arm | " + " | ".join(str(e + 1) for e in range(epochs)) + " |",
+                      "|---|" + "---|" * epochs]
+        for arm, runs in arms if epochs else []:
             cells = [_ms([r["derived"][e] for _, r in runs if len(r["derived"]) > e])
                      for e in range(epochs)]
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")

@@ -95,3 +95,11 @@ def test_tiny_grid_runs_in_parallel_and_reports(tmp_path):
     nas_norms.main(["--out", str(tmp_path), "--arms", "bn", "--data", "embedded",
                     "--seeds", "0", "--epochs", "1", *[a for kv in tiny for a in ("--set", kv)]])
     assert (tmp_path / "logs" / "embedded-bn-s0.log").read_text() == log
+
+
+def test_report_before_any_epoch_finished(tmp_path):
+    (job,) = nas_norms.plan(tmp_path, ["bn"], ["shapes"], [2], [])
+    _fake_run(tmp_path, job, [], 2.2, finished=False)  # steps logged, no derive step yet
+    text = nas_norms.report([job])
+    assert "No epoch finished yet." in text
+    assert "| bn | 2 | no | 400 | - | - | 2.200 | - | - | - |" in text
