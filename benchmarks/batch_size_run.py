@@ -36,7 +36,6 @@ __all__ = ["ModelConfig", "RunConfig", "SmallResNet", "TrainConfig", "cosine_lr"
            "importance_summary", "linear_lr", "train"]
 
 NORMS = ("bn", "gn", "sn", "in", "ln", "ssn")
-SWITCHABLE = (snexp.SwitchNorm2d, snexp.SparseSwitchNorm2d)
 
 
 @dataclass(frozen=True)
@@ -168,12 +167,8 @@ def importance_summary(model: nn.Module) -> dict[str, Any] | None:
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD:
-    logits = {id(p) for m in model.modules() if isinstance(m, SWITCHABLE)
-              for p in (m.mean_weight, m.var_weight)}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in logits], "lr_mult": 1.0}]
-    if logits:
-        groups.append({"params": [p for p in model.parameters() if id(p) in logits],
-                       "lr_mult": cfg.importance_lr_mult})
+    # the logits' group carries lr_mult; the loop sets each group's lr (weight decay for all)
+    groups = snexp.importance_param_groups(model, lr_scale=cfg.importance_lr_mult)
     return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
 
 

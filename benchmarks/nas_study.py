@@ -8,8 +8,8 @@ valid accuracy and of the retrained test accuracy, and writes every number to
 ``<out>/study.json``. The arms are
 
 - proposers (default): ``--proposers lstm,random,tpe``, child norm ``--norm`` (default bn, in
-  the search and the retraining: on small data the weight-sharing child did not learn with SN
-  in its cells, see the README's "Your own images, small data");
+  the search and the retraining: the SN paper's ENAS child and the setting of the measured
+  tables; SN cells with the quick preset's prior are compared in ``nas_norms.py``);
 - controller norms (the SN paper's ENAS experiment: SN, a mix of LN and GN, inside the
   controller's LSTM, BN in the child cells): ``--controller-norms sn,ln,gn,none``, the LSTM
   controller with ``controller.norm`` set per arm, child norm ``--norm`` (default bn)::

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 
 from nas.controller import ControllerConfig
 from nas.data import DataConfig
+from snexp.norm.switchable import parse_prior
 from snexp.runtime.config import Range, RuntimeConfig
 
 __all__ = ["COMMON_FLAGS", "PRESETS", "ChildConfig", "OptimConfig", "RetrainConfig",
@@ -40,8 +41,14 @@ class ChildConfig:
     # running-average factor of SN/SSN/BN, PyTorch convention (the SN authors' 0.9 is our 0.1)
     momentum: Annotated[float, Range(ge=0, le=1)] = 0.1
     dropout: float = 0.1  # dropout before the classifier (ENAS keep_prob 0.9 search, 0.8 final)
+    # Initial importance logits of every SN/SSN norm (snexp's prior=), e.g. "bn:4": logits
+    # (in, ln, bn) = (0, 0, 4), BN share 0.965; "": equal weights (the SN paper). Other norms
+    # ignore it, so --norm bn needs no second flag.
+    prior: str = ""
 
     def __post_init__(self) -> None:
+        if self.prior:
+            parse_prior(self.prior, ("in", "ln", "bn"))  # a bad name fails before the run
         if self.layers < 1 or self.filters < 1 or self.num_nodes < 1:
             raise ValueError("layers, filters and num_nodes must be >= 1")
         if self.norm == "gn" and self.filters % self.gn_groups:
@@ -54,9 +61,12 @@ class ChildConfig:
 
 
 def norm_options(child: ChildConfig) -> dict[str, object]:
-    """Options of every norm of the child (the groups of ``gn``, SN/SSN/BN's momentum)."""
+    """Options of every norm of the child (the groups of ``gn``, SN/SSN/BN's momentum, SN/SSN's
+    importance prior)."""
     if child.norm == "gn":
         return {"groups": child.gn_groups}
+    if child.norm in ("sn", "ssn") and child.prior:
+        return {"momentum": child.momentum, "prior": child.prior}
     if child.norm in ("sn", "ssn", "bn"):
         return {"momentum": child.momentum}
     return {}
@@ -83,6 +93,10 @@ class OptimConfig:
     # official code never clips; 0 turns clipping off here.
     grad_clip: float = 5.0  # clip the loss gradient's global norm to this (before the L2 term)
     eval_batch_size: int = 500  # images per evaluation batch
+    # The SN importance logits in their own group (snexp.importance_param_groups): lr factor
+    # and whether ENAS's L2 term reaches them. 1 and true: the SN paper (like every weight).
+    importance_lr_mult: Annotated[float, Range(ge=0)] = 1.0
+    importance_l2: bool = True
 
     def __post_init__(self) -> None:
         if min(self.epochs, self.batch_size, self.t0, self.t_mul, self.eval_batch_size) < 1:

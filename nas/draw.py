@@ -3,7 +3,8 @@
 Nodes are placed in columns by depth (inputs ``c_{k-2}``, ``c_{k-1}`` on the left, the output
 ``c_{k}`` on the right); every edge is an arrow labelled with its op; loose-end nodes feed the
 output (concatenation, then the 1x1 projection). ``python -m nas.draw ARCH --png cells.png``
-draws any architecture that ``nas.train --arch`` accepts.
+draws any architecture that ``nas.train --arch`` accepts. :func:`save_importance` draws which
+normalizer each op of a derived cell leans to (``importance.png`` beside ``cells.png``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from nas.space import Architecture, parse_arch  # noqa: E402
 
-__all__ = ["draw_cells", "save_cells"]
+__all__ = ["draw_cells", "draw_importance", "save_cells", "save_importance"]
 
 _COLORS = {"sep_conv_3x3": "#1f77b4", "sep_conv_5x5": "#9467bd", "avg_pool_3x3": "#2ca02c",
            "max_pool_3x3": "#d62728", "identity": "#7f7f7f"}
@@ -80,10 +81,40 @@ def draw_cells(arch: Architecture, *, title: str | None = None) -> Figure:
     return fig
 
 
-def save_cells(arch: Architecture, path: str | Path, *, title: str | None = None) -> Path:
-    """Draw ``arch`` into a PNG file (written next to it and renamed, so never half-written)."""
+_CANDIDATE_COLORS = {"in": "#e377c2", "ln": "#ff7f0e", "bn": "#1f77b4"}
+
+
+def draw_importance(report: dict, *, title: str | None = None) -> Figure:
+    """Stacked bars of the mean (left) and variance (right) weights of each derived op with
+    SN layers and of the shared norms (:func:`nas.op_importance.op_importance`'s report)."""
+    from nas.op_importance import op_label
+
+    rows = [(op_label(op), op) for op in report["ops"] if op["mean"] is not None]
+    rows.append(("shared norms (stem, calibration, reductions, outputs)", report["shared"]))
+    rows = [(label, row) for label, row in rows if row["mean"] is not None]
+    cands = report["candidates"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 1.2 + 0.45 * len(rows)), sharey=True)
+    for ax, which in zip(axes, ("mean", "var")):
+        left = [0.0] * len(rows)
+        for c in cands:
+            widths = [row[which][c] for _, row in rows]
+            ax.barh(range(len(rows)), widths, left=left, color=_CANDIDATE_COLORS.get(c),
+                    label=c.upper())
+            left = [a + b for a, b in zip(left, widths)]
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{which} weights")
+    axes[0].set_yticks(range(len(rows)), [label for label, _ in rows], fontsize=8)
+    axes[0].invert_yaxis()  # shared y axis: the first op on top in both panels
+    axes[1].legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    """Write ``fig`` to a PNG file (written next to it and renamed, so never half-written)."""
     path = Path(path)
-    fig = draw_cells(arch, title=title)
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
         fig.savefig(tmp, dpi=100)
@@ -91,6 +122,17 @@ def save_cells(arch: Architecture, path: str | Path, *, title: str | None = None
     finally:
         plt.close(fig)
     return path
+
+
+def save_cells(arch: Architecture, path: str | Path, *, title: str | None = None) -> Path:
+    """Draw ``arch`` into a PNG file (written next to it and renamed, so never half-written)."""
+    return _save(draw_cells(arch, title=title), path)
+
+
+def save_importance(report: dict, path: str | Path, *, title: str | None = None) -> Path:
+    """Draw an op-importance report (:func:`draw_importance`) into a PNG file, as
+    :func:`save_cells` does."""
+    return _save(draw_importance(report, title=title), path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,10 +14,11 @@ import logging
 
 import torch
 
+from snexp import importance_param_groups
 from snexp.runtime import distributed
 from snexp.runtime.run import Run
 
-__all__ = ["add_l2_gradient", "epoch_loader", "sgd_with_restarts"]
+__all__ = ["add_l2_gradient", "epoch_loader", "param_groups", "sgd_with_restarts"]
 
 logger = logging.getLogger(__name__)
 _Restarts = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts
@@ -29,7 +30,8 @@ def add_l2_gradient(optimizer: torch.optim.Optimizer, l2_reg: float) -> None:
     The gradient of ENAS's ``l2_reg * sum(w^2)`` loss term, for every parameter of the
     optimizer, including those this step did not use (their gradient is just the L2 term, as
     in the official code, where the L2 sum runs over all child variables). It is added at the
-    step, after a gradient clipping of the loss gradient (see ``OptimConfig.grad_clip``).
+    step, after a gradient clipping of the loss gradient (see ``OptimConfig.grad_clip``). A
+    parameter group with an ``l2_reg`` key uses that instead (:func:`param_groups`).
     """
     if l2_reg <= 0:
         return
@@ -37,13 +39,26 @@ def add_l2_gradient(optimizer: torch.optim.Optimizer, l2_reg: float) -> None:
     def hook(opt: torch.optim.Optimizer, args, kwargs) -> None:
         with torch.no_grad():
             for group in opt.param_groups:
+                reg = group.get("l2_reg", l2_reg)  # a group may carry its own (0: none)
+                if reg <= 0:
+                    continue
                 for p in group["params"]:
                     if p.grad is None:
-                        p.grad = (2.0 * l2_reg) * p.detach().clone()
+                        p.grad = (2.0 * reg) * p.detach().clone()
                     else:
-                        p.grad.add_(p.detach(), alpha=2.0 * l2_reg)
+                        p.grad.add_(p.detach(), alpha=2.0 * reg)
 
     optimizer.register_step_pre_hook(hook)
+
+
+def param_groups(model: torch.nn.Module, opt) -> list[dict]:
+    """``model``'s parameters for :func:`sgd_with_restarts`, the SN importance logits in a group
+    of their own with lr ``lr_max * opt.importance_lr_mult`` and, unless
+    ``opt.importance_l2``, no L2 term (the schedule scales both groups alike)."""
+    groups = importance_param_groups(model, lr=opt.lr_max, lr_scale=opt.importance_lr_mult)
+    if len(groups) > 1 and not opt.importance_l2:
+        groups[1]["l2_reg"] = 0.0
+    return groups
 
 
 def sgd_with_restarts(parameters, opt) -> tuple[torch.optim.SGD, _Restarts]:

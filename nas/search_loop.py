@@ -14,8 +14,11 @@ Per epoch:
    repeats the epoch exactly and does not record them twice); the best so far is written to
    ``<out>/best_arch.json`` and drawn into ``<out>/cells.png``.
 
-At the end ``<out>/search.json`` holds the mean reward of every epoch and the best derived
-accuracy (what ``benchmarks/nas_study.py`` tabulates).
+At the end ``<out>/search.json`` holds the mean reward, the derived valid accuracy and the
+mean child loss of every epoch and the best derived accuracy (what ``benchmarks/nas_study.py``
+and ``benchmarks/nas_norms.py`` tabulate); with SN in the cells, the SN importance of the best
+architecture's ops in the shared child (:mod:`nas.op_importance`) is added to ``search.json``
+and ``best_arch.json`` and drawn into ``<out>/importance.png``.
 
 All norms of the child run in training mode throughout (the BN branch uses batch statistics,
 also while rewards are measured). Their running averages are updated but never read (the
@@ -47,7 +50,8 @@ from torch import nn
 from nas.child import ChildNet
 from nas.config import SearchConfig, norm_options
 from nas.data import build_splits
-from nas.optim import epoch_loader, sgd_with_restarts
+from nas.op_importance import format_op_importance, op_importance
+from nas.optim import epoch_loader, param_groups, sgd_with_restarts
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
 from nas.rank_zero import RankZeroProposer
 from nas.space import Architecture
@@ -61,6 +65,7 @@ __all__ = ["SearchResult", "evaluate", "run_search"]
 
 logger = logging.getLogger(__name__)
 BEST_FILE, CELLS_FILE, SUMMARY_FILE = "best_arch.json", "cells.png", "search.json"
+IMPORTANCE_FILE = "importance.png"
 
 
 @dataclass(frozen=True)
@@ -200,13 +205,32 @@ def _derive(run: Run, net: nn.Module, proposer: Proposer, valid: list,
     return best_arch, best_acc
 
 
-def _log_png(run: Run, path: Path) -> None:
+def _log_png(run: Run, path: Path, tag: str = "search/cells") -> None:
     from PIL import Image
     from torchvision.transforms.functional import pil_to_tensor
 
     with Image.open(path) as png:
         image = pil_to_tensor(png.convert("RGB")).float() / 255  # (3, H, W)
-    run.tracker.image("search/cells", image, run.step)
+    run.tracker.image(tag, image, run.step)
+
+
+def _report_importance(run: Run, child: nn.Module, best: Architecture) -> dict | None:
+    """The shared child's SN importance on the best architecture's ops, at the end: into
+    ``best_arch.json``, drawn into ``importance.png`` beside ``cells.png``, and logged."""
+    report = op_importance(child, best)
+    if report is None:  # no SN in the cells
+        return None
+    logger.info("SN importance of the best architecture's ops (shared weights, end of "
+                "search):\n%s", format_op_importance(report))
+    found = json.loads((run.dir / BEST_FILE).read_text())
+    write_text_atomic(run.dir / BEST_FILE, best.to_json(**{
+        k: v for k, v in found.items() if k in ("valid_acc", "epoch")}, importance=report))
+    from nas.draw import save_importance  # matplotlib only when there is something to draw
+
+    save_importance(report, run.dir / IMPORTANCE_FILE,
+                    title="SN importance of the derived ops (shared weights, end of search)")
+    _log_png(run, run.dir / IMPORTANCE_FILE, "search/importance")
+    return report
 
 
 def _log_importance(run: Run, child: nn.Module) -> None:
@@ -239,7 +263,7 @@ def run_search(run: Run) -> SearchResult:
     )
     net = run.prepare(child, find_unused_parameters=True)  # a step uses one arch's ops
     opt = cfg.train
-    optimizer, scheduler = sgd_with_restarts(child.parameters(), opt)
+    optimizer, scheduler = sgd_with_restarts(param_groups(child, opt), opt)
     attrs = {"controller": cfg.controller.kind, "norm": cfg.child.norm,
              "dataset": cfg.data.dataset, "seed": cfg.runtime.seed}
     study = tpe_study = None  # rank 0 alone writes trials
@@ -280,16 +304,21 @@ def run_search(run: Run) -> SearchResult:
             _log_importance(run, child)
         run.state["last_reward"] = ctrl_m.get("reward")
         run.state["rewards"] = [*run.state.get("rewards", []), ctrl_m.get("reward")]
+        run.state["derived"] = [*run.state.get("derived", []), derived]  # per-epoch best derived
+        run.state["losses"] = [*run.state.get("losses", []), child_m["loss"]]  # epoch means
         logger.info(
             "epoch %d/%d: child loss %.3f acc %.3f | reward %.3f | derived valid acc %.3f "
             "(best %.3f)", epoch + 1, opt.epochs, child_m["loss"], child_m["acc"],
             ctrl_m.get("reward", math.nan), derived, run.best)
     best = Architecture.from_flat(run.state["best_arch"])
     if run.is_main:  # what a study reads: per-epoch mean rewards and the best derived accuracy
+        report = _report_importance(run, child, best)
         write_text_atomic(run.dir / SUMMARY_FILE, json.dumps({
             "best_valid_acc": float(run.best), "rewards": run.state.get("rewards", []),
+            "derived": run.state.get("derived", []), "losses": run.state.get("losses", []),
             "controller": cfg.controller.kind, "controller_norm": cfg.controller.norm,
-            "child_norm": cfg.child.norm, "arch": str(best)}, indent=2) + "\n")
+            "child_norm": cfg.child.norm, "prior": norm_options(cfg.child).get("prior", ""),
+            "arch": str(best), "importance": report}, indent=2) + "\n")
     run.tracker.hparams(cfg, {"search/final_best_valid_acc": float(run.best)}, step=run.step)
     logger.info("best architecture (valid acc %.4f), saved to %s: %s", run.best,
                 run.dir / BEST_FILE, best)

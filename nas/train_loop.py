@@ -5,7 +5,9 @@ auxiliary head (loss weight 0.4), drop path (keep probability annealed from 1 to
 run, lower in deeper cells), cutout and SGD with the cosine schedule with warm restarts
 (ENAS's 630 epochs are 10 + 20 + ... + 320, i.e. six whole periods). Reports test top-1, the
 parameter count without the auxiliary head (``params``, ENAS's count) and the head's
-(``aux_params``) and the FLOPs of one image, and writes them to ``<out>/result.json``.
+(``aux_params``) and the FLOPs of one image, and writes them to ``<out>/result.json``, with
+SN in the cells also the importance of each op's SN layers after retraining
+(:mod:`nas.op_importance`, ``"importance"``; ``null`` without SN).
 
 The architecture is recorded in the run (``<out>/arch.json``, written before the first step);
 ``--resume`` retrains that one and never reads ``--arch`` again, so a search that rewrites
@@ -32,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from nas.child import ChildNet
 from nas.config import RetrainConfig, norm_options
 from nas.data import build_splits
-from nas.optim import epoch_loader, sgd_with_restarts
+from nas.op_importance import format_op_importance, op_importance
+from nas.optim import epoch_loader, param_groups, sgd_with_restarts
 from nas.space import Architecture, parse_arch
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import write_text_atomic
@@ -152,7 +155,7 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
                 "per image", arch, params / 1e6, aux_params / 1e6, flops / 1e6)
     net = run.prepare(model)
     opt = cfg.train
-    optimizer, scheduler = sgd_with_restarts(model.parameters(), opt)
+    optimizer, scheduler = sgd_with_restarts(param_groups(model, opt), opt)
     run.attach(model=model, optimizer=optimizer, scheduler=scheduler)
     loader = epoch_loader(run, splits.train_full, opt, cfg.data.workers)
     test_set = splits.test
@@ -187,10 +190,14 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
     if acc is None:  # resumed after the last epoch
         acc = run.state["test_acc"] = test_accuracy(model, test_loader, run)
     result = RetrainResult(float(acc), params, flops, aux_params)
+    report = op_importance(model, arch)  # None without SN in the cells
     if run.is_main:
+        if report is not None:
+            logger.info("SN importance of the retrained ops:\n%s", format_op_importance(report))
         write_text_atomic(run.dir / RESULT_FILE, json.dumps(
             {"test_acc": result.test_acc, "params": params, "aux_params": aux_params,
-             "flops": flops, "arch": str(arch), "flat": arch.to_flat()}, indent=2) + "\n")
+             "flops": flops, "arch": str(arch), "flat": arch.to_flat(),
+             "importance": report}, indent=2) + "\n")
     run.tracker.hparams(cfg, {"retrain/final_test_acc": result.test_acc}, step=run.step)
     logger.info("test top-1 %.4f | %.3f M parameters | %.1f MFLOPs per image | %s",
                 result.test_acc, params / 1e6, flops / 1e6, run.dir / RESULT_FILE)

@@ -27,7 +27,13 @@ from snexp.norm import (
     sparsemax,
     sparsestmax,
 )
-from snexp.norm.importance import Importance, importance, log_importance
+from snexp.norm.importance import (
+    Importance,
+    importance,
+    importance_param_groups,
+    importance_parameters,
+    log_importance,
+)
 
 __version__ = "0.1.0"
 
@@ -50,6 +56,7 @@ def __getattr__(name: str):
 __all__ = [
     "Importance", "NORM_KINDS", "NormSpec", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
     "SparseSwitchNorm3d", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm",
-    "convert_norm", "importance", "load_official_state_dict", "log_importance", "make_norm",
+    "convert_norm", "importance", "importance_param_groups", "importance_parameters",
+    "load_official_state_dict", "log_importance", "make_norm",
     "norm_layer", "recompute_batch_stats", "set_sparsity", "sparsemax", "sparsestmax",
 ]

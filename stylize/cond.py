@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from snexp import NormSpec
 from snexp import norm_layer as resolve_norm
 from snexp.norm.functional import parse_candidates, switch_norm
-from snexp.norm.switchable import check_options
+from snexp.norm.switchable import Prior, check_options, parse_prior
 
 __all__ = ["StyleNorm", "ConditionalAffine", "ConditionalSwitchNorm2d", "style_norm_layer"]
 
@@ -72,7 +72,8 @@ class ConditionalSwitchNorm2d(StyleNorm):
     Args:
         num_features: Channel count C.
         num_styles: Number of styles S.
-        eps, momentum, candidates, compat: As :class:`snexp.SwitchNorm2d`.
+        eps, momentum, candidates, compat, prior: As :class:`snexp.SwitchNorm2d` (the prior
+            starts every style's logits).
 
     Example:
         >>> norm = ConditionalSwitchNorm2d(16, num_styles=2)
@@ -88,6 +89,7 @@ class ConditionalSwitchNorm2d(StyleNorm):
         momentum: float | None = 0.1,
         candidates: tuple[str, ...] = ("in", "ln", "bn"),
         compat: str = "paper",
+        prior: Prior = None,
     ) -> None:
         super().__init__()
         check_options(num_features, eps, momentum, compat)
@@ -99,8 +101,9 @@ class ConditionalSwitchNorm2d(StyleNorm):
         self.bias = nn.Parameter(torch.zeros(num_styles, num_features))  # (S, C)
         # NOTE: named *_logits, not mean_weight/var_weight, so that snexp.inspect does not
         # read these (S, K) tensors as one layer's (K,) logits.
-        self.mean_logits = nn.Parameter(torch.zeros(num_styles, k))  # (S, K)
-        self.var_logits = nn.Parameter(torch.zeros(num_styles, k))  # (S, K)
+        start = torch.tensor(parse_prior(prior, self.candidates)).expand(num_styles, k)
+        self.mean_logits = nn.Parameter(start.clone())  # (S, K), every style from the prior
+        self.var_logits = nn.Parameter(start.clone())  # (S, K)
         has_bn = "bn" in self.candidates
         self.register_buffer("running_mean", torch.zeros(num_styles, num_features)
                              if has_bn else None)

@@ -5,7 +5,7 @@ The single place where ``nas`` and ``stylize`` get their normalizers, by kind:
 =====  =============================================  ====================================
 kind   module                                         notes
 =====  =============================================  ====================================
-sn     SwitchNorm{1,2,3}d                             options: candidates, momentum, ...
+sn     SwitchNorm{1,2,3}d                             options: candidates, momentum, prior...
 ssn    SparseSwitchNorm{1,2,3}d                       radius via ``snexp.set_sparsity``
 bn     nn.BatchNorm{1,2,3}d
 in     nn.InstanceNorm{1,2,3}d(affine=True)           per-sample, per-channel
@@ -103,12 +103,24 @@ def _parse_value(text: str) -> Any:
 _CANDIDATE_NAMES = ("in", "ln", "bn")
 
 
+def _canonical(value: Any) -> Any:
+    """An option value as the spec stores and prints it: lists as tuples, a mapping such as
+    ``prior={"bn": 4.0}`` as its text ``"bn:4"`` (what ``prior=bn:4`` parses to)."""
+    if isinstance(value, Mapping):
+        items = tuple(f"{k}:{v:g}" if isinstance(v, (int, float)) else f"{k}:{v}"
+                      for k, v in value.items())
+        return items[0] if len(items) == 1 else items
+    return tuple(value) if isinstance(value, list) else value
+
+
 @dataclasses.dataclass(frozen=True)
 class NormSpec:
     """One normalizer as a value: its kind and its layer options.
 
     Reads and prints as text, ``kind(key=value, ...)``, with tuples written ``a+b``:
-    ``NormSpec.parse("sn(momentum=0.003, candidates=in+ln)")``. :func:`norm_layer` resolves it
+    ``NormSpec.parse("sn(momentum=0.003, candidates=in+ln)")``; an SN importance prior is
+    ``sn(prior=bn:4)`` (``prior=bn:4+ln:1`` for several; a mapping ``{"bn": 4}`` is stored as
+    this text). :func:`norm_layer` resolves it
     once into ``norm_layer(channels)``. Options are checked by the layer when it is built.
 
     Attributes:
@@ -129,7 +141,7 @@ class NormSpec:
     def __init__(self, kind: str = "sn", options: Mapping[str, Any] | None = None,
                  **more: Any) -> None:
         merged = {**dict(options or {}), **more}
-        merged = {k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()}
+        merged = {k: _canonical(v) for k, v in merged.items()}
         object.__setattr__(self, "kind", _resolve_kind(kind))
         object.__setattr__(self, "options", tuple(sorted(merged.items())))
 

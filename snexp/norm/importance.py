@@ -25,7 +25,8 @@ from torch import nn
 from snexp.norm.sparse import sparsestmax
 from snexp.norm.switchable import _SwitchNorm
 
-__all__ = ["Importance", "importance", "importance_from_state_dict", "format_importance",
+__all__ = ["Importance", "importance", "importance_from_state_dict", "importance_param_groups",
+           "importance_parameters", "format_importance",
            "plot_importance", "log_importance"]
 
 
@@ -62,6 +63,64 @@ def importance(model: nn.Module) -> dict[str, Importance]:
             out[name or type(m).__name__] = Importance(
                 m.candidates, tuple(mean_p.tolist()), tuple(var_p.tolist()))
     return out
+
+
+def importance_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The importance logits of every SN layer of ``model``: ``mean_weight``/``var_weight``,
+    and ``mean_logits``/``var_logits`` of layers that keep them per condition (stylize's
+    conditional SN); each parameter once."""
+    found: dict[int, nn.Parameter] = {}
+    for m in model.modules():
+        names = (("mean_weight", "var_weight") if isinstance(m, _SwitchNorm)
+                 else ("mean_logits", "var_logits"))
+        for name in names:
+            p = getattr(m, name, None)
+            if isinstance(p, nn.Parameter):
+                found.setdefault(id(p), p)
+    return list(found.values())
+
+
+def importance_param_groups(model: nn.Module, *, lr: float | None = None, lr_scale: float = 1.0,
+                            weight_decay: float | None = None) -> list[dict]:
+    """Optimizer parameter groups with the SN importance logits in a group of their own.
+
+    The SN paper trains the logits like every other weight (same lr, same weight decay); a
+    larger lr or no weight decay on them lets the importance move within a short run.
+
+    Args:
+        model: any module; parameters that do not require gradients are left out.
+        lr: the base learning rate; the logits' group gets ``lr * lr_scale``. ``None``: no
+            ``lr`` key (the optimizer's default applies to both; use ``lr_mult``).
+        lr_scale: the logits' learning-rate factor, also stored as the group's ``lr_mult``
+            (the other group's is 1) for loops that set each group's lr from a schedule.
+        weight_decay: the logits' weight decay (``0``: none); ``None``: the optimizer's.
+
+    Returns:
+        ``[{"params": others, "lr_mult": 1.0, ...}, {"params": logits, "lr_mult": lr_scale,
+        ...}]``; the second group is left out when the model has no SN layer.
+
+    Example:
+        >>> groups = importance_param_groups(model, lr=0.1, lr_scale=10, weight_decay=0)
+        >>> opt = torch.optim.SGD(groups, lr=0.1, momentum=0.9, weight_decay=1e-4)
+    """
+    if not lr_scale >= 0:
+        raise ValueError(f"lr_scale must be >= 0, got {lr_scale!r}")
+    if weight_decay is not None and not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0 or None, got {weight_decay!r}")
+    logits = {id(p) for p in importance_parameters(model)}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in logits]
+    mine = [p for p in model.parameters() if p.requires_grad and id(p) in logits]
+    groups: list[dict] = [{"params": rest, "lr_mult": 1.0}]
+    if lr is not None:
+        groups[0]["lr"] = lr
+    if mine:
+        group = {"params": mine, "lr_mult": float(lr_scale)}
+        if lr is not None:
+            group["lr"] = lr * lr_scale
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
+        groups.append(group)
+    return groups
 
 
 def _find_state_dict(obj) -> Mapping[str, torch.Tensor]:

@@ -11,14 +11,17 @@ opposite convention: their ``momentum=0.9`` is our ``0.1`` and their ``0.997`` i
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from snexp.norm import functional as F
 
-__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "recompute_batch_stats"]
+__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "parse_prior",
+           "recompute_batch_stats"]
 
 _COMPAT = ("paper", "official")
 
@@ -34,6 +37,66 @@ def check_options(num_features: int, eps: float, momentum: float | None, compat:
         raise ValueError(f"compat must be one of {_COMPAT}, got {compat!r}")
     if not eps > 0:
         raise ValueError(f"eps must be positive, got {eps!r}")
+
+
+Prior = Mapping[str, float] | str | Sequence[str] | None
+
+
+def parse_prior(prior: Prior, candidates: tuple[str, ...]) -> tuple[float, ...]:
+    """The initial importance logits, one per candidate, from an importance prior.
+
+    Args:
+        prior: ``None`` or ``""`` (all logits 0: equal weights, the paper's start), a mapping
+            ``{"bn": 4.0}``, or its text ``"bn:4"`` / ``"bn:4+ln:1"`` (also ``"bn:4,ln:1"``, or
+            a sequence of ``"name:value"`` items, as :class:`snexp.NormSpec` reads
+            ``prior=bn:4+ln:1``). Candidates not named start at logit 0.
+        candidates: the layer's candidates, e.g. ``("in", "ln", "bn")``.
+
+    Returns:
+        One logit per candidate, in the order of ``candidates``.
+
+    Raises:
+        ValueError: a name that is not a candidate of the layer, or a value that is not a
+            finite number.
+
+    Example:
+        >>> parse_prior("bn:4", ("in", "ln", "bn"))
+        (0.0, 0.0, 4.0)
+    """
+    if prior is None:
+        return (0.0,) * len(candidates)
+    if isinstance(prior, str):
+        prior = [item for part in prior.split("+") for item in part.split(",")]
+    if not isinstance(prior, Mapping):
+        items = {}
+        for item in prior:
+            name, colon, value = str(item).partition(":")
+            if not name.strip() and not value.strip():
+                continue
+            if not colon:
+                raise ValueError(f"importance prior item {item!r}: write name:logit, e.g. "
+                                 f"'bn:4' (candidates {', '.join(candidates)})")
+            items[name] = value
+        prior = items
+    logits = dict.fromkeys(candidates, 0.0)
+    for name, value in prior.items():
+        key = str(name).strip().lower()
+        if key not in logits:
+            raise ValueError(f"importance prior names {name!r}, not a candidate of this layer; "
+                             f"valid names: {', '.join(candidates)}")
+        try:
+            logits[key] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"importance prior {name}:{value!r}: the logit must be a "
+                             f"number") from None
+        if not math.isfinite(logits[key]):
+            raise ValueError(f"importance prior {name}:{value!r}: the logit must be finite")
+    return tuple(logits.values())
+
+
+def format_prior(logits: Sequence[float], candidates: tuple[str, ...]) -> str:
+    """The text of a prior (``"bn:4"``), naming the non-zero logits only; ``""`` if uniform."""
+    return "+".join(f"{c}:{v:g}" for c, v in zip(candidates, logits) if v)
 
 
 class _SwitchNorm(nn.Module):
@@ -61,6 +124,7 @@ class _SwitchNorm(nn.Module):
         last_gamma: bool = False,
         affine: bool = True,
         compat: str = "paper",
+        prior: Prior = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -75,6 +139,8 @@ class _SwitchNorm(nn.Module):
         self.last_gamma = last_gamma
         self.affine = affine
         self.compat = compat
+        # initial logits (mean and variance alike); all zeros is the paper's uniform start
+        self.prior = parse_prior(prior, self.candidates)
         k = len(self.candidates)
         if affine:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
@@ -104,13 +170,15 @@ class _SwitchNorm(nn.Module):
             self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
-        """Equal importance weights; ``weight`` ones (zeros with ``last_gamma``), ``bias`` 0."""
+        """Importance logits at the prior (equal weights without one); ``weight`` ones (zeros
+        with ``last_gamma``), ``bias`` 0."""
         self.reset_running_stats()
         if self.affine:
             nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
             nn.init.zeros_(self.bias)
-        nn.init.zeros_(self.mean_weight)
-        nn.init.zeros_(self.var_weight)
+        with torch.no_grad():
+            for logits in (self.mean_weight, self.var_weight):
+                logits.copy_(torch.tensor(self.prior, dtype=logits.dtype))
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """The mean and variance weights over ``self.candidates`` (softmax of the logits)."""
@@ -183,6 +251,8 @@ class _SwitchNorm(nn.Module):
             s += ", affine=False"
         if self.compat != "paper":
             s += f", compat={self.compat!r}"
+        if any(self.prior):
+            s += f", prior={format_prior(self.prior, self.candidates)!r}"
         return s
 
 
@@ -204,6 +274,12 @@ class SwitchNorm2d(_SwitchNorm):
         compat: "paper" (exact equations, biased normalizing variance, running variance
             unbiased like ``nn.BatchNorm2d``) or "official" (the authors' released code:
             unbiased per-(n, c) variance inside every derivation).
+        prior: initial importance logits, e.g. ``{"bn": 4.0}`` or ``"bn:4"``: logits
+            (in, ln, bn) = (0, 0, 4), a BN share of 0.965 in the mean and the variance weights
+            (see :func:`parse_prior`). ``None``: all logits 0, the paper's equal start.
+            NOTE: the paper starts every layer uniform; a prior is this library's option for
+            networks that cannot afford SN's uniform start (the weight-sharing NAS child,
+            docs/nas.md). The weights stay learned.
         device, dtype: factory keywords for parameters and buffers.
 
     Example:
