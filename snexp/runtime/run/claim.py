@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import sys
 from pathlib import Path
 
 from snexp.runtime.config import ConfigError
+from snexp.runtime.files import open_no_follow, redact
 from snexp.runtime.marker import (
     LOCK_FILE,
     REPLACED_DIR,
@@ -51,9 +53,20 @@ def _disk_error(folder: Path, exc: OSError) -> ConfigError:
     )
 
 
+def _not_a_file(path: Path) -> ConfigError:
+    """The one-paragraph refusal of a run-directory entry that is a link or not a file."""
+    what = (f"a symbolic link (to {os.readlink(path)})" if path.is_symlink()
+            else "not a regular file")
+    return ConfigError(
+        f"{path} is {what}; snexp never writes through links or into special files in a run "
+        "directory (a link planted there would make it overwrite the file it points to): "
+        f"remove it (rm {path}) if you put it there, or choose another --out")
+
+
 def _holder() -> dict[str, object]:
     return {"pid": os.getpid(), "host": socket.gethostname(),
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300],
+            # the lock file is readable by others: a password on the command line is not shown
+            "command": redact(" ".join([os.path.basename(sys.executable), *sys.argv]))[:300],
             "since": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -71,9 +84,10 @@ def _refuse_if_locked(folder: Path) -> None:
     if fcntl is None:
         return
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # non-blocking: opening a FIFO planted as the lock must not hang the probe
+        fd = open_no_follow(folder / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return  # no lock file: nobody holds it
+        return  # no lock file (or not a file: refused by the directory checks): nobody holds it
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
@@ -110,8 +124,11 @@ class _Claim:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / LOCK_FILE
             claim._new_lock = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # never through a link: a planted .snexp-lock -> victim would be truncated
+            fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):
+                raise _not_a_file(path) from None
             raise _disk_error(folder, exc) from None
         if fcntl is not None:
             try:

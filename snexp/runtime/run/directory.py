@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,15 @@ from typing import Any
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import load_checkpoint
 from snexp.runtime.config import ConfigError, RuntimeConfig
-from snexp.runtime.marker import LOCK_FILE, MARKER_FILE, REPLACED_DIR, read_marker
-from snexp.runtime.run.claim import _Claim, _refuse_if_locked
+from snexp.runtime.files import file_mode, open_no_follow, redact
+from snexp.runtime.marker import (
+    LOCK_FILE,
+    MARKER_FILE,
+    REPLACED_DIR,
+    RUNTIME_ENTRIES,
+    read_marker,
+)
+from snexp.runtime.run.claim import _Claim, _not_a_file, _refuse_if_locked
 from snexp.runtime.run.resume import _check_resumable
 from snexp.runtime.track import TqdmLoggingHandler
 
@@ -38,6 +46,8 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
     ``locked``: this process holds the directory's lock already (the check under the lock).
     """
     last = folder / "checkpoints" / "last.pt"
+    if folder.is_dir():
+        _refuse_links(folder)  # before anything opens them, the lock probe included
     if folder.is_dir() and not locked:
         _refuse_if_locked(folder)  # a live run: say so first, whatever else is asked
     if runtime.resume:
@@ -78,6 +88,31 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             )
     _check_writable(folder)
     return None
+
+
+_FILES = (MARKER_FILE, LOCK_FILE, "config.toml", "run.log", "optuna.db", "optuna.db-journal",
+          "optuna.db-wal", "optuna.db-shm")  # entries snexp opens as regular files
+
+
+def _refuse_links(folder: Path) -> None:
+    """Refuse a run directory where an entry snexp writes is a link or a special file.
+
+    snexp never writes through a link (a ``.snexp-lock`` planted as a link to another file
+    would be truncated, a ``checkpoints`` link would send checkpoints elsewhere): the user
+    removes it, whatever the mode (a new run, ``--resume`` or ``--overwrite``).
+    """
+    data = read_marker(folder) if not (folder / MARKER_FILE).is_symlink() else None
+    names = {*RUNTIME_ENTRIES, *(data["outputs"] if data else ())}
+    paths = [folder / name for name in sorted(names)]
+    paths += [folder / "checkpoints" / name for name in ("last.pt", "best.pt")]
+    for path in paths:
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            continue  # absent (or checkpoints/ is no folder): nothing is written through it
+        if stat.S_ISLNK(mode) or (path.name in _FILES and path.parent == folder
+                                  and not stat.S_ISREG(mode)):
+            raise _not_a_file(path)
 
 
 def _check_writable(folder: Path) -> None:
@@ -139,10 +174,28 @@ def _check_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, 
     return checkpoint, claim
 
 
+class _LogFile(logging.FileHandler):
+    """``run.log``: opened without following a link, with the umask's permissions; a password
+    in a logged URL or command line is shown as ``***`` (others may read the file)."""
+
+    def _open(self):  # noqa: ANN202 - logging.FileHandler's hook
+        fd = open_no_follow(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                            file_mode())
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        # A full disk: the console still shows the line; logging's own report would print a
+        # traceback for every line after it.
+        pass
+
+
 def _open_log(folder: Path, console: bool) -> list[logging.Handler]:
     """Log INFO and up to ``<folder>/run.log`` (and the console); the file handler is first."""
     formatter = logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.FileHandler(folder / "run.log", encoding="utf-8")]
+    handlers: list[logging.Handler] = [_LogFile(folder / "run.log", encoding="utf-8")]
     if console:
         handlers.append(TqdmLoggingHandler())
     root = logging.getLogger()
