@@ -30,7 +30,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     with cli_errors(PROG):
         cfg = parse_args(SearchConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="quick")
-        check_study_storage(cfg.search.storage)  # inputs are checked before --out is touched
+        # inputs are checked before --out is touched
+        check_study_storage(cfg.search.storage, cfg.search.study)
         with Run(cfg, experiment="nas-search", safe_keys=SAFE_KEYS, prog=PROG) as run:
             run_search(run)
 

@@ -105,6 +105,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             tensors (a pickled object that would run code is refused, not loaded).
     """
     path = Path(path)
+    if path.is_dir():
+        inside = [p for p in (path / "model.pt", path / "checkpoints" / "last.pt") if p.is_file()]
+        hint = f"; did you mean '{inside[0]}'?" if inside else ""
+        raise ConfigError(f"'{path}' is a folder, not a checkpoint or model file{hint}")
     if not path.is_file():
         raise ConfigError(f"checkpoint '{path}' not found")
     if path.stat().st_size == 0:

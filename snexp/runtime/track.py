@@ -32,6 +32,7 @@ from optuna.storages import BaseStorage
 from tqdm.auto import tqdm
 
 from snexp.runtime.config import ConfigError, flatten
+from snexp.runtime.files import redact
 from snexp.runtime.storage import check_storage, make_storage, reap
 
 __all__ = [
@@ -262,16 +263,24 @@ def open_storage(
                         retries=retries, sqlite_timeout=sqlite_timeout)
 
 
-def check_study_storage(storage: str | Path | None) -> None:
-    """Refuse a ``--storage`` value that cannot work, before anything is created.
+def check_study_storage(storage: str | Path | None, study: str | None = None) -> None:
+    """Refuse a ``--storage`` value (and ``--study`` name) that cannot work, before anything
+    is created.
 
     ``None`` (the run directory's ``optuna.db``) always can. Entry points call this before
     the run directory is touched; :func:`open_storage` checks the same again.
 
     Raises:
-        ConfigError: An unknown URL scheme, a missing driver or folder, or an existing file
-            that is neither a SQLite database nor an Optuna journal.
+        ConfigError: An empty value (``--storage ""`` would be the working folder, ``--study
+            ""`` a study nobody can name), an unknown URL scheme, a missing driver or folder,
+            or an existing file that is neither a SQLite database nor an Optuna journal.
     """
+    if storage is not None and not str(storage).strip():
+        raise ConfigError("--storage is empty; pass a database URL or file (e.g. --storage "
+                          "study.db), or leave it out for the run directory's optuna.db")
+    if study is not None and not study.strip():
+        raise ConfigError("--study is empty; pass a study name (workers sharing a storage "
+                          "share a study by its name), or leave it out for the default")
     if storage is not None:
         check_storage(_storage_label(storage, None))
 
@@ -351,7 +360,8 @@ def open_study(
     if failed := reap(study):
         logging.getLogger(__name__).warning(
             "optuna study '%s': trials %s of dead workers marked failed", name, failed)
-    logging.getLogger(__name__).info("optuna study '%s' in %s (view: %s)", name, label, view)
+    logging.getLogger(__name__).info("optuna study '%s' in %s (view: %s)", name, redact(label),
+                                     redact(view))
     return study
 
 

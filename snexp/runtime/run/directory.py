@@ -45,6 +45,7 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
 
     ``locked``: this process holds the directory's lock already (the check under the lock).
     """
+    _check_name_lengths(folder)
     last = folder / "checkpoints" / "last.pt"
     if folder.is_dir():
         _refuse_links(folder)  # before anything opens them, the lock probe included
@@ -88,6 +89,25 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             )
     _check_writable(folder)
     return None
+
+
+def _check_name_lengths(folder: Path) -> None:
+    """Refuse an --out the file system cannot name (a part over NAME_MAX, the whole over
+    PATH_MAX), which would otherwise fail deep inside ``mkdir`` or ``stat``."""
+    try:
+        name_max = os.pathconf(".", "PC_NAME_MAX")
+        path_max = os.pathconf(".", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in folder.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(
+                f"--out {str(folder)[:60]}...: the name '{part[:40]}...' is "
+                f"{len(os.fsencode(part))} bytes long, more than the {name_max} the file "
+                "system allows for one name; choose a shorter --out")
+    if len(os.fsencode(str(folder.absolute()))) >= path_max:
+        raise ConfigError(f"--out {str(folder)[:60]}...: the path is longer than the "
+                          f"{path_max} bytes the file system allows; choose a shorter --out")
 
 
 _FILES = (MARKER_FILE, LOCK_FILE, "config.toml", "run.log", "optuna.db", "optuna.db-journal",
