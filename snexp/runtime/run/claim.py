@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
@@ -101,6 +102,22 @@ def _in_use(folder: Path, text: str) -> ConfigError:
                        "it to end (or stop it), or choose another --out")
 
 
+def restore_command(folder: Path) -> str:
+    """The shell command that puts back the run an ``--overwrite`` set aside.
+
+    The stopped new run's own entries (its ``config.toml``, ``run.log``, ``tb/``,
+    ``checkpoints/``, stamp) are in the way of moving the old ones back: they go first.
+    """
+    aside = folder / REPLACED_DIR
+    owned, _ = owned_entries(folder)
+    ours = [shlex.quote(str(folder / n)) for n in owned if n != REPLACED_DIR]
+    theirs = [shlex.quote(str(p)) for p in sorted(aside.iterdir())] if aside.is_dir() else []
+    steps = [f"rm -r -- {' '.join(ours)}"] if ours else []
+    steps += [f"mv -- {' '.join(theirs)} {shlex.quote(str(folder))}/",
+              f"rmdir -- {shlex.quote(str(aside))}"]
+    return " && ".join(steps)
+
+
 class _Claim:
     """The lock on a run directory and what ``--overwrite`` set aside (rank 0 only)."""
 
@@ -114,6 +131,7 @@ class _Claim:
         self._fd: int | None = None
         self._new_lock = False  # the lock file did not exist before this process
         self.note = ""  # what set_aside did, for the run's log
+        self.restart = False  # the folder holds only a start killed before its checkpoint
 
     @classmethod
     def take(cls, folder: Path, experiment: str) -> _Claim:
@@ -179,6 +197,12 @@ class _Claim:
         for name in owned:
             os.rename(self.folder / name, old / name)
         self.replaced = old
+        if self.restart:  # nothing of a start without a checkpoint is worth putting back
+            shutil.rmtree(old)
+            self.replaced = None
+            self.note = (f"{self.folder} held only a run stopped before its first checkpoint; "
+                         "starting afresh in its place")
+            return
         self.note = (f"--overwrite: the previous run's {len(owned)} entries are set aside in "
                      f"{old} until this run's first checkpoint"
                      + (f"; kept {len(kept)} entries snexp did not write: "
@@ -200,7 +224,8 @@ class _Claim:
                 self._undo()
         elif self.replaced is not None and not self.committed:
             logger.warning("the run this one replaced stays in %s until a run in %s writes a "
-                           "checkpoint", self.replaced, self.folder)
+                           "checkpoint; to put it back (and resume it): %s", self.replaced,
+                           self.folder, restore_command(self.folder))
         if self._fd is not None:
             os.close(self._fd)  # the flock goes with it
             self._fd = None

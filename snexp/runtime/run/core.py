@@ -148,7 +148,8 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
         try:
-            self._start(console, overwrite=runtime.overwrite)
+            restart = self._claim is not None and self._claim.restart
+            self._start(console, overwrite=runtime.overwrite or restart)
         except OSError as exc:  # a read-only or full disk while creating the directory
             self.close(undo=True)
             raise _disk_error(self.dir, exc) from None

@@ -32,7 +32,7 @@ from snexp.runtime.marker import (
     RUNTIME_ENTRIES,
     read_marker,
 )
-from snexp.runtime.run.claim import _Claim, _not_a_file, _refuse_if_locked
+from snexp.runtime.run.claim import _Claim, _not_a_file, _refuse_if_locked, restore_command
 from snexp.runtime.run.resume import _check_resumable
 from snexp.runtime.track import TqdmLoggingHandler
 
@@ -60,8 +60,13 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             what = "does not exist" if not folder.exists() else "has no checkpoints/last.pt"
             aside = folder / REPLACED_DIR
             hint = (f"; an --overwrite stopped before its first checkpoint left the run it "
-                    f"replaced in {aside}: move its entries back into {folder} to resume it"
+                    f"replaced in {aside}; to resume it, put it back with: "
+                    f"{restore_command(folder)}"
                     if (aside / "checkpoints" / "last.pt").is_file() else "")
+            if not hint and killed_start(folder):
+                hint = ("; the run started there was stopped before its first checkpoint, so "
+                        "there is nothing to resume: run the same command without --resume "
+                        "to start it afresh (the files of the stopped start are replaced)")
             raise ConfigError(f"cannot resume: {folder} {what}{hint}")
         checkpoint = load_checkpoint(last)
         _check_resumable(checkpoint, config, last, folder=folder, safe_keys=safe_keys)
@@ -69,7 +74,7 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file, not a directory")
     if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
-        if not runtime.overwrite:
+        if not runtime.overwrite and not killed_start(folder):
             raise ConfigError(
                 f"run directory {folder} already exists and is not empty; pass --resume to "
                 "continue it, --overwrite to delete it and start afresh, or choose another "
@@ -89,6 +94,24 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             )
     _check_writable(folder)
     return None
+
+
+def killed_start(folder: Path) -> bool:
+    """Whether ``folder`` holds only a run stopped before its first checkpoint.
+
+    Such a start (killed a second after taking the lock) has nothing worth keeping: only the
+    runtime's own files (stamp, ``config.toml``, ``run.log``, ``tb/``, an empty
+    ``checkpoints/``), no output, no study database, no run set aside by ``--overwrite``. A
+    fresh run in it starts afresh, as ``--overwrite`` would, without being asked to.
+    """
+    data = read_marker(folder)
+    if data is None or data["outputs"]:
+        return False
+    keep = {"optuna.db", REPLACED_DIR}
+    names = [p.name for p in folder.iterdir() if p.name != LOCK_FILE]
+    checkpoints = folder / "checkpoints"
+    return (all(n in RUNTIME_ENTRIES and n not in keep for n in names)
+            and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))))
 
 
 def _check_name_lengths(folder: Path) -> None:
@@ -162,6 +185,8 @@ def _claim_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
     except BaseException:
         claim.release(undo=False)
         raise
+    # A start killed before its first checkpoint: this run replaces it, as --overwrite would.
+    claim.restart = not runtime.resume and not runtime.overwrite and killed_start(folder)
     return checkpoint, claim
 
 

@@ -492,3 +492,61 @@ def test_a_really_full_disk_during_overwrite_puts_the_old_run_back(small_disk):
     assert "No space left on device" in proc.stderr
     assert contents(out) == before and not (out / REPLACED_DIR).exists()
     assert not list(out.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- killed starts
+
+# SIGKILL right after the run took the lock and wrote its first files (config.toml, run.log,
+# tb/), before any checkpoint: what a kill 0.3-1.5 s into a run leaves.
+_KILLED_AT_START = """
+import os, signal
+import snexp.runtime.run.core as core
+started = core.Run._start
+def start_then_die(self, *args, **kwargs):
+    started(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+core.Run._start = start_then_die
+"""
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_retried_as_it_was_started(tmp_path):
+    out = tmp_path / "run"
+    assert toy_cli(tmp_path, "--out", str(out), patch=_KILLED_AT_START).returncode == -9
+    assert (out / "config.toml").is_file() and not (out / "checkpoints/last.pt").exists()
+    # --resume has nothing to resume, and says to run the same command without it.
+    proc = toy_cli(tmp_path, "--out", str(out), "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert " ".join(proc.stderr.split()).endswith(
+        "the run started there was stopped before its first checkpoint, so there is nothing "
+        "to resume: run the same command without --resume to start it afresh (the files of "
+        "the stopped start are replaced)")
+    # The same command again just runs, in place of the stopped start.
+    proc = toy_cli(tmp_path, "--out", str(out), "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "held only a run stopped before its first checkpoint" in proc.stderr
+    assert load_checkpoint(out / "checkpoints/last.pt")["epoch"] == 1
+    assert not (out / REPLACED_DIR).exists()
+
+
+def test_a_folder_with_a_users_file_is_not_taken_for_a_killed_start(tmp_path):
+    out = tmp_path / "run"
+    toy_cli(tmp_path, "--out", str(out), patch=_KILLED_AT_START)
+    (out / "notes.txt").write_text("mine")
+    proc = toy_cli(tmp_path, "--out", str(out))
+    assert proc.returncode == 2
+    assert "already exists and is not empty" in " ".join(proc.stderr.split())
+
+
+def test_a_killed_overwrite_says_the_exact_commands_that_put_the_old_run_back(tmp_path):
+    out = tmp_path / "run"
+    before = finished_run(out)
+    assert toy_cli(tmp_path, "--out", str(out), "--overwrite",
+                   patch=_KILLED_AT_START).returncode == -9
+    proc = toy_cli(tmp_path, "--out", str(out), "--resume")
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr
+    command = message.split("put it back with: ")[1]
+    # Running the command it gives brings the old run back byte for byte, and it resumes.
+    subprocess.run(command, shell=True, check=True)
+    assert contents(out) == before
+    assert toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "1").returncode == 0
