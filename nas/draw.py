@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from nas.space import Architecture, parse_arch  # noqa: E402
+from snexp.runtime.checkpoint import write_file_atomic  # noqa: E402
 
 __all__ = ["draw_cells", "save_cells"]
 
@@ -81,13 +82,12 @@ def draw_cells(arch: Architecture, *, title: str | None = None) -> Figure:
 
 
 def save_cells(arch: Architecture, path: str | Path, *, title: str | None = None) -> Path:
-    """Draw ``arch`` into a PNG file (written next to it and renamed, so never half-written)."""
+    """Draw ``arch`` into a PNG file, through snexp's recorded writer: never half-written, and
+    in a run directory listed as the run's output (so ``--overwrite`` replaces it)."""
     path = Path(path)
     fig = draw_cells(arch, title=title)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
     return path

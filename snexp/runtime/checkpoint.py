@@ -18,9 +18,9 @@ import random
 import re
 import signal
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -30,7 +30,8 @@ from snexp.runtime.files import has_credentials, replace_atomic
 from snexp.runtime.marker import record_output
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rank_seed", "rng_state", "save_checkpoint",
-           "seed_everything", "seed_worker", "set_rng_state", "unwrap_model", "write_text_atomic"]
+           "seed_everything", "seed_worker", "set_rng_state", "unwrap_model", "write_file_atomic",
+           "write_text_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,20 @@ def write_text_atomic(path: Path, text: str) -> None:
     """
     replace_atomic(path, lambda f: f.write(text), binary=False, private=has_credentials(text))
     record_output(path)
+
+
+def write_file_atomic(path: str | Path, write: Callable[[IO[Any]], object], *,
+                      binary: bool = True) -> Path:
+    """Write ``path`` by calling ``write(file)``, atomically, and list it as the run's output.
+
+    The recorded writer for files other than checkpoints and text (a figure:
+    ``write_file_atomic(p, lambda f: fig.savefig(f, format="png"))``): written as
+    :func:`save_checkpoint` writes, so ``--overwrite`` knows it is snexp's.
+    """
+    path = Path(path)
+    replace_atomic(path, write, binary=binary)
+    record_output(path)
+    return path
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
