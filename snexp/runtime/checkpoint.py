@@ -63,8 +63,7 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     """
     path = Path(path)
     config = obj.get("config")
-    private = isinstance(config, Mapping) and any(
-        isinstance(v, str) and has_credentials(v) for v in config.values())
+    private = isinstance(config, Mapping) and has_credentials(repr(config))  # lists too
     replace_atomic(path, lambda f: torch.save(obj, f), binary=True, private=private)
     _fsync_dir(path.parent)
     record_output(path)

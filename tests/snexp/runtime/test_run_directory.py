@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -550,3 +551,48 @@ def test_a_killed_overwrite_says_the_exact_commands_that_put_the_old_run_back(tm
     subprocess.run(command, shell=True, check=True)
     assert contents(out) == before
     assert toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "1").returncode == 0
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+def _modes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_every_file_of_a_run_gets_the_users_umask(tmp_path, umask, mode):
+    out = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        finished_run(out)
+    finally:
+        os.umask(old)
+    # Rule: config.toml, checkpoints, outputs and the stamp (made by mkstemp, 0o600) are as
+    # readable as run.log, the lock and TensorBoard's events (made by open): what the umask says.
+    modes = _modes(out)
+    assert {"config.toml", "checkpoints/last.pt", "model.pt", "result.json", ".snexp-run",
+            "run.log", LOCK_FILE} <= set(modes)
+    assert set(modes.values()) == {mode}, modes
+
+
+def test_a_password_in_a_url_is_never_shown_to_others(tmp_path):
+    out = tmp_path / "run"
+    url = "postgresql://me:s3cret@db.example/studies"
+    old = os.umask(0o022)
+    try:
+        proc = toy_cli(tmp_path, "--out", str(out), "--epochs", "1", "--tag", url)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    # The lock file and run.log (readable by others) show the URL without its password ...
+    assert "postgresql://me:***@db.example/studies" in (out / LOCK_FILE).read_text()
+    for name in (LOCK_FILE, "run.log"):
+        assert "s3cret" not in (out / name).read_text()
+    # ... and the files that must hold it to resume are kept to their owner.
+    assert url in (out / "config.toml").read_text()
+    modes = _modes(out)
+    assert modes["config.toml"] == modes["checkpoints/last.pt"] == 0o600
+    assert modes["run.log"] == 0o644
+    assert toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "2").returncode == 0
