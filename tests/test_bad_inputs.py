@@ -191,8 +191,7 @@ CASES = {
     "overwrite-with-missing-dataset": Case("nas.search", ("--out", "prev", "--overwrite",
                                                           "--dataset", "cifar10",
                                                           "--data-root", "nowhere"),
-                                           "cifar10 not found in 'nowhere'", (previous_run,),
-                                           in_loop=True),
+                                           "cifar10 not found in 'nowhere'", (previous_run,)),
     "resume-without-checkpoint": Case("nas.search", ("--out", "nowhere", "--resume"),
                                       "cannot resume: nowhere does not exist"),
     "read-only-out": Case("nas.search", ("--out", "run"), "is not writable", patch=_READ_ONLY),
@@ -298,7 +297,7 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
 FAST_CASES = ("seed-beyond-64-bits", "storage-not-a-db", "overwrite-project-root",
               "overwrite-with-typo-in-content-dir", "full-disk", "inspect-zero-byte",
               "planted-lock-link", "lr-beyond-float32", "model-unknown-norm",
-              "apply-read-only-output")
+              "apply-read-only-output", "overwrite-with-missing-dataset")
 
 
 @pytest.mark.parametrize("name", [
