@@ -242,8 +242,8 @@ def open_storage(
             ``.sqlite3``: that SQLite file. Any other path: a journal file
             (``JournalFileBackend``), safe for several processes on one host.
         run_dir: The run directory, needed when ``storage`` is ``None``.
-        heartbeat_interval: SQLite/PostgreSQL: seconds between a running trial's heartbeats
-            (``None``: none). Journal files need none: dead owners are found by process id.
+        heartbeat_interval: Seconds between a running trial's heartbeats (``None``: none).
+            Journal files also find dead owners on this host by process id.
         grace_period: Seconds without a heartbeat before a trial is failed (``None``: twice
             ``heartbeat_interval``).
         retries: How many times a dead worker's trial is re-queued with its parameters.
