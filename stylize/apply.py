@@ -187,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if cfg.export is not None:
             if Path(cfg.export).exists() and not cfg.overwrite:
                 raise ConfigError(f"{cfg.export} exists; pass --overwrite to replace it")
-            path = export_model(net, cfg.export, style)
+            try:
+                path = export_model(net, cfg.export, style)
+            except OSError as exc:  # a full disk, a read-only folder
+                raise ConfigError(f"cannot write {cfg.export}: {exc.strerror or exc}; free "
+                                  "space or choose a writable place for --export") from None
             print(f"exported to {path}")
             return
         if cfg.input is None or cfg.output is None:
