@@ -187,10 +187,22 @@ class _Claim:
     def set_aside(self) -> None:
         """Move the entries snexp wrote into ``.snexp-replaced`` (the user's files stay)."""
         old = self.folder / REPLACED_DIR
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)  # an earlier --overwrite's, never committed: that run is gone
         owned, kept = owned_entries(self.folder)
         owned = [name for name in owned if name != REPLACED_DIR]
+        if old.is_dir() and not (self.folder / "checkpoints" / "last.pt").is_file():
+            # An earlier --overwrite stopped before its first checkpoint: the run it set aside
+            # is still the last one with a checkpoint, so it stays aside (and comes back if
+            # this run is refused too); what that stopped run wrote goes.
+            for name in owned:
+                path = self.folder / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            self.replaced = old
+            self.note = (f"--overwrite: {old} still holds the run an earlier --overwrite "
+                         "replaced (that one stopped before its first checkpoint); it stays "
+                         "there until this run's first checkpoint")
+            return
+        if old.is_dir():
+            shutil.rmtree(old)  # left by a failed clean-up after a checkpoint: nothing in it
         if not owned:
             return
         old.mkdir()

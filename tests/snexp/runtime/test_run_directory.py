@@ -596,3 +596,14 @@ def test_a_password_in_a_url_is_never_shown_to_others(tmp_path):
     assert modes["config.toml"] == modes["checkpoints/last.pt"] == 0o600
     assert modes["run.log"] == 0o644
     assert toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "2").returncode == 0
+
+
+def test_an_overwrite_retried_after_a_killed_one_keeps_the_old_run_recoverable(tmp_path):
+    # Issue 20: the retry used to delete .snexp-replaced (the last run with a checkpoint) for
+    # good. Now it stays aside, and a refused retry (a full disk) puts it back byte for byte.
+    out = tmp_path / "run"
+    before = finished_run(out)
+    toy_cli(tmp_path, "--out", str(out), "--overwrite", patch=_KILLED_AT_START)
+    proc = toy_cli(tmp_path, "--out", str(out), "--overwrite", patch=_TORCH_SAVE_FULL)
+    assert proc.returncode == 2 and "put back" in proc.stderr.replace("\n", " "), proc.stderr
+    assert contents(out) == before and not (out / REPLACED_DIR).exists()
