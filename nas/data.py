@@ -32,8 +32,8 @@ from torchvision.transforms import v2
 
 from snexp.runtime.config import ConfigError, Range
 
-__all__ = ["Cutout", "DataConfig", "ImageTensors", "Splits", "build_splits", "make_shapes",
-           "write_shapes_folder"]
+__all__ = ["Cutout", "DataConfig", "ImageTensors", "Splits", "build_splits", "check_data",
+           "make_shapes", "write_shapes_folder"]
 
 _STATS = {  # per-channel mean and std used to standardize inputs
     "embedded": ((0.5, 0.5, 0.5), (0.3, 0.3, 0.3)),
@@ -222,18 +222,47 @@ def _cap(indices: Sequence[int], limit: int | None) -> list[int]:
     return list(indices[:limit]) if limit is not None else list(indices)
 
 
+_CIFAR_FILES = {  # the extracted python version: its folder and the files torchvision reads
+    "cifar10": ("cifar-10-batches-py", ("data_batch_1", "data_batch_2", "data_batch_3",
+                                        "data_batch_4", "data_batch_5", "test_batch")),
+    "cifar100": ("cifar-100-python", ("train", "test")),
+}
+
+
+def _cifar_missing(cfg: DataConfig, why: str) -> ConfigError:
+    folder = _CIFAR_FILES[cfg.dataset][0]
+    return ConfigError(
+        f"{cfg.dataset} not found in '{cfg.root}' ({why}). Put the extracted python "
+        f"version of the dataset at '{Path(cfg.root) / folder}' (from "
+        f"https://www.cs.toronto.edu/~kriz/), point --data-root at its parent folder, or "
+        f"allow the download with --set data.download=true"
+    )
+
+
+def check_data(cfg: DataConfig) -> None:
+    """Refuse missing data before the run directory is touched (entry points call it).
+
+    Checks what can be seen without reading the images: CIFAR's files (unless
+    ``data.download``), an image folder's layout. :func:`build_splits` checks the rest.
+
+    Raises:
+        ConfigError: What is missing and where to put it.
+    """
+    if cfg.dataset in _CIFAR_FILES and not cfg.download:
+        folder, names = _CIFAR_FILES[cfg.dataset]
+        missing = [n for n in names if not (Path(cfg.root) / folder / n).is_file()]
+        if missing:
+            raise _cifar_missing(cfg, f"no {Path(cfg.root) / folder / missing[0]}")
+    elif cfg.dataset == "imagefolder":
+        _folder_layout(cfg)
+
+
 def _load_cifar(cfg: DataConfig, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     cls = datasets.CIFAR10 if cfg.dataset == "cifar10" else datasets.CIFAR100
-    folder = "cifar-10-batches-py" if cfg.dataset == "cifar10" else "cifar-100-python"
     try:
         ds = cls(cfg.root, train=train, download=cfg.download)
     except RuntimeError as exc:
-        raise ConfigError(
-            f"{cfg.dataset} not found in '{cfg.root}' ({exc}). Put the extracted python "
-            f"version of the dataset at '{Path(cfg.root) / folder}' (from "
-            f"https://www.cs.toronto.edu/~kriz/), point --data-root at its parent folder, or "
-            f"allow the download with --set data.download=true"
-        ) from None
+        raise _cifar_missing(cfg, str(exc)) from None
     images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, 3, 32, 32)
     return images, torch.tensor(ds.targets)
 
@@ -290,7 +319,8 @@ def _class_folders(path: Path, exclude: tuple[str, ...] = ()) -> list[str]:
                   and not e.name.startswith("."))
 
 
-def _image_folder(cfg: DataConfig, cut: int) -> Splits:
+def _folder_layout(cfg: DataConfig) -> tuple[Path, Path | None, list[str]]:
+    """The training folder, the test folder (or ``None``) and the classes of an image folder."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise ConfigError(f"imagefolder: '{root}' is not a folder (set --data-root DIR)")
@@ -302,14 +332,19 @@ def _image_folder(cfg: DataConfig, cut: int) -> Splits:
     if not classes:
         raise ConfigError(f"imagefolder '{train_root}': no class sub-folders (expected "
                           "<root>/<class>/<image> or <root>/train/<class>/<image>)")
-    index = {name: i for i, name in enumerate(classes)}  # training classes, everywhere
     if test_root is not None:
-        unknown = [n for n in _class_folders(test_root) if n not in index]
+        unknown = [n for n in _class_folders(test_root) if n not in classes]
         if unknown:
             raise ConfigError(
                 f"imagefolder: '{test_root}' holds classes that the training folder "
                 f"'{train_root}' lacks: {', '.join(unknown)}; a network cannot learn them. "
                 f"Add their training images or move them out of '{test_root}'")
+    return train_root, test_root, classes
+
+
+def _image_folder(cfg: DataConfig, cut: int) -> Splits:
+    train_root, test_root, classes = _folder_layout(cfg)
+    index = {name: i for i, name in enumerate(classes)}  # training classes, everywhere
     resize = [v2.Resize(cfg.size), v2.CenterCrop(cfg.size)]
 
     def folder(path: Path, train: bool, c: int, test: bool = False) -> datasets.ImageFolder:

@@ -21,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from nas.space import Architecture, parse_arch  # noqa: E402
+from snexp.runtime.checkpoint import write_file_atomic  # noqa: E402
 
 __all__ = ["draw_cells", "draw_importance", "save_cells", "save_importance"]
 
@@ -113,12 +114,11 @@ def draw_importance(report: dict, *, title: str | None = None) -> Figure:
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
-    """Write ``fig`` to a PNG file (written next to it and renamed, so never half-written)."""
+    """Write ``fig`` to a PNG file through snexp's recorded writer: never half-written, and in
+    a run directory listed as the run's output (so ``--overwrite`` replaces it)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        fig.savefig(tmp, dpi=100)
-        tmp.replace(path)
+        write_file_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
     finally:
         plt.close(fig)
     return path

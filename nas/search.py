@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nas.config import COMMON_FLAGS, PRESETS, SearchConfig
+from nas.data import check_data
 from nas.search_loop import run_search
 from snexp.runtime.config import cli_errors, parse_args
 from snexp.runtime.run import Run
@@ -30,7 +31,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with cli_errors(PROG):
         cfg = parse_args(SearchConfig, argv, prog=PROG, description=__doc__.splitlines()[0],
                          flags=FLAGS, presets=PRESETS, default_config="quick")
-        check_study_storage(cfg.search.storage)  # inputs are checked before --out is touched
+        # inputs are checked before --out is touched
+        check_study_storage(cfg.search.storage, cfg.search.study)
+        check_data(cfg.data)
         with Run(cfg, experiment="nas-search", safe_keys=SAFE_KEYS, prog=PROG) as run:
             run_search(run)
 

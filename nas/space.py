@@ -20,6 +20,7 @@ This module needs no torch; ``nas.ops`` holds the modules behind the names.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -237,6 +238,8 @@ class Architecture:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"not valid JSON: {exc}") from None
+        except RecursionError:  # json recurses per level: a hand-made 50,000-deep nesting
+            raise ValueError("not an architecture: its JSON is nested too deeply") from None
         return cls.from_dict(data, primitives)
 
 
@@ -267,13 +270,20 @@ def parse_arch(spec: str, primitives: Sequence[str] = PRIMITIVES) -> Architectur
     text = spec.strip()
     if text.startswith("normal"):
         return Architecture.from_string(text, primitives)
-    if re.fullmatch(r"\[?\s*\d+([\s,]+\d+)*\s*\]?", text):
-        return Architecture.from_flat([int(v) for v in re.findall(r"\d+", text)], primitives)
+    # A flat list, negative numbers included: the architecture's own check names a bad one.
+    if re.fullmatch(r"\[?\s*-?\d+([\s,]+-?\d+)*\s*\]?", text):
+        return Architecture.from_flat([int(v) for v in re.findall(r"-?\d+", text)], primitives)
     path = Path(text).expanduser()
-    if not path.is_file():
-        what = "is a directory" if path.is_dir() else "not found"
+    # os.path answers False for a name too long to be a file (Path.is_file raises).
+    if text.startswith(("[", "{")) and not os.path.exists(path):  # JSON typed in
+        if text[0] == "{":
+            return Architecture.from_json(text, primitives)
+        raise ValueError(f"architecture {text[:60]!r}: a flat architecture is a list of "
+                         "integers, 8 per node, such as '[0, 0, 1, 4, ...]'")
+    if not os.path.isfile(path):
+        what = "is a directory" if os.path.isdir(path) else "not found"
         raise ValueError(
-            f"architecture '{spec}': file {what}; pass a best_arch.json file, the string "
+            f"architecture '{spec[:80]}': file {what}; pass a best_arch.json file, the string "
             "'normal: [...] reduce: [...]' or a flat list of integers"
         )
     try:

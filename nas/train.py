@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from nas.config import COMMON_FLAGS, PRESETS, RetrainConfig
+from nas.data import check_data
 from nas.train_loop import load_arch, retrain
 from snexp.runtime.config import cli_errors, parse_args
 from snexp.runtime.run import Run
@@ -26,6 +27,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          flags=FLAGS, presets=PRESETS, default_config="retrain_quick")
         # A bad --arch is refused before the run starts; --resume takes the run's own.
         arch = None if cfg.runtime.resume else load_arch(cfg.retrain.arch)
+        check_data(cfg.data)
         with Run(cfg, experiment="nas-train", safe_keys=SAFE_KEYS, prog=PROG) as run:
             retrain(run, arch)
 

@@ -14,6 +14,7 @@ longest side (larger N: finer brush strokes relative to the image), then resizes
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from snexp.runtime.config import ConfigError, cli_errors, parse_args
 from snexp.runtime.device import select_device
+from snexp.runtime.files import replace_atomic
 from stylize.data import UNREADABLE, find_images, image_size, load_image
 from stylize.export import export_model
 from stylize.infer import preserve_color, stylize
@@ -74,10 +76,20 @@ def resolve_style(num_styles: int, names: Sequence[str], index: int | None,
     return weights / weights.sum()
 
 
-def _pairs(cfg: ApplyConfig) -> list[tuple[Path, Path]]:
+MIN_INPUT_SIZE = 16  # smallest side of an input image (and smallest --size)
+
+
+def _pairs(cfg: ApplyConfig) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """The (input, output) files, and a folder's inputs found unreadable (skipped)."""
     src, dst = Path(cfg.input), Path(cfg.output)
     if src.is_dir():
         files, skipped = find_images(src)
+        # An --output folder inside --input holds earlier results: never stylize them again.
+        ours = [f for f in files if f.resolve().is_relative_to(dst.resolve())]
+        files = [f for f in files if f not in ours]
+        if ours:
+            print(f"ignoring {len(ours)} file(s) in the output folder {dst}, which lies inside "
+                  f"--input {src}")
         if not files:
             raise ConfigError(f"--input {src} holds no readable image")
         if skipped:
@@ -89,20 +101,35 @@ def _pairs(cfg: ApplyConfig) -> list[tuple[Path, Path]]:
         pairs = [(src, dst)]
     else:
         raise ConfigError(f"--input {src} does not exist")
-    _check_images(pairs)
+    unreadable = _check_images(pairs, skip_unreadable=src.is_dir())
+    pairs = [(s, d) for s, d in pairs if s not in unreadable]
+    if not pairs:
+        raise ConfigError(f"--input {src} holds no readable image")
     existing = [str(d) for _, d in pairs if d.exists()]
     if existing and not cfg.overwrite:
         raise ConfigError(f"output exists: {', '.join(existing[:3])}"
                           f"{' ...' if len(existing) > 3 else ''}; pass --overwrite to replace")
-    return pairs
+    for folder in sorted({d.parent for _, d in pairs}):
+        _check_writable(folder)
+    return pairs, unreadable
 
 
-MIN_INPUT_SIZE = 16  # smallest side of an input image
+def _check_writable(folder: Path) -> None:
+    """Refuse, before anything is written, an output folder that cannot be written."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output {folder}: {existing} is not writable (read-only folder or "
+                          "file system); choose a folder you can write to. Nothing was written")
 
 
-def _check_images(pairs: Sequence[tuple[Path, Path]]) -> None:
+def _check_images(pairs: Sequence[tuple[Path, Path]], *, skip_unreadable: bool) -> list[Path]:
     """Refuse, before any output is written, inputs too small to stylize and outputs whose
-    extension names no image format."""
+    extension names no image format; return the unreadable inputs a folder skips."""
+    unreadable = []
     known = Image.registered_extensions()
     for _, dst in pairs:
         if dst.suffix.lower() not in known:
@@ -114,6 +141,9 @@ def _check_images(pairs: Sequence[tuple[Path, Path]]) -> None:
         try:
             width, height = image_size(src)
         except UNREADABLE as exc:
+            if skip_unreadable:
+                unreadable.append(src)
+                continue
             raise ConfigError(f"cannot read image '{src}' ({type(exc).__name__}: {exc})"
                               ) from None
         if min(width, height) < MIN_INPUT_SIZE:
@@ -121,6 +151,7 @@ def _check_images(pairs: Sequence[tuple[Path, Path]]) -> None:
                 f"--input {src} is {width}x{height} pixels: stylize.apply needs at least "
                 f"{MIN_INPUT_SIZE} px on each side (the network downsamples by 4 and its "
                 "brush strokes are tens of pixels wide); nothing was written")
+    return unreadable
 
 
 def _stylize_file(net, src: Path, dst: Path, style, cfg: ApplyConfig, device) -> None:
@@ -138,7 +169,10 @@ def _stylize_file(net, src: Path, dst: Path, style, cfg: ApplyConfig, device) ->
         out = preserve_color(image, out)
     dst.parent.mkdir(parents=True, exist_ok=True)
     picture: Image.Image = to_pil_image(out[0].mul(255).round().to(torch.uint8).cpu())
-    picture.save(dst, **({"quality": 95} if dst.suffix.lower() in (".jpg", ".jpeg") else {}))
+    options = {"quality": 95} if dst.suffix.lower() in (".jpg", ".jpeg") else {}
+    image_format = Image.registered_extensions()[dst.suffix.lower()]
+    # atomically: a full disk or a kill never leaves half an image (nor writes through a link)
+    replace_atomic(dst, lambda f: picture.save(f, format=image_format, **options), binary=True)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -153,7 +187,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         if cfg.export is not None:
             if Path(cfg.export).exists() and not cfg.overwrite:
                 raise ConfigError(f"{cfg.export} exists; pass --overwrite to replace it")
-            path = export_model(net, cfg.export, style)
+            try:
+                path = export_model(net, cfg.export, style)
+            except OSError as exc:  # a full disk, a read-only folder
+                raise ConfigError(f"cannot write {cfg.export}: {exc.strerror or exc}; free "
+                                  "space or choose a writable place for --export") from None
             print(f"exported to {path}")
             return
         if cfg.input is None or cfg.output is None:
@@ -162,12 +200,31 @@ def main(argv: Sequence[str] | None = None) -> None:
                 cfg.overlap is not None and not 0 <= cfg.overlap < cfg.tile)):
             raise ConfigError(f"--tile must be >= 16 and --overlap in [0, tile), got "
                               f"{cfg.tile} and {cfg.overlap}")
+        if cfg.size is not None and cfg.size < MIN_INPUT_SIZE:
+            raise ConfigError(f"--size {cfg.size}: the network needs at least {MIN_INPUT_SIZE} "
+                              "px on the longest side (it downsamples by 4); pass a larger "
+                              "--size, or leave it out to work at the input's own size")
         device = select_device(cfg.device)
         net.to(device)
-        pairs = _pairs(cfg)
+        pairs, unreadable = _pairs(cfg)
+        done = 0
         for src, dst in pairs:
-            _stylize_file(net, src, dst, style, cfg, device)
-        print(f"stylized {len(pairs)} image(s) into {cfg.output}")
+            try:
+                _stylize_file(net, src, dst, style, cfg, device)
+            except ConfigError:  # decoding failed past the header: a truncated file
+                if not Path(cfg.input).is_dir():
+                    raise
+                unreadable.append(src)  # a folder: skip and count it, as training does
+                continue
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot write {dst}: {exc.strerror or exc}; {done} of {len(pairs)} "
+                    "image(s) were written before it. Free space or choose a writable "
+                    "--output, then run again (with --overwrite to replace those)") from None
+            done += 1
+        print(f"stylized {done} image(s) into {cfg.output}"
+              + (f"; skipped {len(unreadable)} unreadable (truncated or corrupt) file(s), "
+                 f"e.g. {unreadable[0]}" if unreadable else ""))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from snexp.runtime.config import ConfigError
+from snexp.runtime.files import replace_atomic
 from stylize.net import TransformerNet, style_weights
 
 __all__ = ["ONNX_EXTRA", "FixedStyle", "export_model", "missing_onnx_packages"]
@@ -63,7 +64,8 @@ def export_model(net: TransformerNet, path: str | Path, style: int | Tensor | No
     example = (torch.rand(1, 3, example_size, example_size),)
     if path.suffix == ".pt2":
         program = torch.export.export(model, example, dynamic_shapes=_dynamic_shapes())
-        torch.export.save(program, path)
+        # atomically, as every model file: no half-written .pt2, no write through a link
+        replace_atomic(path, lambda f: torch.export.save(program, f), binary=True)
         return path
     if path.suffix == ".onnx":
         missing = missing_onnx_packages()

@@ -26,6 +26,9 @@ __all__ = ["MODEL_FORMAT", "load_model", "save_model"]
 
 MODEL_FORMAT = 1  # bump when the layout of model.pt changes
 _KEYS = ("state_dict", "norm", "norm_options", "width", "blocks", "styles")
+# Far beyond any trained network, low enough that a hand-edited file cannot make one that
+# fills the memory before its weights are found not to fit.
+_MAX_WIDTH, _MAX_BLOCKS = 64, 256
 
 
 def _plain(value: Any) -> Any:
@@ -63,6 +66,27 @@ def save_model(path: str | Path, net: TransformerNet, *, styles: Sequence[str],
     }, path)
 
 
+def _bad_field(obj: Mapping[str, Any]) -> str | None:
+    """What is wrong with the fields of a model file, or ``None`` (checked before building)."""
+    number = (int, float)
+    checks = (
+        ("norm", isinstance(obj["norm"], str), "a norm kind such as 'sn'"),
+        ("width", isinstance(obj["width"], number) and not isinstance(obj["width"], bool)
+         and 0 < obj["width"] <= _MAX_WIDTH, f"a number in (0, {_MAX_WIDTH}]"),
+        ("blocks", type(obj["blocks"]) is int and 0 <= obj["blocks"] <= _MAX_BLOCKS,
+         f"an integer in [0, {_MAX_BLOCKS}]"),
+        ("styles", isinstance(obj["styles"], list) and obj["styles"]
+         and all(isinstance(n, str) for n in obj["styles"]), "a non-empty list of names"),
+        ("norm_options", isinstance(obj["norm_options"], Mapping), "a table of options"),
+        ("state_dict", isinstance(obj["state_dict"], Mapping), "a table of tensors"),
+        ("pixel_scale", isinstance(obj.get("pixel_scale", 1.0), number), "a number"),
+    )
+    for key, ok, want in checks:
+        if not ok:
+            return f"its {key} is {repr(obj.get(key))[:60]}, not {want}"
+    return None
+
+
 def load_model(path: str | Path, *, map_location: str | torch.device = "cpu"
                ) -> tuple[TransformerNet, dict[str, Any]]:
     """Rebuild the network saved by :func:`save_model`, in eval mode.
@@ -78,11 +102,20 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu"
         hint = " (a training checkpoint? use <out>/model.pt)" if "objects" in obj else ""
         raise ConfigError(f"'{path}' is not a stylize model file of format {MODEL_FORMAT}"
                           f"{hint}")
-    options = {k: tuple(v) if isinstance(v, list) else v
-               for k, v in obj["norm_options"].items()}
-    net = TransformerNet(obj["norm"], width=obj["width"], blocks=obj["blocks"],
-                         num_styles=len(obj["styles"]), norm_options=options,
-                         pixel_scale=float(obj.get("pixel_scale", 1.0)))
-    net.load_state_dict(obj["state_dict"])
+    problem = _bad_field(obj)
+    try:
+        if problem is not None:
+            raise ValueError(problem)
+        options = {k: tuple(v) if isinstance(v, list) else v
+                   for k, v in obj["norm_options"].items()}
+        net = TransformerNet(obj["norm"], width=obj["width"], blocks=obj["blocks"],
+                             num_styles=len(obj["styles"]), norm_options=options,
+                             pixel_scale=float(obj.get("pixel_scale", 1.0)))
+        net.load_state_dict(obj["state_dict"])
+    except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+        # A hand-made or edited file: its fields or weights do not make a network.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"'{path}' is not a usable stylize model ({reason}); pass the "
+                          "model.pt that python -m stylize.train wrote") from None
     net.eval()
     return net, {k: v for k, v in obj.items() if k != "state_dict"}

@@ -42,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                          flags=FLAGS, presets=PRESETS, default_config="tune")
         check_inputs(cfg)
         check_overwrite(cfg)
-        check_study_storage(cfg.tune.storage)
+        check_study_storage(cfg.tune.storage, cfg.tune.study)
         loss_net = load_vgg16(cfg.loss.vgg_weights)
         with Run(cfg, experiment="stylize-tune", safe_keys=SAFE_KEYS, prog=PROG) as run:
             tune(run, loss_net)

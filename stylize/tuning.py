@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from snexp.runtime.config import ConfigError, RuntimeConfig, flatten
-from snexp.runtime.run import Run
+from snexp.runtime.run import Run, RunStopped
 from snexp.runtime.samplers import WorkerSeededSampler
 from snexp.runtime.track import open_study
 from stylize.config import DataConfig, LossConfig, ModelConfig, NormKind, TrainConfig
@@ -126,6 +126,15 @@ def check_overwrite(cfg: TuneConfig) -> None:
                 "file yourself if you want to discard them")
 
 
+class _NoStopTraceback(logging.Filter):
+    """Optuna logs a trial that raised with its traceback; a stop (SIGTERM, Ctrl-C) is no
+    error, and the message the run prints says where it stopped and how to resume."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, RunStopped)
+
+
 def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
     """Run this worker's ``cfg.tune.trials`` trials of the study; returns the study.
 
@@ -177,7 +186,8 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
                 study.enqueue_trial(trial.params, user_attrs={"requeued_from": trial.number})
                 logger.warning("trial %d stopped at step %d: marked failed and re-queued with "
                                "the same parameters", trial.number, step)
-                run.check_stop()  # writes the checkpoint, raises RunInterrupted
+                # writes the checkpoint, raises RunInterrupted naming the trial's own step
+                run.check_stop(where=f"step {step} of trial {trial.number} (re-queued)")
             if not torch.isfinite(losses.total):
                 raise optuna.TrialPruned(f"loss became {float(losses.total)} at step {step}")
             if step % search.report_every == 0 or step == search.steps:
@@ -198,7 +208,14 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
     if done:
         logger.info("resuming: %d of this worker's %d trials are done", done, search.trials)
     if search.trials > done:
-        study.optimize(objective, n_trials=search.trials - done, catch=(), callbacks=[count])
+        # a logger's filters see only its own records: this is the one that logs failed trials
+        optimizer_log, quiet = logging.getLogger("optuna.study._optimize"), _NoStopTraceback()
+        optimizer_log.addFilter(quiet)
+        try:
+            study.optimize(objective, n_trials=search.trials - done, catch=(),
+                           callbacks=[count])
+        finally:
+            optimizer_log.removeFilter(quiet)
     front = sorted(study.best_trials, key=lambda t: t.values[0])
     for t in front:
         logger.info("Pareto front: trial %d %s -> content %.4g, style %.4g", t.number,

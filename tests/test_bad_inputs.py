@@ -34,6 +34,13 @@ core.write_text_atomic = full
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
+_READ_ONLY_APPLY = """
+import runpy, sys
+import stylize.apply as apply
+apply.os.access = lambda path, mode: False  # what a read-only folder answers (root ignores it)
+sys.argv = [sys.argv[1], *sys.argv[2:]]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
 _READ_ONLY = """
 import runpy, sys
 import snexp.runtime.run.directory as directory
@@ -102,6 +109,30 @@ def symlinked_run(folder: Path) -> None:
     (folder / "link").symlink_to(folder / "prev")
 
 
+def planted_lock(folder: Path) -> None:
+    """The attack of issue 20: a run folder holding only a link from its lock to a victim."""
+    (folder / "victim.txt").write_text("KEEP\n")
+    (folder / "runs/lk").mkdir(parents=True)
+    (folder / "runs/lk/.snexp-lock").symlink_to("../../victim.txt")
+
+
+def nul_config(folder: Path) -> None:
+    (folder / "nul.toml").write_text('[runtime]\nout = "runs/a\\u0000b"\n')
+
+
+def deep_arch(folder: Path) -> None:
+    (folder / "deep.json").write_text("[" * 50_000 + "]" * 50_000)
+
+
+def hand_made_models(folder: Path) -> None:
+    """model.pt files edited by hand: an unknown norm, a negative width, styles as a number."""
+    images(folder)
+    good = torch.load(folder / "model.pt", weights_only=True)
+    for name, change in (("zz", {"norm": "zz"}), ("width", {"width": -1.0}),
+                         ("styles", {"styles": 5})):
+        torch.save({**good, **change}, folder / f"{name}.pt")
+
+
 @dataclass(frozen=True)
 class Case:
     module: str
@@ -160,8 +191,7 @@ CASES = {
     "overwrite-with-missing-dataset": Case("nas.search", ("--out", "prev", "--overwrite",
                                                           "--dataset", "cifar10",
                                                           "--data-root", "nowhere"),
-                                           "cifar10 not found in 'nowhere'", (previous_run,),
-                                           in_loop=True),
+                                           "cifar10 not found in 'nowhere'", (previous_run,)),
     "resume-without-checkpoint": Case("nas.search", ("--out", "nowhere", "--resume"),
                                       "cannot resume: nowhere does not exist"),
     "read-only-out": Case("nas.search", ("--out", "run"), "is not writable", patch=_READ_ONLY),
@@ -198,6 +228,52 @@ CASES = {
                               (sn_checkpoints,)),
     "inspect-png-missing-folder": Case("snexp.inspect", ("sn.pt", "--png", "nodir/x.png"),
                                        "folder 'nodir' does not exist", (sn_checkpoints,)),
+    # Issue 20: links planted in a run folder, settings beyond float32, names the file system
+    # cannot hold, JSON nested too deep, hand-edited model files, stray spellings.
+    "planted-lock-link": Case("nas.search", ("--out", "runs/lk"),
+                              "runs/lk/.snexp-lock is a symbolic link (to ../../victim.txt); "
+                              "snexp never writes through links", (planted_lock,)),
+    "lr-beyond-float32": Case("nas.search", ("--set", "train.lr_max=1e300"),
+                              "train.lr_max must be a finite float32 number"),
+    "out-with-nul": Case("nas.search", ("--config", "nul.toml"),
+                         "runtime.out holds a NUL character", (nul_config,)),
+    "out-300-characters": Case("nas.search", ("--out", "r" * 300),
+                               "is 300 bytes long, more than the 255 the file system allows"),
+    "arch-nested-50000-deep": Case("nas.train", ("--arch", "deep.json"),
+                                   "its JSON is nested too deeply", (deep_arch,)),
+    "arch-negative-op": Case("nas.train", ("--arch", "[0,0,1,-4,0,0,1,4]"),
+                             "op index -4 is invalid"),
+    "arch-json-list-not-a-file": Case("nas.train", ("--arch", "[[0,0],[1,4]]"),
+                                      "a flat architecture is a list of integers"),
+    "model-unknown-norm": Case("stylize.apply", ("--model", "zz.pt", "--input", "photo.png",
+                                                 "--output", "out.png"),
+                               "zz.pt' is not a usable stylize model", (hand_made_models,)),
+    "model-negative-width": Case("stylize.apply", ("--model", "width.pt", "--input",
+                                                   "photo.png", "--output", "out.png"),
+                                 "its width is -1.0, not a number in (0, 64]",
+                                 (hand_made_models,)),
+    "model-styles-a-number": Case("stylize.apply", ("--model", "styles.pt", "--input",
+                                                    "photo.png", "--output", "out.png"),
+                                  "its styles is 5, not a non-empty list of names",
+                                  (hand_made_models,)),
+    "model-a-folder": Case("stylize.apply", ("--model", "prev", "--input", "style.png",
+                                             "--output", "out.png"),
+                           "'prev' is a folder, not a checkpoint or model file; did you mean "
+                           "'prev/model.pt'?", (previous_run, style_image)),
+    "apply-read-only-output": Case("stylize.apply", ("--model", "model.pt", "--input",
+                                                     "photo.png", "--output", "out/x.png"),
+                                   "is not writable (read-only folder or file system)",
+                                   (images,), patch=_READ_ONLY_APPLY),
+    "apply-size-zero": Case("stylize.apply", ("--model", "model.pt", "--input", "photo.png",
+                                              "--output", "out.png", "--size", "0"),
+                            "--size 0: the network needs at least 16 px", (images,)),
+    "apply-size-negative": Case("stylize.apply", ("--model", "model.pt", "--input", "photo.png",
+                                                  "--output", "out.png", "--size", "-5"),
+                                "--size -5: the network needs at least 16 px", (images,)),
+    "storage-empty": Case("nas.search", ("--storage", ""), "--storage is empty"),
+    "study-empty": Case("nas.search", ("--study", ""), "--study is empty"),
+    "epochs-arabic-digit": Case("nas.search", ("--epochs", "\u0661"),
+                                "--epochs: train.epochs expects an integer, got '\u0661'"),
     "inspect-missing-keys": Case("snexp.inspect", ("missing.pt",),
                                  "layer '0' has mean_weight but no var_weight", (sn_checkpoints,)),
 }
@@ -219,7 +295,9 @@ def snapshot(folder: Path) -> dict[str, bytes | str]:
 
 # One case per kind runs in the fast suite; each case starts a Python with torch (~4 s).
 FAST_CASES = ("seed-beyond-64-bits", "storage-not-a-db", "overwrite-project-root",
-              "overwrite-with-typo-in-content-dir", "full-disk", "inspect-zero-byte")
+              "overwrite-with-typo-in-content-dir", "full-disk", "inspect-zero-byte",
+              "planted-lock-link", "lr-beyond-float32", "model-unknown-norm",
+              "apply-read-only-output", "overwrite-with-missing-dataset")
 
 
 @pytest.mark.parametrize("name", [

@@ -17,20 +17,21 @@ import pickle
 import random
 import re
 import signal
-import tempfile
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
 
 from snexp.runtime.config import ConfigError
+from snexp.runtime.files import has_credentials, replace_atomic
 from snexp.runtime.marker import record_output
 
 __all__ = ["CHECKPOINT_FORMAT", "load_checkpoint", "rank_seed", "rng_state", "save_checkpoint",
-           "seed_everything", "seed_worker", "set_rng_state", "unwrap_model", "write_text_atomic"]
+           "seed_everything", "seed_worker", "set_rng_state", "unwrap_model", "write_file_atomic",
+           "write_text_atomic"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,12 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
     If the process dies at any moment, ``path`` holds either the old or the new checkpoint,
     never a torn one. The temporary file has a unique name (``.last.pt.<random>.tmp``), so two
     writers never write into one file; a run removes those a killed write left behind. Inside a
-    run directory the file is listed as the run's output (:mod:`snexp.runtime.marker`).
+    run directory the file is listed as the run's output (:mod:`snexp.runtime.marker`). The
+    file gets the umask's permissions, owner-only if its ``config`` holds a password.
+
+    Raises:
+        OSError: The write failed; a full disk too, which ``torch.save`` itself reports as a
+            ``RuntimeError`` (:func:`snexp.runtime.files.replace_atomic`).
 
     Args:
         obj: Plain containers, numbers, strings and tensors (what ``weights_only`` loads).
@@ -56,25 +62,12 @@ def save_checkpoint(obj: Mapping[str, Any], path: str | Path) -> Path:
         ``path`` as a ``Path``.
     """
     path = Path(path)
-    _replace_atomic(path, lambda f: torch.save(obj, f), binary=True)
+    config = obj.get("config")
+    private = isinstance(config, Mapping) and has_credentials(repr(config))  # lists too
+    replace_atomic(path, lambda f: torch.save(obj, f), binary=True, private=private)
     _fsync_dir(path.parent)
     record_output(path)
     return path
-
-
-def _replace_atomic(path: Path, write, *, binary: bool) -> None:
-    """Write ``path`` through a unique temporary file in its folder, fsync, ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -91,9 +84,24 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (unique temporary file, fsync, ``os.replace``).
 
     Inside a run directory the file is listed as the run's output (:mod:`snexp.runtime.marker`).
+    A text holding a password (a storage URL) is written owner-only.
     """
-    _replace_atomic(path, lambda f: f.write(text), binary=False)
+    replace_atomic(path, lambda f: f.write(text), binary=False, private=has_credentials(text))
     record_output(path)
+
+
+def write_file_atomic(path: str | Path, write: Callable[[IO[Any]], object], *,
+                      binary: bool = True) -> Path:
+    """Write ``path`` by calling ``write(file)``, atomically, and list it as the run's output.
+
+    The recorded writer for files other than checkpoints and text (a figure:
+    ``write_file_atomic(p, lambda f: fig.savefig(f, format="png"))``): written as
+    :func:`save_checkpoint` writes, so ``--overwrite`` knows it is snexp's.
+    """
+    path = Path(path)
+    replace_atomic(path, write, binary=binary)
+    record_output(path)
+    return path
 
 
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu") -> dict:
@@ -111,6 +119,10 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             tensors (a pickled object that would run code is refused, not loaded).
     """
     path = Path(path)
+    if path.is_dir():
+        inside = [p for p in (path / "model.pt", path / "checkpoints" / "last.pt") if p.is_file()]
+        hint = f"; did you mean '{inside[0]}'?" if inside else ""
+        raise ConfigError(f"'{path}' is a folder, not a checkpoint or model file{hint}")
     if not path.is_file():
         raise ConfigError(f"checkpoint '{path}' not found")
     if path.stat().st_size == 0:

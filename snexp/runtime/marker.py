@@ -13,11 +13,11 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from snexp.runtime.files import replace_atomic
 
 __all__ = ["LOCK_FILE", "MARKER_FILE", "REPLACED_DIR", "RUNTIME_ENTRIES", "owned_entries",
            "read_marker", "record_output", "write_marker"]
@@ -55,15 +55,7 @@ def write_marker(folder: str | Path, experiment: str, outputs: Sequence[str] = (
 
 
 def _replace(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    replace_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def record_output(path: str | Path) -> None:

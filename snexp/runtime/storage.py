@@ -10,7 +10,8 @@ fixes both through Optuna's own machinery:
   heartbeat is older than ``grace_period`` is failed by the next worker that starts a trial or
   opens the study (:func:`optuna.storages.fail_stale_trials`), then optionally re-queued by
   :class:`optuna.storages.RetryHeartbeatStaleTrialCallback`. Optuna 5's ``JournalStorage`` has
-  no heartbeat, so every trial is stamped with its owner process (host, kernel boot id, PID
+  no heartbeat; the journal storage here keeps one as a trial attribute. Every trial is also
+  stamped with its owner process (host, kernel boot id, PID
   namespace, pid, start time); a worker that opens the study or asks for a trial fails the
   ``RUNNING`` trials whose owner ran in its own host, kernel and PID namespace and is gone (a
   worker in another container on the same host is never taken for dead). Owners are also how
@@ -21,6 +22,7 @@ fixes both through Optuna's own machinery:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -33,14 +35,17 @@ from typing import Any
 import optuna
 import sqlalchemy.exc
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 
 from snexp.runtime.config import ConfigError
 
-__all__ = ["OWNER_ATTR", "check_storage", "fail_dead_owner_trials", "make_storage", "reap"]
+__all__ = ["HEARTBEAT_ATTR", "OWNER_ATTR", "check_storage", "fail_dead_owner_trials",
+           "make_storage", "reap"]
 
 OWNER_ATTR = "snexp:owner"  # trial attribute "host:bootid/pidns:pid:start" of its worker
+HEARTBEAT_ATTR = "snexp:heartbeat"  # journal files: time.time() of the trial's last heartbeat
 
 
 def _start_time(pid: int) -> str | None:
@@ -157,9 +162,37 @@ def fail_dead_owner_trials(storage: Any, study_id: int) -> list[int]:
     return [t.number for t in failed]
 
 
-class _JournalStorage(_OwnedTrials, JournalStorage):
+class _JournalStorage(_OwnedTrials, JournalStorage, BaseHeartbeat):
+    # NOTE: Optuna's JournalStorage has no heartbeat. This one keeps it as a trial system
+    # attribute (wall-clock seconds), so Study.optimize's heartbeat thread and
+    # optuna.storages.fail_stale_trials work as on RDB storages: a long trial of a worker whose
+    # process cannot be judged from here (another container, a host sharing the file) is
+    # failed once its heartbeat is older than the grace period. Trials without one (ask/tell)
+    # are left to the owner check.
+    _heartbeat_interval: int | None = None
+    _grace_period: int | None = None
+
     def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
         return self._new_trial(super().create_new_trial, study_id, template_trial)
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
+            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        if self._heartbeat_interval is None:
+            return []
+        grace = self._grace_period or 2 * self._heartbeat_interval
+        now = time.time()
+        return [t._trial_id for t in self.get_all_trials(study_id, deepcopy=False,
+                                                          states=(TrialState.RUNNING,))
+                if now - float(t.system_attrs.get(HEARTBEAT_ATTR, now)) > grace]
+
+    def get_heartbeat_interval(self) -> int | None:
+        return self._heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self) -> Callable[..., None] | None:
+        return self._retry
 
 
 class _RDBStorage(_OwnedTrials, RDBStorage):
@@ -277,8 +310,8 @@ def make_storage(
 
     Args:
         label: ``sqlite:///...``, ``postgresql://...`` (any SQLAlchemy URL) or a journal file.
-        heartbeat_interval: Seconds between a running trial's heartbeats (RDB only; ``None``:
-            no heartbeat).
+        heartbeat_interval: Seconds between a running trial's heartbeats (``None``: no
+            heartbeat; journal files keep it as a trial attribute).
         grace_period: Seconds without a heartbeat before a trial counts as dead (``None``:
             twice ``heartbeat_interval``).
         retries: How many times a dead worker's trial is re-queued with the same parameters
@@ -297,6 +330,7 @@ def make_storage(
         retry = RetryHeartbeatStaleTrialCallback(max_retry=retries) if retries > 0 else None
         if "://" not in label:
             storage = _JournalStorage(JournalFileBackend(label))
+            storage._heartbeat_interval, storage._grace_period = heartbeat_interval, grace_period
         else:
             engine: dict[str, Any] = {"pool_pre_ping": True}
             if label.startswith("sqlite"):

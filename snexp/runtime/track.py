@@ -18,8 +18,10 @@ The tracker does not know what a cell or a Gram matrix is: the loop hands it tag
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -32,6 +34,7 @@ from optuna.storages import BaseStorage
 from tqdm.auto import tqdm
 
 from snexp.runtime.config import ConfigError, flatten
+from snexp.runtime.files import file_mode, redact
 from snexp.runtime.storage import check_storage, make_storage, reap
 
 __all__ = [
@@ -117,8 +120,8 @@ class Tracker:
 
     def text(self, tag: str, text: str, step: int) -> None:
         """Markdown text (code blocks render), e.g. an architecture or the config."""
-        if self.writer is not None:
-            self.writer.add_text(tag, text, step)
+        if self.writer is not None:  # event files are as readable as run.log: no passwords
+            self.writer.add_text(tag, redact(text), step)
 
     def histogram(self, tag: str, values: torch.Tensor, step: int) -> None:
         """The distribution of a tensor's values."""
@@ -198,11 +201,13 @@ def _wait_for_later_event_name(folder: Path) -> None:
 def _hparam_value(value: Any) -> float | int | str:
     if isinstance(value, bool) or value is None:
         return "none" if value is None else str(value).lower()
-    if isinstance(value, (int, float, str)):
+    if isinstance(value, str):
+        return redact(value)  # a --storage URL's password stays out of the event files
+    if isinstance(value, (int, float)):
         return value
     if isinstance(value, (tuple, list)):
-        return "[" + ", ".join(str(v) for v in value) + "]"
-    return str(value)
+        return redact("[" + ", ".join(str(v) for v in value) + "]")
+    return redact(str(value))
 
 
 # ----------------------------------------------------------------------------- Optuna
@@ -241,8 +246,8 @@ def open_storage(
             ``.sqlite3``: that SQLite file. Any other path: a journal file
             (``JournalFileBackend``), safe for several processes on one host.
         run_dir: The run directory, needed when ``storage`` is ``None``.
-        heartbeat_interval: SQLite/PostgreSQL: seconds between a running trial's heartbeats
-            (``None``: none). Journal files need none: dead owners are found by process id.
+        heartbeat_interval: Seconds between a running trial's heartbeats (``None``: none).
+            Journal files also find dead owners on this host by process id.
         grace_period: Seconds without a heartbeat before a trial is failed (``None``: twice
             ``heartbeat_interval``).
         retries: How many times a dead worker's trial is re-queued with its parameters.
@@ -255,23 +260,37 @@ def open_storage(
         ConfigError: A file storage whose folder does not exist.
     """
     label = _storage_label(storage, run_dir)
-    folder = Path(label.removeprefix("sqlite:///")).parent
-    if (label.startswith("sqlite:///") or "://" not in label) and not folder.is_dir():
-        raise ConfigError(f"storage '{storage}': folder '{folder}' does not exist")
-    return make_storage(label, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+    file = Path(label.removeprefix("sqlite:///"))
+    if (label.startswith("sqlite:///") or "://" not in label) and not file.parent.is_dir():
+        raise ConfigError(f"storage '{redact(str(storage))}': folder '{file.parent}' does not "
+                          "exist")
+    new = label.startswith("sqlite:///") and not file.exists()
+    made = make_storage(label, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                         retries=retries, sqlite_timeout=sqlite_timeout)
+    if new and file.is_file() and not file.is_symlink():
+        with contextlib.suppress(OSError):  # SQLite creates 0o644 whatever the umask allows
+            os.chmod(file, file_mode())
+    return made
 
 
-def check_study_storage(storage: str | Path | None) -> None:
-    """Refuse a ``--storage`` value that cannot work, before anything is created.
+def check_study_storage(storage: str | Path | None, study: str | None = None) -> None:
+    """Refuse a ``--storage`` value (and ``--study`` name) that cannot work, before anything
+    is created.
 
     ``None`` (the run directory's ``optuna.db``) always can. Entry points call this before
     the run directory is touched; :func:`open_storage` checks the same again.
 
     Raises:
-        ConfigError: An unknown URL scheme, a missing driver or folder, or an existing file
-            that is neither a SQLite database nor an Optuna journal.
+        ConfigError: An empty value (``--storage ""`` would be the working folder, ``--study
+            ""`` a study nobody can name), an unknown URL scheme, a missing driver or folder,
+            or an existing file that is neither a SQLite database nor an Optuna journal.
     """
+    if storage is not None and not str(storage).strip():
+        raise ConfigError("--storage is empty; pass a database URL or file (e.g. --storage "
+                          "study.db), or leave it out for the run directory's optuna.db")
+    if study is not None and not study.strip():
+        raise ConfigError("--study is empty; pass a study name (workers sharing a storage "
+                          "share a study by its name), or leave it out for the default")
     if storage is not None:
         check_storage(_storage_label(storage, None))
 
@@ -351,7 +370,8 @@ def open_study(
     if failed := reap(study):
         logging.getLogger(__name__).warning(
             "optuna study '%s': trials %s of dead workers marked failed", name, failed)
-    logging.getLogger(__name__).info("optuna study '%s' in %s (view: %s)", name, label, view)
+    logging.getLogger(__name__).info("optuna study '%s' in %s (view: %s)", name, redact(label),
+                                     redact(view))
     return study
 
 

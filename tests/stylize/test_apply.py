@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import stat
 
 import pytest
 import torch
@@ -227,3 +229,49 @@ def test_portrait_photo_is_stylized_and_saved_upright(tmp_path, model_file):
     main(["--model", str(model_file[0]), "--input", str(tmp_path / "portrait.jpg"), "--output",
           str(tmp_path / "out.png")])
     assert Image.open(tmp_path / "out.png").size == (24, 40)
+
+
+def test_a_folder_skips_truncated_images_and_counts_them(tmp_path, model_file, photo, capsys):
+    # Rule: a truncated photo in a folder is skipped and counted (as training does); the
+    # others are all stylized, before and after it.
+    src = tmp_path / "in"
+    src.mkdir()
+    whole = photo.read_bytes()
+    for name in ("a.png", "c.png"):
+        (src / name).write_bytes(whole)
+    (src / "b.png").write_bytes(whole[: len(whole) // 2])  # its header reads, its pixels do not
+    main(["--model", str(model_file[0]), "--input", str(src), "--output", str(tmp_path / "o"),
+          "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["a.png", "c.png"]
+    assert f"stylized 2 image(s) into {tmp_path / 'o'}; skipped 1 unreadable" in out
+    assert str(src / "b.png") in out
+
+
+def test_an_output_folder_inside_the_input_is_not_stylized_again(tmp_path, model_file, photo,
+                                                                capsys):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.png").write_bytes(photo.read_bytes())
+    args = ["--model", str(model_file[0]), "--input", str(src), "--output", str(src / "styled"),
+            "--device", "cpu"]
+    main(args)
+    first = (src / "styled/a.png").read_bytes()
+    main([*args, "--overwrite"])
+    # The second run stylizes a.png only: no styled/styled/a.png, and a.png's result is the same.
+    assert sorted(str(p.relative_to(src)) for p in src.rglob("*.png")) == ["a.png",
+                                                                          "styled/a.png"]
+    assert (src / "styled/a.png").read_bytes() == first
+    assert "ignoring 1 file(s) in the output folder" in capsys.readouterr().out
+
+
+def test_outputs_get_the_umask_permissions(tmp_path, model_file, photo):
+    old = os.umask(0o022)
+    try:
+        main(["--model", str(model_file[0]), "--input", str(photo), "--output",
+              str(tmp_path / "out.png"), "--device", "cpu"])
+    finally:
+        os.umask(old)
+    # Rule: what a user's umask allows, like any file they write (0o644 under 022).
+    assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o644
+    assert stat.S_IMODE(model_file[0].stat().st_mode) & 0o044 == 0o044  # teammates can read it

@@ -72,11 +72,17 @@ def test_sigterm_stops_after_the_current_step_and_resume_continues(tmp_path, sty
     real_step = tuning.train_step
     monkeypatch.setattr(tuning, "train_step", step_then_signal)
     cfg = _config(tmp_path / "w1", style_files[:1])
-    with pytest.raises(RunInterrupted, match="--resume"):
+    with pytest.raises(RunInterrupted, match="--resume") as info:
         with Run(cfg, experiment="t", console=False) as run:
             tune(run, tiny_loss_net)
     # the signal stopped trial 1 right after that step: no further step, no further trial
     assert len(steps) == 6
+    # The message names the trial's own step (not the run's step 0), and Optuna's log of the
+    # failed trial, with its traceback, is not shown: a stop is no error.
+    assert "the run stopped after step 2 of trial 1 (re-queued); checkpoint saved" in str(
+        info.value)
+    log = (tmp_path / "w1" / "run.log").read_text()
+    assert "Traceback" not in log and "Trial 1 failed with parameters" not in log
     study = optuna.load_study(study_name="stylize",
                               storage=f"sqlite:///{tmp_path / 'w1' / 'optuna.db'}")
     states = [t.state for t in study.trials]

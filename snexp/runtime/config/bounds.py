@@ -7,7 +7,8 @@ one source::
     seed: Annotated[int, Range(ge=0, lt=2**64)] = 0  # seed of every generator
 
 Every ``float`` field, annotated or not, must also be finite (no ``nan``, ``inf``, nor a
-literal such as ``1e400`` that overflows to ``inf``) unless it says ``Range(finite=False)``: a
+literal such as ``1e400`` that overflows to ``inf``, nor beyond float32's range, such as
+``1e300``, which becomes ``inf`` in a tensor) unless it says ``Range(finite=False)``: a
 learning rate or a loss weight of ``nan`` is always a mistake, and it would stop ``--resume``
 (``nan != nan``). :func:`_check_range` is called by :mod:`snexp.runtime.config.resolve` for
 every setting of a file, a flag or ``--set``; a violation is a
@@ -62,6 +63,9 @@ class Range:
             if not self.finite:
                 return None
             return "a finite number (not nan or inf; a literal such as 1e400 overflows to inf)"
+        if isinstance(value, float) and self.finite and abs(value) > FLOAT32_MAX:
+            # finite for Python, inf once it meets a float32 tensor (an lr of 1e300)
+            return f"a finite float32 number (at most {FLOAT32_MAX:.4g} in magnitude)"
         ok = ((self.gt is None or value > self.gt) and (self.ge is None or value >= self.ge)
               and (self.lt is None or value < self.lt) and (self.le is None or value <= self.le))
         return None if ok else self.describe()
@@ -74,6 +78,7 @@ def _num(value: float) -> str:
 
 
 _FINITE = Range()  # what a plain float field gets
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max: settings feed float32
 
 
 @functools.cache
@@ -104,6 +109,8 @@ def _check_range(value: Any, tp: Any, key: str, source: str) -> None:
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if value is None:
         return
+    if isinstance(value, str) and "\0" in value:  # no path, name or URL holds one
+        raise ConfigError(f"{source}: {key} holds a NUL character ({value!r}); remove it")
     if origin in (typing.Union, types.UnionType):
         rest = [a for a in args if a is not type(None)]
         _check_range(value, rest[0], key, source)

@@ -219,6 +219,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str, text: bool) -> Any:
         raise wrong()
     if tp is int:
         if text and isinstance(value, str):
+            if not value.isascii():  # int('١') is 1: other scripts' digits are a typo here
+                raise wrong()
             try:
                 return int(value.strip())
             except ValueError:
@@ -228,6 +230,8 @@ def _coerce(value: Any, tp: Any, key: str, source: str, text: bool) -> Any:
         raise wrong()
     if tp is float:
         if text and isinstance(value, str):
+            if not value.isascii():
+                raise wrong()
             try:
                 return float(value.strip())
             except ValueError:

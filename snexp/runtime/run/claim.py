@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
+import shlex
 import shutil
 import socket
 import sys
 from pathlib import Path
 
 from snexp.runtime.config import ConfigError
+from snexp.runtime.files import open_no_follow, redact
 from snexp.runtime.marker import (
     LOCK_FILE,
     REPLACED_DIR,
@@ -51,9 +54,20 @@ def _disk_error(folder: Path, exc: OSError) -> ConfigError:
     )
 
 
+def _not_a_file(path: Path) -> ConfigError:
+    """The one-paragraph refusal of a run-directory entry that is a link or not a file."""
+    what = (f"a symbolic link (to {os.readlink(path)})" if path.is_symlink()
+            else "not a regular file")
+    return ConfigError(
+        f"{path} is {what}; snexp never writes through links or into special files in a run "
+        "directory (a link planted there would make it overwrite the file it points to): "
+        f"remove it (rm {path}) if you put it there, or choose another --out")
+
+
 def _holder() -> dict[str, object]:
     return {"pid": os.getpid(), "host": socket.gethostname(),
-            "command": " ".join([os.path.basename(sys.executable), *sys.argv])[:300],
+            # the lock file is readable by others: a password on the command line is not shown
+            "command": redact(" ".join([os.path.basename(sys.executable), *sys.argv]))[:300],
             "since": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -71,9 +85,10 @@ def _refuse_if_locked(folder: Path) -> None:
     if fcntl is None:
         return
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        # non-blocking: opening a FIFO planted as the lock must not hang the probe
+        fd = open_no_follow(folder / LOCK_FILE, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
-        return  # no lock file: nobody holds it
+        return  # no lock file (or not a file: refused by the directory checks): nobody holds it
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
@@ -85,6 +100,22 @@ def _refuse_if_locked(folder: Path) -> None:
 def _in_use(folder: Path, text: str) -> ConfigError:
     return ConfigError(f"run directory {folder} is in use by {_describe_holder(text)}; wait for "
                        "it to end (or stop it), or choose another --out")
+
+
+def restore_command(folder: Path) -> str:
+    """The shell command that puts back the run an ``--overwrite`` set aside.
+
+    The stopped new run's own entries (its ``config.toml``, ``run.log``, ``tb/``,
+    ``checkpoints/``, stamp) are in the way of moving the old ones back: they go first.
+    """
+    aside = folder / REPLACED_DIR
+    owned, _ = owned_entries(folder)
+    ours = [shlex.quote(str(folder / n)) for n in owned if n != REPLACED_DIR]
+    theirs = [shlex.quote(str(p)) for p in sorted(aside.iterdir())] if aside.is_dir() else []
+    steps = [f"rm -r -- {' '.join(ours)}"] if ours else []
+    steps += [f"mv -- {' '.join(theirs)} {shlex.quote(str(folder))}/",
+              f"rmdir -- {shlex.quote(str(aside))}"]
+    return " && ".join(steps)
 
 
 class _Claim:
@@ -100,6 +131,7 @@ class _Claim:
         self._fd: int | None = None
         self._new_lock = False  # the lock file did not exist before this process
         self.note = ""  # what set_aside did, for the run's log
+        self.restart = False  # the folder holds only a start killed before its checkpoint
 
     @classmethod
     def take(cls, folder: Path, experiment: str) -> _Claim:
@@ -110,8 +142,11 @@ class _Claim:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / LOCK_FILE
             claim._new_lock = not path.exists()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            # never through a link: a planted .snexp-lock -> victim would be truncated
+            fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EINVAL):
+                raise _not_a_file(path) from None
             raise _disk_error(folder, exc) from None
         if fcntl is not None:
             try:
@@ -152,16 +187,34 @@ class _Claim:
     def set_aside(self) -> None:
         """Move the entries snexp wrote into ``.snexp-replaced`` (the user's files stay)."""
         old = self.folder / REPLACED_DIR
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)  # an earlier --overwrite's, never committed: that run is gone
         owned, kept = owned_entries(self.folder)
         owned = [name for name in owned if name != REPLACED_DIR]
+        if old.is_dir() and not (self.folder / "checkpoints" / "last.pt").is_file():
+            # An earlier --overwrite stopped before its first checkpoint: the run it set aside
+            # is still the last one with a checkpoint, so it stays aside (and comes back if
+            # this run is refused too); what that stopped run wrote goes.
+            for name in owned:
+                path = self.folder / name
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+            self.replaced = old
+            self.note = (f"--overwrite: {old} still holds the run an earlier --overwrite "
+                         "replaced (that one stopped before its first checkpoint); it stays "
+                         "there until this run's first checkpoint")
+            return
+        if old.is_dir():
+            shutil.rmtree(old)  # left by a failed clean-up after a checkpoint: nothing in it
         if not owned:
             return
         old.mkdir()
         for name in owned:
             os.rename(self.folder / name, old / name)
         self.replaced = old
+        if self.restart:  # nothing of a start without a checkpoint is worth putting back
+            shutil.rmtree(old)
+            self.replaced = None
+            self.note = (f"{self.folder} held only a run stopped before its first checkpoint; "
+                         "starting afresh in its place")
+            return
         self.note = (f"--overwrite: the previous run's {len(owned)} entries are set aside in "
                      f"{old} until this run's first checkpoint"
                      + (f"; kept {len(kept)} entries snexp did not write: "
@@ -183,7 +236,8 @@ class _Claim:
                 self._undo()
         elif self.replaced is not None and not self.committed:
             logger.warning("the run this one replaced stays in %s until a run in %s writes a "
-                           "checkpoint", self.replaced, self.folder)
+                           "checkpoint; to put it back (and resume it): %s", self.replaced,
+                           self.folder, restore_command(self.folder))
         if self._fd is not None:
             os.close(self._fd)  # the flock goes with it
             self._fd = None

@@ -14,6 +14,7 @@ group). The calls the loop makes in between come from the mixins in
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 import os
 import signal
@@ -40,6 +41,9 @@ from snexp.runtime.track import Tracker
 __all__ = ["Run"]
 
 logger = logging.getLogger("snexp.runtime.run")  # one logger for the package
+
+# What a write answers on a full disk, past a quota or file-size limit, or a read-only mount.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 class Run(_Loop, _Training, _Stops, _Checkpoints):
@@ -144,7 +148,8 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
         self._deterministic_before = torch.are_deterministic_algorithms_enabled()
         self._closed = False
         try:
-            self._start(console, overwrite=runtime.overwrite)
+            restart = self._claim is not None and self._claim.restart
+            self._start(console, overwrite=runtime.overwrite or restart)
         except OSError as exc:  # a read-only or full disk while creating the directory
             self.close(undo=True)
             raise _disk_error(self.dir, exc) from None
@@ -231,12 +236,20 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
         if self._closed:
             return
-        undo = isinstance(exc, ConfigError)
+        # A write that failed for lack of space is refused as a mistake is: one paragraph, and
+        # a new run without a checkpoint is undone (--overwrite's old run put back).
+        full = (self._disk_full(exc) if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
+                else None)
+        undo = isinstance(exc, ConfigError) or full is not None
         try:
             if exc is None:
                 done = (self.step, self.epoch, self._batch_in_epoch)
                 if self._objects and self._saved_at != done:
-                    self.save()
+                    try:
+                        self.save()
+                    except ConfigError:
+                        undo = True  # the final checkpoint failed: as if refused
+                        raise
                 if self._claim is not None:
                     self._claim.commit()
                 logger.info(
@@ -255,6 +268,8 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
                 distributed.barrier()
         finally:
             self.close(undo=undo)
+        if full is not None:
+            raise full from None
 
     def _record(self, level: int, message: str, exc_info: Any) -> logging.LogRecord:
         return logger.makeRecord(logger.name, level, __file__, 0, message, (), exc_info)

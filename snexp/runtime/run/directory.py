@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,15 @@ from typing import Any
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import load_checkpoint
 from snexp.runtime.config import ConfigError, RuntimeConfig
-from snexp.runtime.marker import LOCK_FILE, MARKER_FILE, REPLACED_DIR, read_marker
-from snexp.runtime.run.claim import _Claim, _refuse_if_locked
+from snexp.runtime.files import file_mode, open_no_follow, redact
+from snexp.runtime.marker import (
+    LOCK_FILE,
+    MARKER_FILE,
+    REPLACED_DIR,
+    RUNTIME_ENTRIES,
+    read_marker,
+)
+from snexp.runtime.run.claim import _Claim, _not_a_file, _refuse_if_locked, restore_command
 from snexp.runtime.run.resume import _check_resumable
 from snexp.runtime.track import TqdmLoggingHandler
 
@@ -37,7 +45,10 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
 
     ``locked``: this process holds the directory's lock already (the check under the lock).
     """
+    _check_name_lengths(folder)
     last = folder / "checkpoints" / "last.pt"
+    if folder.is_dir():
+        _refuse_links(folder)  # before anything opens them, the lock probe included
     if folder.is_dir() and not locked:
         _refuse_if_locked(folder)  # a live run: say so first, whatever else is asked
     if runtime.resume:
@@ -49,8 +60,13 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             what = "does not exist" if not folder.exists() else "has no checkpoints/last.pt"
             aside = folder / REPLACED_DIR
             hint = (f"; an --overwrite stopped before its first checkpoint left the run it "
-                    f"replaced in {aside}: move its entries back into {folder} to resume it"
+                    f"replaced in {aside}; to resume it, put it back with: "
+                    f"{restore_command(folder)}"
                     if (aside / "checkpoints" / "last.pt").is_file() else "")
+            if not hint and killed_start(folder):
+                hint = ("; the run started there was stopped before its first checkpoint, so "
+                        "there is nothing to resume: run the same command without --resume "
+                        "to start it afresh (the files of the stopped start are replaced)")
             raise ConfigError(f"cannot resume: {folder} {what}{hint}")
         checkpoint = load_checkpoint(last)
         _check_resumable(checkpoint, config, last, folder=folder, safe_keys=safe_keys)
@@ -58,7 +74,7 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file, not a directory")
     if folder.is_dir() and any(p.name != LOCK_FILE for p in folder.iterdir()):
-        if not runtime.overwrite:
+        if not runtime.overwrite and not killed_start(folder):
             raise ConfigError(
                 f"run directory {folder} already exists and is not empty; pass --resume to "
                 "continue it, --overwrite to delete it and start afresh, or choose another "
@@ -78,6 +94,68 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
             )
     _check_writable(folder)
     return None
+
+
+def killed_start(folder: Path) -> bool:
+    """Whether ``folder`` holds only a run stopped before its first checkpoint.
+
+    Such a start (killed a second after taking the lock) has nothing worth keeping: only the
+    runtime's own files (stamp, ``config.toml``, ``run.log``, ``tb/``, an empty
+    ``checkpoints/``), no output, no study database, no run set aside by ``--overwrite``. A
+    fresh run in it starts afresh, as ``--overwrite`` would, without being asked to.
+    """
+    data = read_marker(folder)
+    if data is None or data["outputs"]:
+        return False
+    keep = {"optuna.db", REPLACED_DIR}
+    names = [p.name for p in folder.iterdir() if p.name != LOCK_FILE]
+    checkpoints = folder / "checkpoints"
+    return (all(n in RUNTIME_ENTRIES and n not in keep for n in names)
+            and not (checkpoints.is_dir() and any(checkpoints.glob("*.pt"))))
+
+
+def _check_name_lengths(folder: Path) -> None:
+    """Refuse an --out the file system cannot name (a part over NAME_MAX, the whole over
+    PATH_MAX), which would otherwise fail deep inside ``mkdir`` or ``stat``."""
+    try:
+        name_max = os.pathconf(".", "PC_NAME_MAX")
+        path_max = os.pathconf(".", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):
+        name_max, path_max = 255, 4096
+    for part in folder.parts:
+        if len(os.fsencode(part)) > name_max:
+            raise ConfigError(
+                f"--out {str(folder)[:60]}...: the name '{part[:40]}...' is "
+                f"{len(os.fsencode(part))} bytes long, more than the {name_max} the file "
+                "system allows for one name; choose a shorter --out")
+    if len(os.fsencode(str(folder.absolute()))) >= path_max:
+        raise ConfigError(f"--out {str(folder)[:60]}...: the path is longer than the "
+                          f"{path_max} bytes the file system allows; choose a shorter --out")
+
+
+_FILES = (MARKER_FILE, LOCK_FILE, "config.toml", "run.log", "optuna.db", "optuna.db-journal",
+          "optuna.db-wal", "optuna.db-shm")  # entries snexp opens as regular files
+
+
+def _refuse_links(folder: Path) -> None:
+    """Refuse a run directory where an entry snexp writes is a link or a special file.
+
+    snexp never writes through a link (a ``.snexp-lock`` planted as a link to another file
+    would be truncated, a ``checkpoints`` link would send checkpoints elsewhere): the user
+    removes it, whatever the mode (a new run, ``--resume`` or ``--overwrite``).
+    """
+    data = read_marker(folder) if not (folder / MARKER_FILE).is_symlink() else None
+    names = {*RUNTIME_ENTRIES, *(data["outputs"] if data else ())}
+    paths = [folder / name for name in sorted(names)]
+    paths += [folder / "checkpoints" / name for name in ("last.pt", "best.pt")]
+    for path in paths:
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            continue  # absent (or checkpoints/ is no folder): nothing is written through it
+        if stat.S_ISLNK(mode) or (path.name in _FILES and path.parent == folder
+                                  and not stat.S_ISREG(mode)):
+            raise _not_a_file(path)
 
 
 def _check_writable(folder: Path) -> None:
@@ -107,6 +185,8 @@ def _claim_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
     except BaseException:
         claim.release(undo=False)
         raise
+    # A start killed before its first checkpoint: this run replaces it, as --overwrite would.
+    claim.restart = not runtime.resume and not runtime.overwrite and killed_start(folder)
     return checkpoint, claim
 
 
@@ -139,10 +219,28 @@ def _check_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, 
     return checkpoint, claim
 
 
+class _LogFile(logging.FileHandler):
+    """``run.log``: opened without following a link, with the umask's permissions; a password
+    in a logged URL or command line is shown as ``***`` (others may read the file)."""
+
+    def _open(self):  # noqa: ANN202 - logging.FileHandler's hook
+        fd = open_no_follow(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                            file_mode())
+        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        # A full disk: the console still shows the line; logging's own report would print a
+        # traceback for every line after it.
+        pass
+
+
 def _open_log(folder: Path, console: bool) -> list[logging.Handler]:
     """Log INFO and up to ``<folder>/run.log`` (and the console); the file handler is first."""
     formatter = logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [logging.FileHandler(folder / "run.log", encoding="utf-8")]
+    handlers: list[logging.Handler] = [_LogFile(folder / "run.log", encoding="utf-8")]
     if console:
         handlers.append(TqdmLoggingHandler())
     root = logging.getLogger()

@@ -193,6 +193,24 @@ class _Checkpoints:
             checkpoint["rng_ranks"] = ranks  # every rank's own RNG states, in rank order
         return checkpoint
 
+    def _disk_full(self, exc: OSError) -> ConfigError:
+        """The one paragraph for a write that failed (a full disk, a folder made read-only).
+
+        The run is refused as a mistake is (:class:`ConfigError`), so a new run without a
+        checkpoint is undone: ``--overwrite`` puts the run it replaced back.
+        """
+        where = exc.filename or self.dir
+        head = f"cannot write {where}: {exc.strerror or exc}; free space (or make the folder " \
+               "writable), then"
+        if (self.checkpoint_dir / "last.pt").is_file():
+            return ConfigError(f"{head} continue from the last checkpoint: {self._prog} --out "
+                               f"{self.dir} --resume")
+        if self._claim is not None and self._claim.replaced is not None:
+            return ConfigError(f"{head} start again; the run that --overwrite replaced is put "
+                               f"back in {self.dir} as it was")
+        return ConfigError(f"{head} start again (this run had no checkpoint yet, so its "
+                           "files are removed)")
+
     def save(self) -> Path:
         """Write ``checkpoints/last.pt`` now (atomically) and return its path.
 
@@ -204,11 +222,8 @@ class _Checkpoints:
             try:
                 save_checkpoint(checkpoint, path)
             except OSError as exc:  # a full disk, a folder made read-only
-                raise ConfigError(
-                    f"cannot write the checkpoint {path}: {exc.strerror or exc}; free space "
-                    "(or make the folder writable) and resume from the last checkpoint with "
-                    "--resume"
-                ) from None
+                exc.filename = exc.filename or str(path)
+                raise self._disk_full(exc) from None
             if self._claim is not None:
                 self._claim.commit()  # the new run has a checkpoint: the replaced one goes
         self._saved_at = (self.step, self.epoch, self._batch_in_epoch)

@@ -105,19 +105,23 @@ class _Stops:
         """Whether SIGINT/SIGTERM asked the run to stop."""
         return self._stop_signal is not None
 
-    def check_stop(self) -> None:
+    def check_stop(self, *, where: str | None = None) -> None:
         """If a signal asked to stop: write a checkpoint and raise :class:`RunInterrupted`.
 
         :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
         (e.g. after a long evaluation; under torchrun on all ranks at once: a signal on any
         rank stops all).
+
+        Args:
+            where: Where the loop stopped, for the message, when its own count is not
+                :attr:`step` (e.g. ``"step 19 of trial 3"``).
         """
         stop = self._stop_signal
         if self.world_size > 1:
             stop = int(distributed.all_reduce([float(stop or 0)], self.device, "max")[0]) or None
-        self._stop_if(stop)
+        self._stop_if(stop, where=where)
 
-    def _stop_if(self, signum: int | None) -> None:
+    def _stop_if(self, signum: int | None, *, where: str | None = None) -> None:
         """Stop for ``signum`` (agreed by all ranks), if any: checkpoint, then raise."""
         if signum is None:
             return
@@ -129,7 +133,8 @@ class _Stops:
         if self.world_size > 1 and command.startswith("python "):
             command = "torchrun [your torchrun options] " + command[len("python "):]
         raise RunInterrupted(
-            f"received {name}, so the run stopped after step {self.step} ({self.epoch} epochs "
-            f"completed); checkpoint saved to {path}. Resume with: {command}",
+            f"received {name}, so the run stopped after "
+            f"{where or f'step {self.step} ({self.epoch} epochs completed)'}; checkpoint saved "
+            f"to {path}. Resume with: {command}",
             signum,
         )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -222,9 +223,9 @@ def test_full_disk_at_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch):
         with open_run(make_config(tmp_path, "--resume", "--set", "train.steps=4")) as run:
             toy.train(run)
     assert str(info.value) == (
-        f"cannot write the checkpoint {tmp_path / 'checkpoints/last.pt'}: No space left on "
-        "device; free space (or make the folder writable) and resume from the last "
-        "checkpoint with --resume"
+        f"cannot write {tmp_path / 'checkpoints/last.pt'}: No space left on device; free "
+        "space (or make the folder writable), then continue from the last checkpoint: toy "
+        f"--out {tmp_path} --resume"
     )
     # The last good checkpoint is still there.
     assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 2
@@ -334,3 +335,275 @@ def test_two_new_runs_started_together_on_one_out_one_wins(tmp_path):
     # The winner's run is whole: one start in its log, its last checkpoint at 2 epochs.
     assert (out / "run.log").read_text().count("toy run in") == 1
     assert load_checkpoint(out / "checkpoints/last.pt")["epoch"] == 2
+
+
+# ----------------------------------------------------------------------------- planted links
+
+
+def toy_cli(cwd: Path, *args: str, patch: str = "") -> subprocess.CompletedProcess:
+    """The toy's real entry point in its own process (``patch``: code run before it)."""
+    code = (f"import sys; sys.path.insert(0, {str(TOY.parent)!r})\n{patch}\n"
+            "import runtime_toy; runtime_toy.main(sys.argv[1:])")
+    return subprocess.run([sys.executable, "-c", code, "--device", "cpu", *args], cwd=cwd,
+                          capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def _plant(out: Path, name: str, target: Path) -> None:
+    (out / name).parent.mkdir(parents=True, exist_ok=True)
+    (out / name).symlink_to(target)
+
+
+@pytest.mark.parametrize(("name", "mode"), [
+    (LOCK_FILE, ()),  # a folder holding only the planted link is not an empty folder
+    (LOCK_FILE, ("--overwrite",)),
+    ("run.log", ("--resume",)),
+    ("checkpoints/last.pt", ("--resume",)),
+])
+def test_a_link_planted_in_a_run_directory_is_refused_and_its_target_kept(tmp_path, name, mode):
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"KEEP\n")
+    out = tmp_path / "run"
+    if mode:
+        finished_run(out)
+        (out / name).unlink()
+    else:
+        out.mkdir()
+    _plant(out, name, victim)
+    before = snapshot(tmp_path)
+    proc = toy_cli(tmp_path, "--out", str(out), *mode)
+    # Refused with one paragraph naming the link; the file it points to is byte for byte kept.
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert " ".join(proc.stderr.split()) == (
+        f"toy: error: {out / name} is a symbolic link (to {victim}); snexp never writes "
+        "through links or into special files in a run directory (a link planted there would "
+        "make it overwrite the file it points to): remove it (rm "
+        f"{out / name}) if you put it there, or choose another --out")
+    assert snapshot(tmp_path) == before and victim.read_bytes() == b"KEEP\n"
+
+
+def test_the_lock_is_never_opened_through_a_link(tmp_path):
+    # Even when the checks are passed by (a link planted after them), the lock's open refuses.
+    from snexp.runtime.run.claim import _Claim
+
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"KEEP\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / LOCK_FILE).symlink_to(victim)
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        _Claim.take(tmp_path / "run", "toy")
+    assert victim.read_bytes() == b"KEEP\n"
+
+
+def test_a_fifo_as_lock_file_is_refused_without_hanging(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.mkfifo(out / LOCK_FILE)
+    with pytest.raises(ConfigError, match="is not a regular file"):
+        open_run(make_config(out))
+
+
+def snapshot(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: file bytes, link targets, folders."""
+    out: dict[str, bytes | str] = {}
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.is_symlink():
+            out[name] = f"-> {os.readlink(path)}"
+        elif path.is_file():
+            out[name] = path.read_bytes()
+        else:
+            out[name] = "dir"
+    return out
+
+
+# ----------------------------------------------------------------------------- a full disk
+
+# torch.save on a full disk, as it really fails: the OSError becomes the context of a
+# RuntimeError from its zip writer (seen on a 512 KiB tmpfs with torch 2.14).
+_TORCH_SAVE_FULL = """
+import torch
+def full(obj, f, *args, **kwargs):
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+torch.save = full
+"""
+
+
+def test_a_full_disk_during_overwrite_puts_the_old_run_back(tmp_path):
+    out = tmp_path / "run"
+    before = finished_run(out)
+    (out / "notes.txt").write_text("mine")
+    proc = toy_cli(tmp_path, "--out", str(out), "--overwrite", patch=_TORCH_SAVE_FULL)
+    message = " ".join(proc.stderr.split())
+    # One paragraph (exit 2), and the old run is back byte for byte, nothing set aside.
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"toy: error: cannot write {out / 'checkpoints'}/" in message  # best.pt comes first
+    assert message.endswith(
+        ".pt: No space left on device; free space (or make the folder writable), then start "
+        f"again; the run that --overwrite replaced is put back in {out} as it was")
+    assert contents(out) == {**before, "notes.txt": b"mine"}
+    assert not (out / REPLACED_DIR).exists()
+
+
+def test_a_full_disk_in_a_new_run_is_a_message_and_leaves_nothing(tmp_path):
+    out = tmp_path / "run"
+    proc = toy_cli(tmp_path, "--out", str(out), patch=_TORCH_SAVE_FULL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert " ".join(proc.stderr.split()).endswith(
+        "then start again (this run had no checkpoint yet, so its files are removed)")
+    assert not out.exists()
+
+
+def test_a_full_disk_at_a_later_checkpoint_keeps_the_last_and_says_resume(tmp_path):
+    out = tmp_path / "run"
+    finished_run(out)
+    last = (out / "checkpoints/last.pt").read_bytes()
+    proc = toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "5",
+                   patch=_TORCH_SAVE_FULL)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert " ".join(proc.stderr.split()).endswith(
+        f"then continue from the last checkpoint: toy --out {out} --resume")
+    assert (out / "checkpoints/last.pt").read_bytes() == last
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root, as in the project's containers); skipped where it cannot be
+    mounted: the injected-failure tests above cover the same paths everywhere."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr.strip() or proc.returncode}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_really_full_disk_during_overwrite_puts_the_old_run_back(small_disk):
+    out = small_disk / "run"
+    before = finished_run(out)
+    # hidden=40000: a checkpoint of ~2.5 MB (weights and momentum) does not fit in 1 MiB.
+    proc = toy_cli(small_disk, "--out", str(out), "--overwrite", "--set", "hidden=40000")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "No space left on device" in proc.stderr
+    assert contents(out) == before and not (out / REPLACED_DIR).exists()
+    assert not list(out.rglob("*.tmp"))
+
+
+# ----------------------------------------------------------------------------- killed starts
+
+# SIGKILL right after the run took the lock and wrote its first files (config.toml, run.log,
+# tb/), before any checkpoint: what a kill 0.3-1.5 s into a run leaves.
+_KILLED_AT_START = """
+import os, signal
+import snexp.runtime.run.core as core
+started = core.Run._start
+def start_then_die(self, *args, **kwargs):
+    started(self, *args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+core.Run._start = start_then_die
+"""
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_retried_as_it_was_started(tmp_path):
+    out = tmp_path / "run"
+    assert toy_cli(tmp_path, "--out", str(out), patch=_KILLED_AT_START).returncode == -9
+    assert (out / "config.toml").is_file() and not (out / "checkpoints/last.pt").exists()
+    # --resume has nothing to resume, and says to run the same command without it.
+    proc = toy_cli(tmp_path, "--out", str(out), "--resume")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert " ".join(proc.stderr.split()).endswith(
+        "the run started there was stopped before its first checkpoint, so there is nothing "
+        "to resume: run the same command without --resume to start it afresh (the files of "
+        "the stopped start are replaced)")
+    # The same command again just runs, in place of the stopped start.
+    proc = toy_cli(tmp_path, "--out", str(out), "--epochs", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "held only a run stopped before its first checkpoint" in proc.stderr
+    assert load_checkpoint(out / "checkpoints/last.pt")["epoch"] == 1
+    assert not (out / REPLACED_DIR).exists()
+
+
+def test_a_folder_with_a_users_file_is_not_taken_for_a_killed_start(tmp_path):
+    out = tmp_path / "run"
+    toy_cli(tmp_path, "--out", str(out), patch=_KILLED_AT_START)
+    (out / "notes.txt").write_text("mine")
+    proc = toy_cli(tmp_path, "--out", str(out))
+    assert proc.returncode == 2
+    assert "already exists and is not empty" in " ".join(proc.stderr.split())
+
+
+def test_a_killed_overwrite_says_the_exact_commands_that_put_the_old_run_back(tmp_path):
+    out = tmp_path / "run"
+    before = finished_run(out)
+    assert toy_cli(tmp_path, "--out", str(out), "--overwrite",
+                   patch=_KILLED_AT_START).returncode == -9
+    proc = toy_cli(tmp_path, "--out", str(out), "--resume")
+    message = " ".join(proc.stderr.split())
+    assert proc.returncode == 2, proc.stderr
+    command = message.split("put it back with: ")[1]
+    # Running the command it gives brings the old run back byte for byte, and it resumes.
+    subprocess.run(command, shell=True, check=True)
+    assert contents(out) == before
+    assert toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "1").returncode == 0
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+def _modes(out: Path) -> dict[str, int]:
+    return {str(p.relative_to(out)): stat.S_IMODE(p.stat().st_mode) for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_every_file_of_a_run_gets_the_users_umask(tmp_path, umask, mode):
+    out = tmp_path / "run"
+    old = os.umask(umask)
+    try:
+        finished_run(out)
+    finally:
+        os.umask(old)
+    # Rule: config.toml, checkpoints, outputs and the stamp (made by mkstemp, 0o600) are as
+    # readable as run.log, the lock and TensorBoard's events (made by open): what the umask says.
+    modes = _modes(out)
+    assert {"config.toml", "checkpoints/last.pt", "model.pt", "result.json", ".snexp-run",
+            "run.log", LOCK_FILE} <= set(modes)
+    assert set(modes.values()) == {mode}, modes
+
+
+def test_a_password_in_a_url_is_never_shown_to_others(tmp_path):
+    out = tmp_path / "run"
+    url = "postgresql://me:s3cret@db.example/studies"
+    old = os.umask(0o022)
+    try:
+        proc = toy_cli(tmp_path, "--out", str(out), "--epochs", "1", "--tag", url)
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, proc.stderr
+    # The lock file and run.log (readable by others) show the URL without its password ...
+    assert "postgresql://me:***@db.example/studies" in (out / LOCK_FILE).read_text()
+    for name in (LOCK_FILE, "run.log"):
+        assert "s3cret" not in (out / name).read_text()
+    # ... and the files that must hold it to resume are kept to their owner.
+    assert url in (out / "config.toml").read_text()
+    modes = _modes(out)
+    assert modes["config.toml"] == modes["checkpoints/last.pt"] == 0o600
+    assert modes["run.log"] == 0o644
+    assert toy_cli(tmp_path, "--out", str(out), "--resume", "--epochs", "2").returncode == 0
+
+
+def test_an_overwrite_retried_after_a_killed_one_keeps_the_old_run_recoverable(tmp_path):
+    # Issue 20: the retry used to delete .snexp-replaced (the last run with a checkpoint) for
+    # good. Now it stays aside, and a refused retry (a full disk) puts it back byte for byte.
+    out = tmp_path / "run"
+    before = finished_run(out)
+    toy_cli(tmp_path, "--out", str(out), "--overwrite", patch=_KILLED_AT_START)
+    proc = toy_cli(tmp_path, "--out", str(out), "--overwrite", patch=_TORCH_SAVE_FULL)
+    assert proc.returncode == 2 and "put back" in proc.stderr.replace("\n", " "), proc.stderr
+    assert contents(out) == before and not (out / REPLACED_DIR).exists()

@@ -252,3 +252,28 @@ def test_progress_bar_shows_postfix_and_log_lines_do_not_break_it():
     # The bar shows the description and the postfix; the log line sits on a line of its own.
     assert "epoch 1" in out and "loss=0.250" in out
     assert "\ncheckpoint written\n" in out.replace("\r", "\n")
+
+
+def test_a_password_in_the_config_stays_out_of_the_event_files(tmp_path):
+    # Rule (issue 20): event files are as readable as run.log, so a URL's password is ***.
+    url = "postgresql://me:s3cret@db/x"
+    cfg = parse_args(toy.ToyConfig, ["--out", str(tmp_path / "run"), "--set", "train.steps=1",
+                                     "--tag", url], flags=toy.FLAGS)
+    with Run(cfg, experiment="toy", console=False) as run:
+        toy.train(run)
+        run.tracker.hparams(run.config, {"final/loss": 1.0}, step=run.step)
+    raw = b"".join(p.read_bytes() for p in (tmp_path / "run/tb").iterdir())
+    assert b"s3cret" not in raw and b"postgresql://me:***@db/x" in raw
+
+
+def test_a_new_sqlite_study_gets_the_umask_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o002)
+    try:
+        open_study("s", storage=str(tmp_path / "s.db"))
+    finally:
+        os.umask(old)
+    # SQLite itself creates 0o644 whatever the umask; the group may write, as with other files.
+    assert stat.S_IMODE((tmp_path / "s.db").stat().st_mode) == 0o664
