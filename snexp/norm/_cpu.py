@@ -106,6 +106,22 @@ def unsafe(path: Path) -> str | None:
     return None
 
 
+def _no_write_for_others(path: Path) -> None:
+    os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & ~(stat.S_IWGRP | stat.S_IWOTH))
+
+
+def make_private_dirs(path: Path) -> None:
+    """Create ``path`` and its missing parents writable by this user only, whatever the umask
+    (with umask 002 they would be group-writable, and then refused at the next load)."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        folder.mkdir(exist_ok=True)
+        _no_write_for_others(folder)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -155,7 +171,7 @@ logging.getLogger("torch.utils.cpp_extension").addFilter(_NoCudaHomeNotice())
 
 def _build(folder: Path, name: str, verbose: bool) -> Path:
     """Build under the lock (clearing anything not built under it) and record the hash."""
-    folder.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(folder)
     with build_lock(folder):
         lib = _verified(folder, name)
         if lib is not None:  # another process built it while we waited
@@ -177,6 +193,8 @@ def _build(folder: Path, name: str, verbose: bool) -> Path:
         lib = folder / f"{name}.so"
         tmp = folder / f"{name}.sha256.tmp"
         tmp.write_text(_sha256(lib) + "\n")
+        for path in (lib, tmp):
+            _no_write_for_others(path)
         os.replace(tmp, folder / f"{name}.sha256")
         return lib
 
@@ -187,7 +205,7 @@ def _choose_root(root: Path) -> Path | None:
     if reason is None:
         return root
     private = _private_root()
-    private.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dirs(private)
     fallback = unsafe(private) or unsafe(private / _name())
     where = (f"builds its own copy in {private} instead" if fallback is None else
              f"runs its ATen passes instead ({fallback})")

@@ -2,9 +2,10 @@
 
 Follows Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization"
 (arXiv 1806.10779), eq. 3-5. :func:`switch_norm` calls the one SN op,
-``torch.ops.snexp.switch_norm`` (:mod:`snexp.norm.op`), whose equations are in
-:mod:`snexp.norm._mixing`: per-(n, c) instance statistics are computed once from the input and
-every other candidate (LN, GN, BN) is derived from them on small (N, C) tensors:
+``torch.ops.snexp.switch_norm`` (:mod:`snexp.norm.op`; in eager mode its eager form, the same
+code without dispatcher round trips), whose equations are in :mod:`snexp.norm._mixing`:
+per-(n, c) instance statistics are computed once from the input and every other candidate
+(LN, GN, BN) is derived from them on small (N, C) tensors:
 
     mu_ln  = mean_c mu_in,     var_ln = mean_c var_in + mean_c (mu_in - mu_ln)^2
     mu_bn  = mean_n mu_in,     var_bn = mean_n var_in + mean_n (mu_in - mu_bn)^2

@@ -3,6 +3,12 @@ ATen ops that run the same equations everywhere else."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 import torch
 
@@ -138,14 +144,17 @@ print(_cpu.load(strict=True), "torch.utils.cpp_extension" in sys.modules)
 @pytest.mark.slow
 def test_killed_build_and_leftover_lock_never_block_the_next_process(tmp_path):
     # SIGKILL during the first build, plus an old torch's leftover "lock" file: the next
-    # process builds and loads; the one after loads directly (no cpp_extension, no warning)
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
+    # process builds and loads; the one after loads directly (no cpp_extension, no warning),
+    # all under umask 002 (the build must still leave files only their owner can write)
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path))
+    old_umask = os.umask(0o002)  # inherited by the three processes
+    try:
+        _killed_then_loaded(tmp_path, env)
+    finally:
+        os.umask(old_umask)
+
+
+def _killed_then_loaded(tmp_path, env):
     first = subprocess.Popen([sys.executable, "-c", _LOAD], env=env, start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     folder = tmp_path / _cpu._name()
@@ -164,3 +173,13 @@ def test_killed_build_and_leftover_lock_never_block_the_next_process(tmp_path):
                            text=True, timeout=120)
     assert third.stdout.split() == ["True", "False"], third.stderr
     assert "CUDA_HOME" not in second.stderr + third.stderr
+
+
+def test_folders_made_for_the_build_are_private_whatever_the_umask(tmp_path):
+    # with umask 002 a plain mkdir is group-writable, which the next load would refuse
+    old = os.umask(0o002)
+    try:
+        _cpu.make_private_dirs(tmp_path / "a" / "b")
+    finally:
+        os.umask(old)
+    assert _cpu.unsafe(tmp_path / "a") is None and _cpu.unsafe(tmp_path / "a" / "b") is None
