@@ -275,3 +275,28 @@ def test_outputs_get_the_umask_permissions(tmp_path, model_file, photo):
     # Rule: what a user's umask allows, like any file they write (0o644 under 022).
     assert stat.S_IMODE((tmp_path / "out.png").stat().st_mode) == 0o644
     assert stat.S_IMODE(model_file[0].stat().st_mode) & 0o044 == 0o044  # teammates can read it
+
+
+def test_a_read_only_output_folder_is_refused_before_anything_is_written(tmp_path, model_file,
+                                                                        photo, capsys):
+    # A really read-only file system (a tmpfs mounted ro; needs root, else skipped): refused
+    # with one paragraph, exit 2, before any image is stylized.
+    import subprocess
+
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["--model", str(model_file[0]), "--input", str(photo), "--output",
+                  str(folder / "out.png"), "--device", "cpu"])
+        err = " ".join(capsys.readouterr().err.split())
+        assert info.value.code == 2
+        assert f"--output {folder}: {folder} is not writable (read-only folder or file " \
+               "system); choose a folder you can write to. Nothing was written" in err
+        assert list(folder.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(folder)], check=False)

@@ -2,10 +2,12 @@
 
 Everything a user can get wrong about the directory is refused with a one-paragraph
 :class:`~snexp.runtime.config.ConfigError` before anything is written: a non-empty ``--out``
-without ``--resume`` or ``--overwrite``; ``--overwrite`` of a folder without snexp's stamp
-(:mod:`snexp.runtime.marker`) or of a symbolic link; an ``--out`` that cannot be written; a
-``--resume`` without a checkpoint or with a config that changes unsafe keys
-(:func:`snexp.runtime.run.resume._check_resumable`). Then rank 0 locks the directory
+without ``--resume`` or ``--overwrite`` (unless it holds only a start killed before its first
+checkpoint, which a new run replaces); ``--overwrite`` of a folder without snexp's stamp
+(:mod:`snexp.runtime.marker`) or of a symbolic link; an entry snexp writes (the lock,
+``run.log``, ``checkpoints/``, ...) that is a link or a special file; an ``--out`` that cannot
+be written or named; a ``--resume`` without a checkpoint or with a config that changes unsafe
+keys (:func:`snexp.runtime.run.resume._check_resumable`). Then rank 0 locks the directory
 (:mod:`snexp.runtime.run.claim`) and checks again under the lock. Under torchrun rank 0 alone
 looks at the disk and the other ranks get its verdict. New runs go to
 ``runs/<experiment>/<YYYYmmdd-HHMMSS>``.
