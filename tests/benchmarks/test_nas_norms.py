@@ -16,8 +16,8 @@ import nas_norms  # noqa: E402
 
 
 def test_plan_builds_one_search_per_arm_data_and_seed(tmp_path):
-    jobs = nas_norms.plan(tmp_path, list(nas_norms.ARMS), ["embedded", "shapes"], [0, 1],
-                          ["--epochs", "3"])
+    jobs = nas_norms.plan(tmp_path, list(nas_norms.DEFAULT_ARMS), ["embedded", "shapes"],
+                          [0, 1], ["--epochs", "3"])
     assert len(jobs) == 12 and len({j.out for j in jobs}) == 12
     by = {(j.data, j.arm, j.seed): j for j in jobs}
     assert by[("embedded", "sn-prior", 0)].argv == ("--seed", "0", "--study",
@@ -30,6 +30,8 @@ def test_plan_builds_one_search_per_arm_data_and_seed(tmp_path):
     assert "--norm" in bn.argv and "bn" in bn.argv
     assert "child.prior=" in by[("embedded", "sn-uniform", 0)].argv
     assert [j.seed for j in jobs[:6]] == [0] * 6  # seeds outermost
+    (strong,) = nas_norms.plan(tmp_path, ["sn-prior6"], ["embedded"], [0], [])
+    assert "child.prior=bn:6" in strong.argv
 
 
 def _fake_run(out: Path, job, derived: list[float], loss400: float, *, finished: bool,
