@@ -227,9 +227,9 @@ def load(*, strict: bool = False, verbose: bool = False) -> bool:
     Raises:
         RuntimeError: with ``strict``, a compiler exists but the build or load failed.
     """
-    if strict and _state.get("error"):
-        raise RuntimeError(_state["error"])
     if "loaded" in _state:
+        if _state.get("error") and (strict or _backend.setting() == "cpu"):
+            raise RuntimeError(_state["error"])
         return bool(_state["loaded"])
     _state["loaded"] = False
     if _backend.setting() in ("aten", "triton"):
@@ -241,8 +241,9 @@ def load(*, strict: bool = False, verbose: bool = False) -> bool:
     if lib is None:
         if _compiler() is None:
             if _backend.setting() == "cpu":
-                raise RuntimeError("snexp: SNEXP_BACKEND=cpu asks for SN's C++ CPU passes, "
-                                   "but no C++ compiler is found (install g++, or unset it)")
+                _state["error"] = ("snexp: SNEXP_BACKEND=cpu asks for SN's C++ CPU passes, but "
+                                   "no C++ compiler is found (install g++, or unset it)")
+                raise RuntimeError(_state["error"])
             warnings.warn("snexp: no C++ compiler found; SN's CPU passes run as ATen ops "
                           "(slower). Install g++ to build snexp/norm/csrc/switch_norm_cpu.cpp.",
                           stacklevel=3)

@@ -183,3 +183,14 @@ def test_folders_made_for_the_build_are_private_whatever_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert _cpu.unsafe(tmp_path / "a") is None and _cpu.unsafe(tmp_path / "a" / "b") is None
+
+
+def test_cpu_backend_without_compiler_raises_every_time(tmp_path, monkeypatch):
+    # SNEXP_BACKEND=cpu is a demand: no silent ATen fallback, not even on the second call
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    _stub_build(monkeypatch, tmp_path)
+    monkeypatch.setattr(_cpu, "_compiler", lambda: None)
+    monkeypatch.setenv("SNEXP_BACKEND", "cpu")
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no C.. compiler"):
+            _cpu.load()
