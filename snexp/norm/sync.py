@@ -44,9 +44,9 @@ class SyncSwitchNorm(_SwitchNorm):
     def convert_sync_switchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
         """Replace every (dense) SN layer in ``module`` with a SyncSwitchNorm.
 
-        Parameters, buffers and options are carried over. Returns the converted module (a new
-        object when ``module`` itself is an SN layer). Sparse SN layers are refused: their
-        synchronized variant does not exist yet.
+        Parameters, buffers and options (the importance prior too) are carried over. Returns
+        the converted module (a new object when ``module`` itself is an SN layer). Sparse SN
+        layers are refused: their synchronized variant does not exist yet.
         """
         if isinstance(module, _Sparse):
             raise TypeError(f"{type(module).__name__} cannot be synchronized yet; use dense SN "
@@ -56,6 +56,7 @@ class SyncSwitchNorm(_SwitchNorm):
             out = cls(module.num_features, module.eps, module.momentum, module.candidates,
                       moving_average=module.moving_average, last_gamma=module.last_gamma,
                       affine=module.affine, compat=module.compat, process_group=process_group,
+                      prior=dict(zip(module.candidates, module.prior)),
                       device=module.mean_weight.device, dtype=module.mean_weight.dtype)
             out.load_state_dict(module.state_dict())
             out.train(module.training)

@@ -96,3 +96,14 @@ def test_sync_without_process_group_equals_switchnorm():
 def test_convert_refuses_sparse_layers():
     with pytest.raises(TypeError, match="cannot be synchronized"):
         snexp.SyncSwitchNorm.convert_sync_switchnorm(snexp.SparseSwitchNorm2d(4))
+
+
+def test_convert_keeps_the_importance_prior_through_reset_parameters():
+    # the converted layer restarts at the original's prior, not at equal weights
+    sn = snexp.SwitchNorm2d(4, prior="bn:4")
+    sync = snexp.SyncSwitchNorm.convert_sync_switchnorm(sn)
+    with torch.no_grad():
+        sync.mean_weight.zero_()
+    sync.reset_parameters()
+    torch.testing.assert_close(sync.mean_weight.detach(), torch.tensor([0.0, 0.0, 4.0]))
+    torch.testing.assert_close(sync.var_weight.detach(), torch.tensor([0.0, 0.0, 4.0]))
