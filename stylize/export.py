@@ -74,7 +74,10 @@ def export_model(net: TransformerNet, path: str | Path, style: int | Tensor | No
                 f"ONNX export needs the optional packages {', '.join(missing)}: install them "
                 "with pip install 'snexp[export]' (or pip install onnx onnxscript onnxruntime)"
                 "; --export model.pt2 (torch.export) works without them")
-        torch.onnx.export(model, example, str(path), dynamo=True, input_names=["x"],
-                          output_names=["y"], dynamic_shapes=_dynamic_shapes())
+        program = torch.export.export(model, example, dynamic_shapes=_dynamic_shapes())
+        # SN's op has no ONNX function: inline its ATen equations (torch.export keeps the op)
+        program = program.run_decompositions(decompose_custom_triton_ops=True)
+        torch.onnx.export(program, example, str(path), dynamo=True, input_names=["x"],
+                          output_names=["y"])
         return path
     raise ConfigError(f"--export {path}: the suffix must be .onnx or .pt2")
