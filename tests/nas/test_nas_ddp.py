@@ -206,8 +206,8 @@ def test_search_ranks_train_and_evaluate_the_same_architectures(ddp_runs):
 def test_search_rank_zero_alone_writes_trials_and_files(ddp_runs):
     out = ddp_runs / "search"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
-        "best_arch.json", "cells.png", "checkpoints", "config.toml", "optuna.db", "run.log",
-        "search.json", "tb"]
+        "best_arch.json", "cells.png", "checkpoints", "config.toml", "importance.png",
+        "optuna.db", "run.log", "search.json", "tb"]
     # 2 derived candidates per epoch, recorded once (not once per rank)
     trials = _trials(out)
     assert len(trials) == 4 and {t.user_attrs["epoch"] for t in trials} == {1, 2}
