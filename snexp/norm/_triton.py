@@ -177,24 +177,6 @@ def _index(spec, cand: str) -> int:
     return spec.candidates.index(cand) if cand in spec.candidates else -1
 
 
-def _mix_aten(stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec, logits):
-    """The forward mixing with ``_mixing``'s helpers (group candidates, sync, official 2-D)."""
-    n, c = stats.shape[1:]
-    cands, batch, count = _mixing._candidate_stats(stats, bn_mean, bn_var, m, spec)
-    k = cands.shape[1]
-    probs = torch.stack([mean_w, var_w]).to(stats.dtype)  # (2, K)
-    if logits:
-        probs = torch.softmax(probs, 1)
-    mixed = torch.bmm(probs.view(2, 1, k), cands.view(2, k, n * c)).view(2, n, c)
-    a = torch.rsqrt(mixed[1] + spec.eps)
-    if weight is not None:
-        a = a * weight.to(a.dtype)
-    b = torch.mul(mixed[0], a).neg_()
-    if bias is not None:
-        b = b + bias.to(b.dtype)
-    return torch.stack([a, b]), batch, count, mixed, cands, probs
-
-
 def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     """As :func:`snexp.norm._mixing.forward`, except that y is in the dtype of ``x``."""
     with _device(x):
@@ -237,53 +219,15 @@ def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
             I_LN=_index(spec, "ln"), I_BN=i_bn, HAS_W=weight is not None,
             HAS_B=bias is not None, BC=lay.bc, BM=lay.bm)
         return y.view(x.shape), batch, count, (stats[0], mixed, cands, probs)
-    ab, batch, count, mixed, cands, probs = _mix_aten(
-        stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec, logits)
+    # group candidates, sync, official (N, C): _mixing's own (N, C) mixing between the passes
+    a, b, batch, count, mixed, cands, probs = _mixing.mix(
+        stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec=spec, logits=logits)
+    ab = torch.stack([a, b])
     mu = stats[0]
     y = lay.new_like()
     _normalize_kernel[lay.grid](lay.v, y, mu, ab, c, m, lay.chunk, n * c, *lay.v.stride(),
                                 *y.stride(), BC=lay.bc, BM=lay.bm)
     return y.view(x.shape), batch, count, (mu, mixed, cands, probs)
-
-
-def _mix_bwd_aten(s1, s2, mu, mixed, cands, probs, weight, m, spec, logits, n_total, need):
-    """The backward mixing with ``_mixing``'s helpers: (a, p, q) (3, N, C) and the small grads.
-
-    The same steps as :func:`snexp.norm._mixing.backward` between its gradient sums and its
-    input gradient.
-    """
-    k = probs.shape[1]
-    n, c = mu.shape
-    rstd = torch.rsqrt(mixed[1] + spec.eps)
-    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    h = torch.mul(mixed[0], s1).neg_().add_(s2).mul_(rstd)  # g rstd
-    dweight = h.sum(0) if need[1] else None
-    dbias = s1.sum(0) if need[2] else None
-    d = torch.stack([s1, h * rstd]).mul_(a)  # (2, N, C) = -[dmu; 2 dvar]
-    dmean_w = dvar_w = None
-    if need[3] or need[4]:
-        dp = torch.bmm(cands.view(2, k, -1), d.view(2, -1, 1)).view(2, k)
-        if logits:
-            dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
-        dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
-    pooled, kept = _mixing._pooled_grads(d, spec, n_total)
-    if not kept:  # only BN on running statistics: dx = a dy
-        zero = torch.zeros_like(a)
-        return torch.stack([a, zero, zero]), dweight, dbias, dmean_w, dvar_w
-    offsets, w = cands[0], probs
-    if len(kept) < k:
-        offsets, w = offsets[kept], probs[:, kept]
-    if spec.official_2d:
-        w = w * torch.tensor([[1.0] * len(kept),
-                              [_mixing.bessel(spec.candidates[i], n, c) for i in kept]],
-                             dtype=w.dtype, device=w.device)
-    pooled.mul_(w.view(2, -1, 1, 1))
-    e = pooled.sum(1)
-    corr = (offsets * pooled[1]).sum(0)
-    denom = m - 1 if (spec.unbiased_in and m > 1) else m
-    p = e[1] * (-1.0 / denom)
-    q = torch.sub(corr, e[0]).mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
-    return torch.stack([a, p, q]), dweight, dbias, dmean_w, dvar_w
 
 
 def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
@@ -334,10 +278,14 @@ def _backward(saved, x, dy, weight, spec, logits, n_total, need):
             HAS_W=weight is not None, KP=4, BC=lay.bc, BM=lay.bm)
         return (dx.view(x.shape), *grads)
     s1, s2 = part.sum(1)
-    apq, *grads = _mix_bwd_aten(s1, s2, mu, mixed, cands, probs, weight, m, spec, logits,
-                                n_total, need)
+    a, p, q, *grads = _mixing.mix_backward(s1, s2, (mu, mixed, cands, probs), weight, m,
+                                           spec=spec, logits=logits, n_total=n_total,
+                                           need=need)
     if not need[0]:
         return (None, *grads)
+    if p is None:  # only BN on running statistics: dx = a dy
+        p = q = torch.zeros_like(a)
+    apq = torch.stack([a, p, q])
     dx = lay.new_like()
     _input_grad_kernel[lay.grid](lay.v, dyv, dx, apq, c, m, lay.chunk, n * c,
                                  *lay.v.stride(), *dyv.stride(), *dx.stride(),
