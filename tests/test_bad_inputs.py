@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from fs_snapshot import snapshot
 from PIL import Image
 
 from snexp.runtime.marker import write_marker
@@ -277,20 +278,6 @@ CASES = {
     "inspect-missing-keys": Case("snexp.inspect", ("missing.pt",),
                                  "layer '0' has mean_weight but no var_weight", (sn_checkpoints,)),
 }
-
-
-def snapshot(folder: Path) -> dict[str, bytes | str]:
-    """Every entry under ``folder``: file bytes, link targets, folders."""
-    out: dict[str, bytes | str] = {}
-    for path in sorted(folder.rglob("*")):
-        name = str(path.relative_to(folder))
-        if path.is_symlink():
-            out[name] = f"-> {os.readlink(path)}"
-        elif path.is_file():
-            out[name] = path.read_bytes()
-        else:
-            out[name] = "dir"
-    return out
 
 
 # One case per kind runs in the fast suite; each case starts a Python with torch (~4 s).

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import runtime_toy as toy
 import torch
+from fs_snapshot import snapshot
 
 import snexp.runtime.run.core as core_module
 import snexp.runtime.run.directory as directory_module
@@ -401,20 +402,6 @@ def test_a_fifo_as_lock_file_is_refused_without_hanging(tmp_path):
     os.mkfifo(out / LOCK_FILE)
     with pytest.raises(ConfigError, match="is not a regular file"):
         open_run(make_config(out))
-
-
-def snapshot(folder: Path) -> dict[str, bytes | str]:
-    """Every entry under ``folder``: file bytes, link targets, folders."""
-    out: dict[str, bytes | str] = {}
-    for path in sorted(folder.rglob("*")):
-        name = str(path.relative_to(folder))
-        if path.is_symlink():
-            out[name] = f"-> {os.readlink(path)}"
-        elif path.is_file():
-            out[name] = path.read_bytes()
-        else:
-            out[name] = "dir"
-    return out
 
 
 # ----------------------------------------------------------------------------- a full disk
