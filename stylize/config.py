@@ -14,6 +14,11 @@ from typing import Annotated, Any, Literal
 from snexp.norm.functional import parse_candidates
 from snexp.runtime.config import Range, RuntimeConfig
 
+# The largest network a model.pt may describe (stylize.saved refuses more, so that an edited
+# file cannot make apply allocate without bound); training refuses the same, so every model it
+# writes can be applied.
+MAX_WIDTH, MAX_BLOCKS = 64, 256
+
 __all__ = ["DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS", "StylizeConfig",
            "TrainConfig", "norm_options"]
 
@@ -38,10 +43,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not 0 < self.pixel_scale < float("inf"):
             raise ValueError(f"pixel_scale must be positive and finite, got {self.pixel_scale}")
-        if self.width <= 0:
-            raise ValueError(f"width must be positive, got {self.width}")
-        if self.blocks < 0:
-            raise ValueError(f"blocks must be >= 0, got {self.blocks}")
+        if not 0 < self.width <= MAX_WIDTH:
+            raise ValueError(f"width must be in (0, {MAX_WIDTH}], got {self.width}")
+        if not 0 <= self.blocks <= MAX_BLOCKS:
+            raise ValueError(f"blocks must be in [0, {MAX_BLOCKS}], got {self.blocks}")
         if self.norm in ("sn", "ssn"):
             # the layers' own check, here so that a mistake is refused before any work
             for c in (32, 64, 128):

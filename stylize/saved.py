@@ -20,15 +20,13 @@ import torch
 
 from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint
 from snexp.runtime.config import ConfigError, flatten
+from stylize.config import MAX_BLOCKS, MAX_WIDTH
 from stylize.net import TransformerNet
 
 __all__ = ["MODEL_FORMAT", "load_model", "save_model"]
 
 MODEL_FORMAT = 1  # bump when the layout of model.pt changes
 _KEYS = ("state_dict", "norm", "norm_options", "width", "blocks", "styles")
-# Far beyond any trained network, low enough that a hand-edited file cannot make one that
-# fills the memory before its weights are found not to fit.
-_MAX_WIDTH, _MAX_BLOCKS = 64, 256
 
 
 def _plain(value: Any) -> Any:
@@ -72,9 +70,9 @@ def _bad_field(obj: Mapping[str, Any]) -> str | None:
     checks = (
         ("norm", isinstance(obj["norm"], str), "a norm kind such as 'sn'"),
         ("width", isinstance(obj["width"], number) and not isinstance(obj["width"], bool)
-         and 0 < obj["width"] <= _MAX_WIDTH, f"a number in (0, {_MAX_WIDTH}]"),
-        ("blocks", type(obj["blocks"]) is int and 0 <= obj["blocks"] <= _MAX_BLOCKS,
-         f"an integer in [0, {_MAX_BLOCKS}]"),
+         and 0 < obj["width"] <= MAX_WIDTH, f"a number in (0, {MAX_WIDTH}]"),
+        ("blocks", type(obj["blocks"]) is int and 0 <= obj["blocks"] <= MAX_BLOCKS,
+         f"an integer in [0, {MAX_BLOCKS}]"),
         ("styles", isinstance(obj["styles"], list) and obj["styles"]
          and all(isinstance(n, str) for n in obj["styles"]), "a non-empty list of names"),
         ("norm_options", isinstance(obj["norm_options"], Mapping), "a table of options"),

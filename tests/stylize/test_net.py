@@ -8,6 +8,7 @@ from torch import nn
 
 import snexp
 from stylize.cond import ConditionalAffine, ConditionalSwitchNorm2d
+from stylize.config import MAX_BLOCKS, MAX_WIDTH, ModelConfig
 from stylize.net import TransformerNet
 
 
@@ -205,3 +206,13 @@ def test_config_momentum_reaches_every_norm_layer(norm):
     net = TransformerNet(norm, width=0.125, blocks=1, norm_options=norm_options(model))
     layers = [m for m in net.modules() if hasattr(m, "running_mean")]
     assert layers and all(m.momentum == 0.003 for m in layers)
+
+
+@pytest.mark.parametrize("field,value", [("width", 65.0), ("blocks", 257)])
+def test_training_refuses_a_network_that_a_saved_model_could_not_describe(field, value):
+    # stylize.saved refuses width > 64 and blocks > 256 on load; training refuses them first,
+    # so every model.pt it writes can be applied
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**{field: value})
+    ModelConfig(**{field: value - 1})  # the limit itself is fine
+    assert (MAX_WIDTH, MAX_BLOCKS) == (64, 256)  # the bounds stylize.saved checks on load
