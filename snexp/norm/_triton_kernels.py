@@ -173,6 +173,38 @@ def _mix_rows(stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs_ptr, w_ptr, b_ptr, mixed_
     return mu, a, b
 
 @triton.jit
+def _normalize_chunk(x_ptr, y_ptr, n, c, cm, mu, a, b, s, CHUNK, M, sxn, sxc, sxm, syn, syc,
+                     sym, BM: tl.constexpr):
+    # y = a (x - mu_in) + b over chunk s of rows c of sample n (mu, a, b: (BC, 1))
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, M)
+    for start in range(0, CHUNK, BM):
+        j = lo + start + tl.arange(0, BM)
+        msk = cm[:, None] & (j[None, :] < hi)
+        v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
+                    other=0.0).to(mu.dtype)
+        tl.store(y_ptr + n * syn + c[:, None] * syc + j[None, :] * sym,
+                 (a * (v - mu) + b).to(y_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _input_grad_chunk(x_ptr, dy_ptr, dx_ptr, n, c, cm, a, p, q, s, CHUNK, M, sxn, sxc, sxm,
+                      sdn, sdc, sdm, son, soc, som, BM: tl.constexpr):
+    # dx = a dy + p x + q over chunk s of rows c of sample n (a, p, q: (BC, 1))
+    lo = s * CHUNK
+    hi = tl.minimum(lo + CHUNK, M)
+    for start in range(0, CHUNK, BM):
+        j = lo + start + tl.arange(0, BM)
+        msk = cm[:, None] & (j[None, :] < hi)
+        v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
+                    other=0.0).to(a.dtype)
+        g = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + j[None, :] * sdm, mask=msk,
+                    other=0.0).to(a.dtype)
+        tl.store(dx_ptr + n * son + c[:, None] * soc + j[None, :] * som,
+                 (a * g + p * v + q).to(dx_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
 def _mix_normalize_kernel(x_ptr, y_ptr, stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs_ptr,
                           w_ptr, b_ptr, mixed_ptr, cands_ptr, N, C, K, eps, M, CHUNK,
                           sxn, sxc, sxm, syn, syc, sym,
@@ -193,15 +225,8 @@ def _mix_normalize_kernel(x_ptr, y_ptr, stats_ptr, ln_ptr, bm_ptr, bv_ptr, probs
     mu = mu[:, None]
     a = a[:, None]
     b = b[:, None]
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, M)
-    for start in range(0, CHUNK, BM):
-        j = lo + start + tl.arange(0, BM)
-        msk = cm[:, None] & (j[None, :] < hi)
-        v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
-                    other=0.0).to(mu.dtype)
-        tl.store(y_ptr + n * syn + c[:, None] * syc + j[None, :] * sym,
-                 (a * (v - mu) + b).to(y_ptr.dtype.element_ty), mask=msk)
+    _normalize_chunk(x_ptr, y_ptr, n, c, cm, mu, a, b, s, CHUNK, M, sxn, sxc, sxm, syn, syc,
+                     sym, BM)
 
 @triton.jit
 def _normalize_kernel(x_ptr, y_ptr, mu_ptr, ab_ptr, C, M, CHUNK, NC, sxn, sxc, sxm,
@@ -216,15 +241,8 @@ def _normalize_kernel(x_ptr, y_ptr, mu_ptr, ab_ptr, C, M, CHUNK, NC, sxn, sxc, s
     mu = tl.load(mu_ptr + row, mask=cm, other=0.0)[:, None]
     a = tl.load(ab_ptr + row, mask=cm, other=0.0)[:, None]
     b = tl.load(ab_ptr + NC + row, mask=cm, other=0.0)[:, None]
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, M)
-    for start in range(0, CHUNK, BM):
-        j = lo + start + tl.arange(0, BM)
-        msk = cm[:, None] & (j[None, :] < hi)
-        v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
-                    other=0.0).to(mu.dtype)
-        tl.store(y_ptr + n * syn + c[:, None] * syc + j[None, :] * sym,
-                 (a * (v - mu) + b).to(y_ptr.dtype.element_ty), mask=msk)
+    _normalize_chunk(x_ptr, y_ptr, n, c, cm, mu, a, b, s, CHUNK, M, sxn, sxc, sxm, syn, syc,
+                     sym, BM)
 
 @triton.jit
 def _grad_sums_kernel(x_ptr, dy_ptr, mu_ptr, s1_ptr, s2_ptr, C, M, CHUNK, NC, sxn, sxc,
@@ -406,17 +424,8 @@ def _mix_input_grad_kernel(x_ptr, dy_ptr, dx_ptr, s1_ptr, s2_ptr, mixed_ptr, w_p
     a = a[:, None]
     p = p[:, None]
     q = q[:, None]
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, M)
-    for start in range(0, CHUNK, BM):
-        j = lo + start + tl.arange(0, BM)
-        msk = cm[:, None] & (j[None, :] < hi)
-        v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
-                    other=0.0).to(a.dtype)
-        g = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + j[None, :] * sdm, mask=msk,
-                    other=0.0).to(a.dtype)
-        tl.store(dx_ptr + n * son + c[:, None] * soc + j[None, :] * som,
-                 (a * g + p * v + q).to(dx_ptr.dtype.element_ty), mask=msk)
+    _input_grad_chunk(x_ptr, dy_ptr, dx_ptr, n, c, cm, a, p, q, s, CHUNK, M, sxn, sxc, sxm,
+                      sdn, sdc, sdm, son, soc, som, BM)
 
 @triton.jit
 def _input_grad_kernel(x_ptr, dy_ptr, dx_ptr, apq_ptr, C, M, CHUNK, NC, sxn, sxc, sxm,
@@ -431,14 +440,5 @@ def _input_grad_kernel(x_ptr, dy_ptr, dx_ptr, apq_ptr, C, M, CHUNK, NC, sxn, sxc
     a = tl.load(apq_ptr + row, mask=cm, other=0.0)[:, None]
     p = tl.load(apq_ptr + NC + row, mask=cm, other=0.0)[:, None]
     q = tl.load(apq_ptr + 2 * NC + row, mask=cm, other=0.0)[:, None]
-    lo = s * CHUNK
-    hi = tl.minimum(lo + CHUNK, M)
-    for start in range(0, CHUNK, BM):
-        j = lo + start + tl.arange(0, BM)
-        msk = cm[:, None] & (j[None, :] < hi)
-        v = tl.load(x_ptr + n * sxn + c[:, None] * sxc + j[None, :] * sxm, mask=msk,
-                    other=0.0).to(a.dtype)
-        g = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + j[None, :] * sdm, mask=msk,
-                    other=0.0).to(a.dtype)
-        tl.store(dx_ptr + n * son + c[:, None] * soc + j[None, :] * som,
-                 (a * g + p * v + q).to(dx_ptr.dtype.element_ty), mask=msk)
+    _input_grad_chunk(x_ptr, dy_ptr, dx_ptr, n, c, cm, a, p, q, s, CHUNK, M, sxn, sxc, sxm,
+                      sdn, sdc, sdm, son, soc, som, BM)
