@@ -3,7 +3,12 @@
 Each setting is a dotted key, a value and where it came from (a file, ``--set``, a flag), so
 that messages can name the source. :func:`_resolve` checks every setting against the field's
 type (:mod:`snexp.runtime.config.schema`), later settings winning, and builds the frozen dataclass
-tree on top of the defaults (or of a given config, for :func:`override`). The public
+tree on top of the defaults (or of a given config, for :func:`override`).
+
+Old keys: a config class may list keys it no longer has in ``LEGACY_KEYS`` (a ClassVar dict,
+old name -> type) and fold them into its fields with a classmethod
+``upgrade_legacy(fields, old) -> {field: value}``, so that ``config.toml`` files written before a
+change still load (they are read, never written). The public
 functions: :func:`resolve_config`, :func:`load_config`, :func:`override` and :func:`flatten`.
 """
 
@@ -112,12 +117,61 @@ def _field_default(f: dataclasses.Field) -> Any:
     return None
 
 
+def _section(cls: type, prefix: str) -> type | None:
+    """The config class at a dotted section prefix (``""`` is the root), or None."""
+    tp: Any = cls
+    for part in filter(None, prefix.split(".")):
+        tp = _hints(tp).get(part) if _is_config(tp) else None
+    return tp if _is_config(tp) else None
+
+
+def _legacy_type(cls: type, key: str) -> Any:
+    """The type of ``key`` when it names an old key its section still reads, else None."""
+    prefix, _, leaf = key.rpartition(".")
+    owner = _section(cls, prefix)
+    legacy = getattr(owner, "LEGACY_KEYS", None) or {}
+    if owner is None or leaf in _hints(owner) or leaf not in legacy:
+        return None
+    return legacy[leaf]
+
+
+def _section_fields(cls: type, prefix: str, values: Mapping[str, Any], base: Any) -> dict:
+    """The section's current field values: set ones, else the base config's, else defaults."""
+    node = base
+    for part in filter(None, prefix.split(".")):
+        node = getattr(node, part, None) if node is not None else None
+    owner = _section(cls, prefix)
+    out = {}
+    for f in dataclasses.fields(owner):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        out[f.name] = (values[key] if key in values else
+                       getattr(node, f.name) if node is not None else _field_default(f))
+    return out
+
+
 def _resolve(cls: type[T], settings: Sequence[_Setting], base: Any = None) -> T:
     values: dict[str, Any] = {}
+    legacy: dict[str, dict[str, Any]] = {}  # section prefix -> old key -> value
     for s in settings:
+        old_tp = _legacy_type(cls, s.key)
+        if old_tp is not None:
+            prefix, _, leaf = s.key.rpartition(".")
+            legacy.setdefault(prefix, {})[leaf] = _coerce(s.value, old_tp, s.key, s.source,
+                                                          s.text)
+            continue
         tp = _lookup(cls, s.key, s.source)
         values[s.key] = _coerce(s.value, tp, s.key, s.source, s.text)
         _check_range(values[s.key], _field_type(cls, s.key), s.key, s.source)
+    for prefix, old in legacy.items():
+        owner = _section(cls, prefix)
+        fields = _section_fields(cls, prefix, values, base)
+        keys = ", ".join(f"{prefix}.{k}" if prefix else k for k in old)
+        try:
+            new = owner.upgrade_legacy(fields, old)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"old key(s) {keys}: {exc}") from None
+        for name, value in new.items():
+            values[f"{prefix}.{name}" if prefix else name] = value
     return _build(cls, values, "", base)
 
 
@@ -164,7 +218,7 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        if _is_config(type(value)):
             out.update(flatten(value, f"{prefix}{f.name}."))
         else:
             out[prefix + f.name] = value

@@ -5,7 +5,9 @@ trailing ``# comment`` of each field (:func:`_comments`, shown by ``--help`` and
 :func:`snexp.runtime.config.to_toml`), and the dotted keys of the leaves (``train.lr``).
 :func:`_coerce`
 checks a TOML value, or parses command-line text, against a field's type (``bool``, ``int``,
-``float``, ``str``, ``Literal``, ``X | None``, ``tuple[X, ...]``); a mistake raises
+``float``, ``str``, ``Literal``, ``X | None``, ``tuple[X, ...]``, or a *text value* type: a
+class with a ``parse(text)`` classmethod whose ``str()`` reads back, such as
+:class:`snexp.NormSpec`, written to TOML as its text); a mistake raises
 :class:`~snexp.runtime.config.ConfigError` naming the key, the value, what is allowed and the
 closest
 valid spellings. Helpers of the other ``snexp.runtime.config`` modules, not public API.
@@ -39,7 +41,8 @@ _NONE = "none"  # how None is spelled in TOML files and on the command line
 
 
 def _is_config(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+    """A config section: a dataclass that is not itself a text value (NormSpec is a leaf)."""
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp) and not _is_text_value(tp)
 
 
 @functools.cache
@@ -125,7 +128,26 @@ def _suggest_key(cls: type, key: str) -> str:
 # ----------------------------------------------------------------------------- values
 
 
+def _split_top_level(text: str) -> list[str]:
+    """``"a, f(x=1, y=2)"`` -> ``["a", "f(x=1, y=2)"]``: commas inside brackets stay."""
+    items, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    return items + [text[start:].strip()]
+
+
+def _is_text_value(tp: Any) -> bool:
+    """A class that reads from and prints as text (``tp.parse(str(v)) == v``), e.g. NormSpec."""
+    return isinstance(tp, type) and callable(getattr(tp, "parse", None))
+
+
 def _describe(tp: Any) -> str:
+    if _is_text_value(tp):
+        return f"a {tp.__name__} text"
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_describe(a) for a in args if a is not type(None)) + " or none"
@@ -203,7 +225,7 @@ def _coerce(value: Any, tp: Any, key: str, source: str, text: bool) -> Any:
                 except tomllib.TOMLDecodeError:
                     raise wrong() from None
             else:
-                items = [v.strip() for v in value.split(",")] if value.strip() else []
+                items = _split_top_level(value) if value.strip() else []
         if not isinstance(items, (list, tuple)):
             raise wrong()
         return tuple(_coerce(v, args[0], f"{key}[{i}]", source, text) for i, v in enumerate(items))
@@ -243,4 +265,13 @@ def _coerce(value: Any, tp: Any, key: str, source: str, text: bool) -> Any:
         if isinstance(value, str):
             return value
         raise wrong()
+    if _is_text_value(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, str):
+            raise wrong()
+        try:
+            return tp.parse(value)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{source}: {key}: {exc}") from None
     raise TypeError(f"config field {key}: unsupported type {tp!r}")

@@ -2,7 +2,8 @@
 
 ``tomllib`` reads TOML but does not write it; configs need only scalars, arrays of scalars
 and tables, so :func:`to_toml` writes them itself, each key followed by its field comment.
-``None`` is written ``"none"``, the spelling the readers accept.
+``None`` is written ``"none"``, the spelling the readers accept; a text value (a class with
+``parse``, such as ``NormSpec``) is written as its text.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 import re
 from typing import Any
 
-from snexp.runtime.config.schema import _NONE, _comments
+from snexp.runtime.config.schema import _NONE, _comments, _is_config, _is_text_value
 
 __all__ = ["to_toml"]
 
@@ -59,6 +60,8 @@ def _toml_value(value: Any) -> str:
         return _toml_str(value)
     if isinstance(value, (tuple, list)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if _is_text_value(type(value)):
+        return _toml_str(str(value))
     raise TypeError(f"cannot write {type(value).__name__} {value!r} to TOML")
 
 
@@ -79,7 +82,7 @@ def to_toml(config: Any, *, header: str | None = None) -> str:
         scalars, sections = [], []
         for f in dataclasses.fields(node):
             value = getattr(node, f.name)
-            if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            if _is_config(type(value)):
                 sections.append((f.name, value))
             else:
                 text = f"{_toml_key(f.name)} = {_toml_value(value)}"

@@ -401,3 +401,59 @@ def test_repeatable_number_flags_take_comma_lists():
     assert parse_args(_Mix, ["--mix", "0.3,0.7"], flags=flags).mix == (0.3, 0.7)
     assert parse_args(_Mix, ["--mix", "0.3", "--mix", "0.7"], flags=flags).mix == (0.3, 0.7)
     assert parse_args(_Mix, ["--file", "a,b.jpg"], flags=flags).files == ("a,b.jpg",)
+
+
+# ---------------------------------------------------------------- text values, old keys
+
+from typing import Any, ClassVar  # noqa: E402
+
+from snexp import NormSpec  # noqa: E402
+
+
+@dataclass(frozen=True)
+class _NormSection:
+    norm: NormSpec = NormSpec("sn")  # the normalizer
+    # renamed out: an old file's `momentum` is folded into `norm`
+    LEGACY_KEYS: ClassVar[dict[str, Any]] = {"momentum": float}
+
+    @classmethod
+    def upgrade_legacy(cls, fields: dict, old: dict) -> dict:
+        norm = fields["norm"]
+        return {"norm": NormSpec(norm.kind, dict(norm.options), momentum=old["momentum"])}
+
+
+@dataclass(frozen=True)
+class _NormRoot:
+    child: _NormSection = field(default_factory=_NormSection)
+    arms: tuple[NormSpec, ...] = (NormSpec("bn"),)  # several specs
+
+
+def test_text_value_field_parses_from_flags_and_toml_and_writes_its_text(tmp_path):
+    # a NormSpec field reads from --set text and from a TOML string, and to_toml writes its text
+    cfg = resolve_config(_NormRoot, sets=["child.norm=sn(prior=bn:4, momentum=0.01)",
+                                          "arms=bn, sn(candidates=ln+bn, momentum=0.2)"])
+    assert cfg.child.norm == NormSpec("sn", prior="bn:4", momentum=0.01)
+    assert cfg.arms == (NormSpec("bn"), NormSpec("sn", candidates=("ln", "bn"), momentum=0.2))
+    text = to_toml(cfg)
+    assert 'norm = "sn(momentum=0.01, prior=bn:4)"' in text
+    (tmp_path / "c.toml").write_text(text)
+    assert load_config(_NormRoot, tmp_path / "c.toml") == cfg
+
+
+def test_bad_text_value_names_the_key():
+    # a spec that does not parse is a ConfigError naming the key and the spec
+    with pytest.raises(ConfigError, match=r"child\.norm.*sn\(momentum"):
+        resolve_config(_NormRoot, sets=["child.norm=sn(momentum"])
+
+
+def test_old_keys_are_folded_in_by_the_section(tmp_path):
+    # a file written before `momentum` moved into `norm` still loads, in any key order
+    (tmp_path / "old.toml").write_text('[child]\nmomentum = 0.03\nnorm = "bn"\n')
+    cfg = load_config(_NormRoot, tmp_path / "old.toml")
+    assert cfg.child.norm == NormSpec("bn", momentum=0.03)
+    assert "LEGACY" not in to_toml(cfg) and "\nmomentum" not in to_toml(cfg)
+    # an old key with the wrong type is refused with its name
+    with pytest.raises(ConfigError, match=r"child\.momentum"):
+        resolve_config(_NormRoot, sets=["child.momentum=fast"])
+    # an old key on top of a given config keeps that config's norm kind
+    assert override(cfg, {"child.momentum": 0.5}).child.norm == NormSpec("bn", momentum=0.5)
