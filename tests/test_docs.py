@@ -13,8 +13,8 @@
 
 Shell syntax in the docs is read as a shell would, as far as commands go: line continuations,
 comments, ``VAR=value`` prefixes, ``;``/``&&``/``|``/``&`` between commands, redirections,
-``for X in a b; do ... done`` (``$X`` takes the first value). Other ``$...`` expansions become
-``0`` and ``<placeholder>`` becomes ``x``.
+``for X in a b; do ... done`` (``$X`` takes the first value). Other ``$...`` expansions and a
+whole-word ``<placeholder>`` become ``0``; a placeholder inside a word (``runs/<stamp>``) ``x``.
 """
 
 from __future__ import annotations
@@ -191,6 +191,34 @@ def test_shown_name_imports(where: str, name: str) -> None:
     pytest.fail(f"{where}: {name}: no such module")
 
 
+_SETTING = re.compile(r"^(?:--set )?([a-z_]+(?:\.[a-z_0-9]+)+) ?=")
+
+
+def _settings() -> list[tuple[str, str]]:
+    found = []
+    for code in _SPANS:
+        match = _SETTING.match(code.text)
+        if match:
+            found.append((code.where, match.group(1)))
+    return found
+
+
+@pytest.mark.parametrize(("where", "key"), _settings(), ids=lambda v: str(v))
+def test_shown_setting_key_exists(where: str, key: str) -> None:
+    # a config key shown on its own (`--set data.limit=2000`, `child.norm = "..."`) is a key of
+    # an entry point's config
+    from nas.config import RetrainConfig, SearchConfig
+    from snexp.runtime.config.schema import _leaf_keys
+    from stylize.apply import ApplyConfig
+    from stylize.config import StylizeConfig
+    from stylize.tuning import TuneConfig
+
+    keys = set()
+    for cls in (SearchConfig, RetrainConfig, StylizeConfig, TuneConfig, ApplyConfig):
+        keys.update(_leaf_keys(cls))
+    assert key in keys, f"{where}: {key} is no key of nas.search, nas.train or stylize.*"
+
+
 # --- command lines ---------------------------------------------------------------------------
 
 _SEPARATORS = {";", "&&", "||", "|", "&", "(", ")"}
@@ -203,7 +231,8 @@ def _commands(code: _Code) -> list[tuple[str, list[str]]]:
     for var, values in re.findall(r"\bfor (\w+) in ([^;\n]+); do", text):
         text = re.sub(rf"\$(?:{var}\b|\{{{var}\}})", values.split()[0], text)
     text = re.sub(r"\$\([^)]*\)|\$\{\w+\}|\$\$|\$\w+", "0", text)  # other expansions
-    text = re.sub(r"<[A-Za-z][\w .,-]*>", "x", text)  # <stamp>, <out>
+    text = re.sub(r"(?<!\S)<[A-Za-z][\w .,-]*>(?!\S)", "0", text)  # --seed <seed>
+    text = re.sub(r"<[A-Za-z][\w .,-]*>", "x", text)  # runs/<stamp>/optuna.db
     found = []
     lines = code.text.replace("\\\n", "\x00").split("\n")
     line_of = [code.line + i + sum(x.count("\x00") for x in lines[:i]) for i in range(len(lines))]
