@@ -140,14 +140,16 @@ def test_link_resolves(where: str, doc: Path, target: str) -> None:
 
 def test_docs_pages_are_linked_from_readme() -> None:
     # every docs page can be reached from the door
-    linked = {(ROOT / t.partition("#")[0]).resolve() for w, d, t in _links() if d.name == "README.md"}
+    readme = ROOT / "README.md"
+    linked = {(ROOT / t.partition("#")[0]).resolve() for _, d, t in _links() if d == readme}
     for page in DOC_FILES[1:]:
         assert page in linked, f"README.md does not link {page.relative_to(ROOT)}"
 
 
 # --- paths and names shown in code -----------------------------------------------------------
 
-_PATH = re.compile(r"(?<![\w./-])((?:snexp|nas|stylize|benchmarks|configs|tests|docs|\.ci)/[\w./-]*)")
+_PATH = re.compile(
+    r"(?<![\w./-])((?:snexp|nas|stylize|benchmarks|configs|tests|docs|\.ci)/[\w./-]*)")
 _NAME = re.compile(r"(?<![\w./:-])((?:snexp|nas|stylize)(?:\.[A-Za-z_]\w*)+)")
 
 
@@ -225,18 +227,29 @@ _SEPARATORS = {";", "&&", "||", "|", "&", "(", ")"}
 _KEYWORDS = {"do", "then", "else", "time", "!"}
 
 
+def _logical_lines(code: _Code) -> list[tuple[int, str]]:
+    """``(line number, text)`` of each command line, continuation lines (``\\``) joined."""
+    lines, pending, first = [], "", code.line
+    for number, raw in enumerate(code.text.split("\n"), code.line):
+        first = first if pending else number
+        if raw.endswith("\\"):
+            pending += raw[:-1] + " "
+        else:
+            lines.append((first, pending + raw))
+            pending = ""
+    return lines + ([(first, pending)] if pending else [])
+
+
 def _commands(code: _Code) -> list[tuple[str, list[str]]]:
     """The simple commands of a code block or span: ``(where, argv)``."""
-    text = code.text.replace("\\\n", " ")
-    for var, values in re.findall(r"\bfor (\w+) in ([^;\n]+); do", text):
-        text = re.sub(rf"\$(?:{var}\b|\{{{var}\}})", values.split()[0], text)
-    text = re.sub(r"\$\([^)]*\)|\$\{\w+\}|\$\$|\$\w+", "0", text)  # other expansions
-    text = re.sub(r"(?<!\S)<[A-Za-z][\w .,-]*>(?!\S)", "0", text)  # --seed <seed>
-    text = re.sub(r"<[A-Za-z][\w .,-]*>", "x", text)  # runs/<stamp>/optuna.db
+    loops = re.findall(r"\bfor (\w+) in ([^;\n]+); do", code.text)
     found = []
-    lines = code.text.replace("\\\n", "\x00").split("\n")
-    line_of = [code.line + i + sum(x.count("\x00") for x in lines[:i]) for i in range(len(lines))]
-    for i, line in enumerate(text.split("\n")):
+    for number, line in _logical_lines(code):
+        for var, values in loops:
+            line = re.sub(rf"\$(?:{var}\b|\{{{var}\}})", values.split()[0], line)
+        line = re.sub(r"\$\([^)]*\)|\$\{\w+\}|\$\$|\$\w+", "0", line)  # other expansions
+        line = re.sub(r"(?<!\S)<[A-Za-z][\w .,-]*>(?!\S)", "0", line)  # --seed <seed>
+        line = re.sub(r"<[A-Za-z][\w .,-]*>", "x", line)  # runs/<stamp>/optuna.db
         if not line.strip():
             continue
         line = re.sub(r"(?<=\s)\d+(?=[<>])", "", line)  # 2>&1: the descriptor is no argument
@@ -255,7 +268,7 @@ def _commands(code: _Code) -> list[tuple[str, list[str]]]:
                 skip = False
             elif token in _SEPARATORS:
                 if argv:
-                    found.append((f"{code.doc.relative_to(ROOT)}:{line_of[i]}", argv))
+                    found.append((f"{code.doc.relative_to(ROOT)}:{number}", argv))
                 argv = []
             elif re.fullmatch(r"&?[<>]+&?", token):
                 skip = True  # `> file`, `>& 1`: the target is the next token
@@ -289,12 +302,15 @@ def _invocation(where: str, argv: list[str]) -> _Invocation | None:
     return None
 
 
+_COMMAND_SPAN = re.compile(r"^(\w+=\S+ )*(python3? |torchrun |for )")
+
+
 def _invocations() -> list[_Invocation]:
     found = []
     for code in _BLOCKS + _SPANS:
         if code.lang is not None and code.lang not in SHELL_LANGS:
             continue
-        if code.lang is None and not re.match(r"^(\w+=\S+ )*(python3? |torchrun |for )", code.text):
+        if code.lang is None and not _COMMAND_SPAN.match(code.text):
             continue  # an inline span that is not a command line
         for where, argv in _commands(code):
             call = _invocation(where, argv)
