@@ -11,9 +11,9 @@ shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
 
 On Linux/glibc the benchmark first turns off heap trimming and mmap for buffers up to 32 MiB
 (``mallopt``; ``--no-malloc-tune`` keeps the defaults). Without it, whichever op happens to get
-a fresh, never-touched buffer pays thousands of page faults (measured here: the same 8 MB
-subtraction took 0.1 ms or 8 ms depending on heap state), which swamps the kernels being
-compared. PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same reason.
+a fresh, never-touched buffer pays thousands of page faults, which can cost more than the
+kernels being compared. PyTorch's CPU tuning guide recommends jemalloc/tcmalloc for the same
+reason.
 """
 
 from __future__ import annotations

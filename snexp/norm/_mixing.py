@@ -73,8 +73,8 @@ def _sync_sums(t: Tensor, spec) -> Tensor:
 def _pooled(stats: Tensor, dim: int) -> Tensor:
     """[mean of mu_in; mean of var_in + var of mu_in] over ``dim`` of stacked IN statistics."""
     mean = stats.mean(dim, keepdim=True)  # [mu_k; mean of var_in]
-    # NOTE: mean of squared deviations, not torch.var_mean: its Welford kernel takes up to 80 us
-    # for a (4, 256) reduction over dim 0 on CPU, this ~10 us.
+    # NOTE: mean of squared deviations, not torch.var_mean: on CPU its Welford kernel is several
+    # times slower for these small reductions over dim 0.
     dev = stats[0] - mean[0]
     mean[1].add_(dev.square().mean(dim - 1, keepdim=True))
     return mean
@@ -172,7 +172,7 @@ def centered(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     dims = tuple(range(2, x.dim()))
     mu = x.mean(dims, keepdim=True, dtype=torch.promote_types(x.dtype, torch.float32))
     # NOTE: a centered second read (x - mu) instead of a one-pass sum of squares, which loses
-    # all digits when |mean| >> std; ATen's one-pass Welford var_mean is ~10x slower on CPU.
+    # all digits when |mean| >> std; ATen's one-pass Welford var_mean is much slower on CPU.
     xc = torch.sub(x, mu)  # (N, C, *S)
     nrm = torch.linalg.vector_norm(xc, 2, dims)  # (N, C)
     return mu.view(nrm.shape), nrm, xc
@@ -209,7 +209,7 @@ def grad_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
 def _normalize_aten(xc: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """y = a * xc + b, written over ``xc`` (a, b broadcastable per (n, c))."""
     # NOTE: two in-place binary passes; ATen's ternary addcmul with two broadcast operands
-    # takes a scalar loop on CPU and is ~10x slower than mul_ + add_.
+    # takes a scalar loop on CPU, far slower than mul_ + add_.
     return xc.mul_(a).add_(b)
 
 
@@ -253,9 +253,8 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
     k = cands.shape[1]
     probs = torch.stack([mean_w, var_w]).to(st.dtype)  # (2, K)
     # NOTE: softmax and the mixing as elementwise ops and reductions, not torch.softmax and
-    # torch.bmm: on these tiny tensors those two enter OpenMP parallel regions, and with 2
-    # threads on a busy machine each call waited ~1.3-1.5 ms for the other thread (measured
-    # with the profiler), against a few microseconds here.
+    # torch.bmm: on these tiny tensors those two enter OpenMP parallel regions, and on a busy
+    # machine each call waits for the other threads far longer than the work takes.
     if logits:
         probs = probs.sub(probs.amax(1, keepdim=True)).exp_()
         probs = probs.div_(probs.sum(1, keepdim=True))

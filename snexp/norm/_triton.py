@@ -101,7 +101,7 @@ def usable(x: Tensor) -> bool:
 
 
 def _cdiv(a: int, b: int) -> int:
-    # NOTE: not triton.cdiv: on the host it is a constexpr function costing ~5 us a call
+    # NOTE: not triton.cdiv: on the host it is a constexpr function, slow to call per launch
     return -(-a // b)
 
 
