@@ -18,8 +18,10 @@ each command against its program's parser.
 A failed or timed-out step is recorded with the tail of its log and the check goes on; steps
 past the time budget (``--budget``) are skipped. The table (step, command, status, key figure,
 seconds) is printed and written to ``<out>/gpu_check.md``, every result to
-``<out>/results.json``; the exit status is 1 when a step failed. The check itself imports no
-package of the project, so a broken package shows up as failed steps, not as a traceback.
+``<out>/results.json``; the exit status is 1 when a step failed. The CPU dry run skips the
+bf16 bench and the Triton kernels, probes gloo in place of NCCL and leaves out ``--amp bf16``,
+``--compile`` and the bench's compiled rows. The check itself imports no package of the
+project, so a broken package shows up as failed steps, not as a traceback.
 """
 
 from __future__ import annotations
