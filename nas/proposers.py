@@ -196,7 +196,7 @@ class TPEProposer:
     Args:
         num_nodes: Computed nodes per cell.
         study: The study holding the proposals (its sampler should be TPE), opened with
-            :func:`snexp.runtime.track.open_study`, which fails trials left running by dead
+            :func:`snexp.runtime.study.open_study`, which fails trials left running by dead
             workers.
     """
 

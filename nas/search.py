@@ -13,7 +13,7 @@ from nas.data import check_data
 from nas.search_loop import run_search
 from snexp.runtime.config import cli_errors, parse_args
 from snexp.runtime.run import Run
-from snexp.runtime.track import check_study_storage
+from snexp.runtime.study import check_study_storage
 
 PROG = "python -m nas.search"
 FLAGS = {

@@ -58,8 +58,8 @@ from nas.space import Architecture
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import write_text_atomic
 from snexp.runtime.run import Run
-from snexp.runtime.samplers import WorkerSeededSampler
-from snexp.runtime.track import open_study, progress
+from snexp.runtime.study import WorkerSeededSampler, open_study
+from snexp.runtime.track import progress
 
 __all__ = ["SearchResult", "evaluate", "run_search"]
 

@@ -28,7 +28,6 @@ from snexp.runtime.config import ConfigError, cli_errors, parse_args
 from snexp.runtime.device import select_device
 from snexp.runtime.files import replace_atomic
 from stylize.data import UNREADABLE, find_images, image_size, load_image
-from stylize.export import export_model
 from stylize.infer import preserve_color, stylize
 from stylize.saved import load_model
 
@@ -185,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         net, meta = load_model(cfg.model)
         style = resolve_style(net.num_styles, meta["styles"], cfg.style_index, cfg.style_mix)
         if cfg.export is not None:
+            from stylize.export import export_model  # only --export needs it
+
             if Path(cfg.export).exists() and not cfg.overwrite:
                 raise ConfigError(f"{cfg.export} exists; pass --overwrite to replace it")
             try:

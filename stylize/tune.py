@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from snexp.runtime.config import cli_errors, parse_args
 from snexp.runtime.run import Run
-from snexp.runtime.track import check_study_storage
+from snexp.runtime.study import check_study_storage
 from stylize.config import PRESETS
 from stylize.loss import load_vgg16
 from stylize.train import FLAGS as TRAIN_FLAGS

@@ -31,8 +31,7 @@ from torch.utils.data import DataLoader
 
 from snexp.runtime.config import ConfigError, RuntimeConfig, flatten
 from snexp.runtime.run import Run, RunStopped
-from snexp.runtime.samplers import WorkerSeededSampler
-from snexp.runtime.track import open_study
+from snexp.runtime.study import WorkerSeededSampler, open_study
 from stylize.config import DataConfig, LossConfig, ModelConfig, NormKind, TrainConfig
 from stylize.data import load_image
 from stylize.loop import build_content, build_network, train_step

@@ -1,5 +1,8 @@
 """Optuna storages that many worker processes can share without losing or stranding trials.
 
+The backend of :mod:`snexp.runtime.study` (which users import: ``open_study``,
+``open_storage``); only that module imports this one.
+
 Optuna runs a study on several processes (one host or many) when they open it on one storage
 (Optuna docs, "Easy Parallelization"). Two things go wrong with plain storages, and this module
 fixes both through Optuna's own machinery:

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from snexp.runtime.config import ConfigError
-from snexp.runtime.track import check_study_storage, open_study
+from snexp.runtime.study import check_study_storage, open_study
 
 HINT = ("pass a SQLite file (study.db), a URL such as sqlite:///study.db or "
         "postgresql://user@host/db, or a journal file path")

@@ -1,6 +1,5 @@
-"""snexp.runtime.samplers: workers on one study with the same --seed propose different trials,
-while a
-lone worker stays reproducible."""
+"""snexp.runtime.study's WorkerSeededSampler: workers on one study with the same --seed propose
+different trials, while a lone worker stays reproducible."""
 
 from __future__ import annotations
 
@@ -13,8 +12,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from snexp.runtime.samplers import WorkerSeededSampler, worker_seed
-from snexp.runtime.track import open_study
+from snexp.runtime.study import WorkerSeededSampler, open_study, worker_seed
 
 CTX = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
 TPE = functools.partial(optuna.samplers.TPESampler, n_startup_trials=3)

@@ -26,8 +26,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from snexp.runtime.storage import OWNER_ATTR
-from snexp.runtime.track import open_study
+from snexp.runtime.study import OWNER_ATTR, open_study
 
 WORKERS, TRIALS = 3, 4
 CTX = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
@@ -206,7 +205,7 @@ def test_workers_share_one_postgresql_study(postgres_url):
 
 _NS_WORKER = """
 import sys, time
-from snexp.runtime.track import open_study
+from snexp.runtime.study import open_study
 study = open_study("shared", storage=sys.argv[1], heartbeat_interval=None)
 trial = study.ask()
 print(trial.number, flush=True)
@@ -215,7 +214,7 @@ time.sleep(120)
 
 _NS_JUDGE = """
 import sys
-from snexp.runtime.track import open_study
+from snexp.runtime.study import open_study
 study = open_study("shared", storage=sys.argv[1])  # reaps the trials of dead owners
 print(",".join(t.state.name for t in study.trials))
 """
