@@ -153,7 +153,8 @@ CASES = {
     "wrong-type": Case("nas.search", ("--epochs", "three"),
                        "--epochs: train.epochs expects an integer, got 'three'"),
     "invalid-choice": Case("nas.search", ("--norm", "sm"),
-                           "'sm' is not a valid value for child.norm"),
+                           "child.norm: unknown norm kind 'sm'; valid kinds: sn, ssn, bn, in, "
+                           "ln, gn, none"),
     "missing-config": Case("nas.search", ("--config", "nope.toml"),
                            "config file 'nope.toml' not found"),
     # Values outside their range, before anything starts.
