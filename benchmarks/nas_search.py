@@ -101,9 +101,10 @@ def main() -> None:
     med = {k: {part: statistics.median(v) for part, v in t.items()} for k, t in times.items()}
     print(f"device {device}, threads {torch.get_num_threads()}, child {args.layers} layers x "
           f"{args.filters} filters, B={args.nodes}, batch {args.batch}")
-    print(f"{'norm':6s} {'child steps/s':>14s} {'controller steps/s':>19s}")
+    width = max(6, *map(len, kinds))
+    print(f"{'norm':{width}s} {'child steps/s':>14s} {'controller steps/s':>19s}")
     for kind in kinds:
-        print(f"{kind:6s} {1 / med[kind]['child']:14.2f} {1 / med[kind]['ctrl']:19.2f}")
+        print(f"{kind:{width}s} {1 / med[kind]['child']:14.2f} {1 / med[kind]['ctrl']:19.2f}")
     if "sn" in med and "bn" in med:
         print(f"SN/BN time ratio: child step {med['sn']['child'] / med['bn']['child']:.2f}, "
               f"controller step {med['sn']['ctrl'] / med['bn']['ctrl']:.2f} (target <= 1.2)")
