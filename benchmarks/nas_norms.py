@@ -7,15 +7,16 @@ epoch (mean +- std over seeds), the final and the best derived accuracy, the mea
 over steps 351-400 per seed, the SN importance at the end and the wall time of each run.
 The arms:
 
-- ``sn-prior``: the quick preset as it is: SN in every norm of the cells, importance prior
-  ``bn:4``, importance logits at 10x lr without the L2 term (docs/nas.md);
+- ``sn-prior``: the quick preset as it is: SN in every norm of the cells with the importance
+  prior ``bn:4`` (``sn(prior=bn:4)``), importance logits at 10x lr without the L2 term
+  (docs/nas.md);
 - ``bn``: ``--norm bn`` (the SN paper's ENAS child);
 - ``sn-uniform``: SN cells as the SN paper starts them (equal importance, logits at the
-  common lr with the L2 term): ``--set child.prior= --set train.importance_lr_mult=1
+  common lr with the L2 term): ``--norm sn --set train.importance_lr_mult=1
   --set train.importance_l2=true``;
-- ``sn-prior6`` (only when asked for): the stronger prior ``bn:6`` (BN share 0.995), which
-  left the plateau sooner with seed 1 in a 400-step check but barely lets the importance move
-  (docs/nas.md).
+- ``sn-prior6`` (only when asked for): the stronger prior ``--norm 'sn(prior=bn:6)'`` (BN
+  share 0.995), which left the plateau sooner with seed 1 in a 400-step check but barely lets
+  the importance move (docs/nas.md).
 
 The data sets: ``embedded`` (the default) and ``shapes``, the 1,800-image folder
 ``nas.data.write_shapes_folder(<out>/shapes-1800, 1800)`` (written once) with
@@ -51,9 +52,9 @@ from pathlib import Path
 ARMS = {
     "sn-prior": [],
     "bn": ["--norm", "bn"],
-    "sn-uniform": ["--set", "child.prior=", "--set", "train.importance_lr_mult=1",
+    "sn-uniform": ["--norm", "sn", "--set", "train.importance_lr_mult=1",
                    "--set", "train.importance_l2=true"],
-    "sn-prior6": ["--set", "child.prior=bn:6"],
+    "sn-prior6": ["--norm", "sn(prior=bn:6)"],
 }
 DEFAULT_ARMS = ("sn-prior", "bn", "sn-uniform")
 DATA = ("embedded", "shapes")

@@ -26,6 +26,7 @@ from torch import nn
 from nas.child import ChildNet
 from nas.controller import ControllerConfig
 from nas.proposers import RandomProposer, Reinforce
+from snexp import NormSpec
 from snexp.runtime.run import select_device
 
 
@@ -36,7 +37,9 @@ def _sync(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--norms", default="sn,bn", help="child norm kinds (default: sn,bn)")
+    parser.add_argument("--norms", default="sn,bn",
+                        help="child norm kinds or specs without commas, e.g. sn,bn,'gn(groups=4)' "
+                             "(default: sn,bn)")
     parser.add_argument("--layers", type=int, default=6, help="normal cells (ENAS search: 6)")
     parser.add_argument("--filters", type=int, default=20, help="first-stage width (ENAS: 20)")
     parser.add_argument("--nodes", type=int, default=5, help="computed nodes per cell")
@@ -57,8 +60,8 @@ def main() -> None:
     archs = RandomProposer(args.nodes, seed=0).ask(args.steps)
     setups = {}
     for kind in kinds:
-        net = ChildNet(10, norm=kind, layers=args.layers, filters=args.filters,
-                       num_nodes=args.nodes).to(device).train()
+        net = ChildNet(10, norm_layer=NormSpec.parse(kind).layer(), layers=args.layers,
+                       filters=args.filters, num_nodes=args.nodes).to(device).train()
         opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, nesterov=True)
         agent = Reinforce(ControllerConfig(num_aggregate=args.samples), args.nodes, device)
         setups[kind] = (net, opt, agent)
@@ -98,9 +101,10 @@ def main() -> None:
     med = {k: {part: statistics.median(v) for part, v in t.items()} for k, t in times.items()}
     print(f"device {device}, threads {torch.get_num_threads()}, child {args.layers} layers x "
           f"{args.filters} filters, B={args.nodes}, batch {args.batch}")
-    print(f"{'norm':6s} {'child steps/s':>14s} {'controller steps/s':>19s}")
+    width = max(6, *map(len, kinds))
+    print(f"{'norm':{width}s} {'child steps/s':>14s} {'controller steps/s':>19s}")
     for kind in kinds:
-        print(f"{kind:6s} {1 / med[kind]['child']:14.2f} {1 / med[kind]['ctrl']:19.2f}")
+        print(f"{kind:{width}s} {1 / med[kind]['child']:14.2f} {1 / med[kind]['ctrl']:19.2f}")
     if "sn" in med and "bn" in med:
         print(f"SN/BN time ratio: child step {med['sn']['child'] / med['bn']['child']:.2f}, "
               f"controller step {med['sn']['ctrl'] / med['bn']['ctrl']:.2f} (target <= 1.2)")

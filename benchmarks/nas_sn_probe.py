@@ -1,6 +1,6 @@
 """Probe: does the quick search's weight-sharing child learn with a given SN start?
 
-Trains the ``quick`` preset's shared child (SN norms with ``--candidates`` and ``--prior``) for
+Trains the ``quick`` preset's shared child (every norm from the ``--norm`` spec) for
 ``--steps`` steps, one uniformly random architecture per step, with the preset's optimizer (the
 importance logits in their own group: ``--importance-lr-mult``, no L2 term; ``0`` freezes them)
 and prints, every 50 steps, the mean training loss of those steps and the importance averaged
@@ -9,7 +9,7 @@ norms. No controller, no derive step: this isolates the child. ``--signal-every 
 prints, every N steps, how much LN's variance exceeds BN's at the norms' input and the share
 of the per-channel variance that lies between images. One thread is enough::
 
-    OMP_NUM_THREADS=1 python benchmarks/nas_sn_probe.py --candidates ln+bn --prior "" \\
+    OMP_NUM_THREADS=1 python benchmarks/nas_sn_probe.py --norm 'sn(candidates=ln+bn)' \\
         --steps 300 --seed 0
 """
 
@@ -29,7 +29,7 @@ from nas.config import PRESETS, SearchConfig
 from nas.data import build_splits
 from nas.optim import param_groups, sgd_with_restarts
 from nas.proposers import RandomProposer
-from snexp.runtime.config import load_config
+from snexp.runtime.config import ConfigError, resolve_config
 
 
 def _shares(child: nn.Module) -> dict[str, dict[str, float]]:
@@ -77,25 +77,28 @@ def _signal(child: nn.Module, x: torch.Tensor, arch) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--candidates", default="in+ln+bn")
-    parser.add_argument("--prior", default="bn:4", help='importance prior ("" uniform)')
+    parser.add_argument("--norm", default=None,
+                        help="the child's norm spec, e.g. 'sn(candidates=ln+bn)' (uniform "
+                             "start), 'sn(prior=bn:6)', or bn for the reference (default: the "
+                             "quick preset's, sn(prior=bn:4))")
     parser.add_argument("--importance-lr-mult", type=float, default=10.0)
-    parser.add_argument("--norm", default="sn", help="sn, or bn for the reference")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--signal-every", type=int, default=0,
                         help="print the signal statistics at the norms' input every N steps")
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
-    cfg = load_config(SearchConfig, PRESETS / "quick.toml")
-    options = {"momentum": cfg.child.momentum}
-    if args.norm == "sn":
-        options |= {"candidates": tuple(args.candidates.split("+")), "prior": args.prior}
+    sets = [] if args.norm is None else [f"child.norm={args.norm}"]
+    try:  # the preset's child with this norm, checked as nas.search checks it
+        cfg = resolve_config(SearchConfig, [PRESETS / "quick.toml"], sets)
+    except ConfigError as exc:
+        parser.error(str(exc))
+    norm = cfg.child.norm
     splits = build_splits(cfg.data)
-    child = ChildNet(splits.num_classes, norm=args.norm, layers=cfg.child.layers,
+    child = ChildNet(splits.num_classes, norm_layer=norm.layer(), layers=cfg.child.layers,
                      filters=cfg.child.filters, num_nodes=cfg.child.num_nodes,
                      dropout=cfg.child.dropout, in_channels=splits.in_channels,
-                     image_size=splits.valid[0][0].shape[-1], norm_options=options)
+                     image_size=splits.valid[0][0].shape[-1])
     opt = dataclasses.replace(cfg.train, importance_lr_mult=args.importance_lr_mult)
     optimizer, _ = sgd_with_restarts(param_groups(child, opt), opt)
     proposer = RandomProposer(cfg.child.num_nodes, seed=args.seed)
@@ -105,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
             splits.train, num_samples=args.steps * opt.batch_size,
             generator=torch.Generator().manual_seed(args.seed)))
     losses, start = [], time.perf_counter()
-    print(f"{args.norm} candidates={args.candidates} prior={args.prior!r} "
-          f"importance_lr_mult={args.importance_lr_mult} seed={args.seed}")
+    print(f"{norm} importance_lr_mult={args.importance_lr_mult} seed={args.seed}")
     child.train()
     for step, (x, y) in enumerate(loader, 1):
         if args.signal_every and (step - 1) % args.signal_every == 0:
@@ -121,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
         losses.append(loss.item())
         if step % 50 == 0:
             line = f"step {step:4d} loss {statistics.mean(losses[-50:]):.3f}"
-            if args.norm == "sn":
+            if norm.kind == "sn":
                 for part, share in _shares(child).items():
                     line += f" | {part} " + " ".join(f"{c} {w:.3f}" for c, w in share.items())
             print(f"{line} | {time.perf_counter() - start:.0f} s", flush=True)

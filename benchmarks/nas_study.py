@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="compare these norms inside the LSTM controller instead of "
                              "proposers: comma list of sn, ln, gn, none")
     parser.add_argument("--norm", default="bn",
-                        help="norm of the child in the search and the retraining (default: "
-                             "bn)")
+                        help="norm spec of the child in the search and the retraining, e.g. "
+                             "bn or 'sn(prior=bn:4)' (default: bn)")
     parser.add_argument("--search-config", default=None,
                         help="nas.search preset (default: quick; paper scale: enas_cifar10)")
     parser.add_argument("--retrain-config", default=None, help="nas.train preset (default: "
@@ -88,10 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown proposer(s) {unknown}: choose from lstm, random, tpe")
     arms = {p: ["--controller", p] for p in proposers}  # arm name -> its nas.search flags
     if args.controller_norms is not None:
+        from nas.controller import CONTROLLER_NORM_KINDS
+
         norms = [n.strip() for n in args.controller_norms.split(",")]
-        unknown = sorted(set(norms) - {"sn", "ln", "gn", "none"})
+        unknown = sorted(set(norms) - set(CONTROLLER_NORM_KINDS))
         if unknown:
-            parser.error(f"unknown controller norm(s) {unknown}: choose from sn, ln, gn, none")
+            parser.error(f"unknown controller norm(s) {unknown}: choose from "
+                         f"{', '.join(CONTROLLER_NORM_KINDS)}")
         arms = {f"lstm-{n}": ["--controller", "lstm", "--set", f"controller.norm={n}"]
                 for n in norms}
     search_args = ["--config", args.search_config] if args.search_config else []

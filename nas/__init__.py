@@ -1,8 +1,9 @@
 """nas: ENAS-style architecture search with snexp normalizers inside the searched cells.
 
 Pham et al., "Efficient Neural Architecture Search via Parameter Sharing" (ICML 2018, arXiv
-1802.03268), micro search space. The searched cells' norms come from ``snexp.make_norm`` (SN by
-default), so a search can compare SN against BN and inspect what each layer learned to use.
+1802.03268), micro search space. The searched cells' norms come from one ``snexp.NormSpec``
+(``--norm``; SN by default), so a search can compare SN against BN and inspect what each layer
+learned to use.
 
 ``python -m nas.search`` searches, ``python -m nas.train --arch best_arch.json`` retrains,
 ``python -m nas.draw ARCH`` draws cells (``nas.draw`` is imported on use, not here, so that

@@ -12,8 +12,9 @@ bias-free linear classifier. The cells are :mod:`nas.cells`:
   path a reduction position first factorized-reduces the previous output (which then becomes
   input 1, the previous output input 0) and runs the reduction architecture at stride 1.
 
-Every normalizer comes from ``norm_layer(channels)``, resolved once from a kind string with
-:func:`snexp.norm_layer`.
+Every normalizer comes from one ``norm_layer(channels)`` callable (torchvision's convention), which
+the caller resolves once from its norm spec (``cfg.child.norm.layer()``, :class:`snexp.NormSpec`)
+and the network hands to every cell and op.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class ChildNet(nn.Module):
     Args:
         num_classes: Output classes.
         arch: ``None``: the weight-sharing search network; else the fixed network of ``arch``.
-        norm: Normalizer kind (``"sn"``, ``"bn"``, ...), a callable ``norm(channels)`` or None.
+        norm_layer: ``norm_layer(channels) -> nn.Module`` for every norm, e.g.
+            ``NormSpec.parse("sn(prior=bn:4)").layer()``; ``None``: SN with its defaults.
         layers: Normal cells (ENAS search 6, final 15); two reduction cells are added.
         filters: Channels of the first stage (doubled at each reduction); stem has 3x.
         num_nodes: Computed nodes per cell (``B``; a fixed ``arch`` sets it).
@@ -95,11 +97,10 @@ class ChildNet(nn.Module):
         dropout: Dropout before the classifier (ENAS: 1 - keep_prob, 0.1 search, 0.2 final).
         in_channels: Image channels.
         image_size: Image side; sizes the auxiliary head's last conv (2x2 at 32 px).
-        norm_options: Options of every norm, e.g. ``{"groups": 4}`` for ``gn``.
         primitives: Op names of the shared cells.
 
     Example:
-        >>> net = ChildNet(10, layers=2, filters=8)
+        >>> net = ChildNet(10, layers=2, filters=8, norm_layer=snexp.norm_layer("bn"))
         >>> net(torch.randn(2, 3, 32, 32), arch).logits.shape  # doctest: +SKIP
         torch.Size([2, 10])
     """
@@ -109,7 +110,7 @@ class ChildNet(nn.Module):
         num_classes: int,
         arch: Architecture | None = None,
         *,
-        norm: str | NormLayer | None = "sn",
+        norm_layer: NormLayer | None = None,
         layers: int = 6,
         filters: int = 20,
         num_nodes: int = 5,
@@ -117,13 +118,13 @@ class ChildNet(nn.Module):
         dropout: float = 0.0,
         in_channels: int = 3,
         image_size: int = 32,
-        norm_options: dict | None = None,
         primitives: tuple[str, ...] = PRIMITIVES,
     ) -> None:
         super().__init__()
         if arch is not None:
             num_nodes, primitives = arch.num_nodes, arch.primitives
-        norm_layer = snexp.norm_layer(norm, **(norm_options or {}))
+        if norm_layer is None:
+            norm_layer = snexp.norm_layer("sn")
         self.arch, self.num_nodes, self.drop_keep = arch, num_nodes, 1.0
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 3 * filters, 3, padding=1, bias=False),

@@ -10,15 +10,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar
 
 from nas.controller import ControllerConfig
 from nas.data import DataConfig
-from snexp.norm.switchable import parse_prior
+from snexp import NORM_KINDS, NormSpec
 from snexp.runtime.config import Range, RuntimeConfig
 
 __all__ = ["COMMON_FLAGS", "PRESETS", "ChildConfig", "OptimConfig", "RetrainConfig",
-           "RetrainSettings", "SearchConfig", "SearchSettings", "norm_options"]
+           "RetrainSettings", "SearchConfig", "SearchSettings"]
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "nas"  # --config NAME looks here
 COMMON_FLAGS = {  # flags of both nas.search and nas.train, and the keys they set
@@ -29,47 +29,82 @@ COMMON_FLAGS = {  # flags of both nas.search and nas.train, and the keys they se
 }
 
 
+_GN_GROUPS = 4  # groups of a bare --norm gn: snexp's 32 divides no ENAS width (20, 36)
+
+
 @dataclass(frozen=True)
 class ChildConfig:
     """The child network (search: 6 layers x 20 filters; retraining: 15 x 36)."""
 
-    norm: Literal["sn", "ssn", "bn", "in", "ln", "gn"] = "sn"  # every norm of the child
+    # e.g. "bn", "sn(prior=bn:4)" (SN importance logits (in, ln, bn) = (0, 0, 4): BN share
+    # 0.965; no prior: equal weights, the SN paper), "sn(momentum=0.003)" (PyTorch's momentum
+    # convention: the SN authors' 0.9 is 0.1), "gn(groups=4)" (a bare "gn" gets 4 groups)
+    norm: NormSpec = NormSpec("sn")  # every norm of the child, with its options (snexp.NormSpec)
     layers: int = 6  # normal cells; two reduction cells are added between the stages
     filters: int = 20  # channels of the first stage (doubled at each reduction)
     num_nodes: int = 5  # computed nodes per cell (B)
-    gn_groups: int = 4  # groups of --norm gn (must divide filters)
-    # running-average factor of SN/SSN/BN, PyTorch convention (the SN authors' 0.9 is our 0.1)
-    momentum: Annotated[float, Range(ge=0, le=1)] = 0.1
     dropout: float = 0.1  # dropout before the classifier (ENAS keep_prob 0.9 search, 0.8 final)
-    # Initial importance logits of every SN/SSN norm (snexp's prior=), e.g. "bn:4": logits
-    # (in, ln, bn) = (0, 0, 4), BN share 0.965; "": equal weights (the SN paper). Other norms
-    # ignore it, so --norm bn needs no second flag.
-    prior: str = ""
+    # Keys of config.toml files written before the norm became one spec; upgrade_legacy folds
+    # them into `norm` (so old run folders resume), as the options they stood for.
+    LEGACY_KEYS: ClassVar[dict[str, type]] = {"momentum": float, "prior": str, "gn_groups": int}
+
+    @classmethod
+    def upgrade_legacy(cls, fields: dict, old: dict) -> dict:
+        """``norm`` with the old keys folded in: ``gn_groups`` only for gn, ``prior`` only for
+        SN/SSN (``""``: none, the uniform start), ``momentum`` for SN/SSN/BN (the layers'
+        default 0.1 adds nothing, so an old default file reads as a new one)."""
+        spec: NormSpec = fields["norm"]
+        options = dict(spec.options)
+        if spec.kind == "gn" and "gn_groups" in old:
+            options["groups"] = old["gn_groups"]
+        if spec.kind in ("sn", "ssn") and "prior" in old:
+            if old["prior"]:
+                options["prior"] = old["prior"]
+            else:
+                options.pop("prior", None)
+        if spec.kind in ("sn", "ssn", "bn") and "momentum" in old and (
+                old["momentum"] != 0.1 or "momentum" in options):
+            options["momentum"] = old["momentum"]
+        return {"norm": NormSpec(spec.kind, options)}
 
     def __post_init__(self) -> None:
-        if self.prior:
-            parse_prior(self.prior, ("in", "ln", "bn"))  # a bad name fails before the run
         if self.layers < 1 or self.filters < 1 or self.num_nodes < 1:
             raise ValueError("layers, filters and num_nodes must be >= 1")
-        if self.norm == "gn" and self.filters % self.gn_groups:
-            raise ValueError(
-                f"--norm gn: gn_groups={self.gn_groups} must divide filters={self.filters} "
-                "(set child.gn_groups or child.filters)"
-            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        norm = NormSpec.parse(self.norm)
+        if norm.kind == "gn" and "groups" not in dict(norm.options):
+            # NOTE: a bare --norm gn means 4 groups (the child's gn_groups default before the
+            # norm became one spec); the recorded spec says so: gn(groups=4).
+            norm = NormSpec("gn", dict(norm.options), groups=_GN_GROUPS)
+        object.__setattr__(self, "norm", norm)
+        _check_norm(norm, self.filters)
 
 
-def norm_options(child: ChildConfig) -> dict[str, object]:
-    """Options of every norm of the child (the groups of ``gn``, SN/SSN/BN's momentum, SN/SSN's
-    importance prior)."""
-    if child.norm == "gn":
-        return {"groups": child.gn_groups}
-    if child.norm in ("sn", "ssn") and child.prior:
-        return {"momentum": child.momentum, "prior": child.prior}
-    if child.norm in ("sn", "ssn", "bn"):
-        return {"momentum": child.momentum}
-    return {}
+def _check_norm(norm: NormSpec, filters: int) -> None:
+    """Build one norm of the narrowest width (every width of the child is a multiple of
+    ``filters``) so that a bad option fails before the run, with the fix."""
+    options = dict(norm.options)
+    momentum = options.get("momentum")
+    if isinstance(momentum, (int, float)) and not 0 <= momentum <= 1:
+        raise ValueError(f"child.norm '{norm}': momentum must be in [0, 1] (PyTorch "
+                         f"convention: the SN authors' 0.9 is our 0.1), got {momentum}; e.g. "
+                         f"--norm '{norm.kind}(momentum=0.1)'")
+    groups = options.get("groups")
+    if norm.kind == "gn" and (not isinstance(groups, int) or groups < 1 or filters % groups):
+        fits = [g for g in range(1, filters + 1) if filters % g == 0]
+        good = max((g for g in fits if g <= _GN_GROUPS), default=1)
+        raise ValueError(f"child.norm '{norm}': groups={groups} must divide filters={filters} "
+                         f"(every width of the child is a multiple of filters); write --norm "
+                         f"'gn(groups={good})' (groups dividing {filters}: "
+                         f"{', '.join(map(str, fits))}) or change child.filters")
+    try:
+        norm.layer()(filters)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"child.norm '{norm}': {exc}. Options are those of the layer "
+                         f"(snexp.NormSpec), e.g. --norm 'sn(prior=bn:4)', --norm "
+                         f"'sn(momentum=0.003, candidates=ln+bn)' or --norm 'gn(groups=4)'; "
+                         f"kinds: {', '.join(NORM_KINDS)}") from None
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,28 @@ is conditioned on it. ``b_soft`` starts at ``[10, 10, 0, ...]`` as in the offici
 
 ``norm`` (SN paper, Sec. 5, the ENAS controller experiment) normalizes the LSTM gate
 pre-activations and the cell state per sample: ``ln``, ``gn`` (``groups`` groups) or ``sn``, a
-:class:`snexp.SwitchNorm1d` mixing LN and GN (BN is impossible with one sample).
+:class:`snexp.SwitchNorm1d` mixing LN and GN (BN is impossible with one sample); a spec's own
+options win (``gn(groups=8)``, ``sn(candidates=ln+gn8)``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
 
-import snexp
 from nas.space import PRIMITIVES, Architecture
+from snexp import NormSpec
 
-__all__ = ["Controller", "ControllerConfig", "Policy"]
+__all__ = ["CONTROLLER_NORM_KINDS", "Controller", "ControllerConfig", "Policy",
+           "controller_norm"]
+
+# The snexp.NORM_KINDS the LSTM takes: per-sample norms (BN needs a batch, and the controller
+# samples one architecture at a time; IN has no positions to average over in (n, C)).
+CONTROLLER_NORM_KINDS = ("none", "ln", "gn", "sn")
 
 
 @dataclass(frozen=True)
@@ -42,8 +49,8 @@ class ControllerConfig:
     op_tanh_reduce: float = 2.5  # op logits are (tanh_constant / op_tanh_reduce) * tanh(...)
     temperature: float | None = None  # divide logits by this before the tanh (none: off)
     op_bias: bool = True  # ENAS's fixed op bias [0.25, 0.25, -0.25, ...] in the normal cell
-    norm: Literal["none", "ln", "gn", "sn"] = "none"  # normalization inside the LSTM
-    groups: int = 4  # groups of gn, and of the gn candidate of sn
+    norm: NormSpec = NormSpec("none")  # normalization inside the LSTM: none, ln, gn or sn
+    groups: int = 4  # groups of gn, and of the gn candidate of sn (unless the spec sets them)
     lr: float = 0.0035  # Adam learning rate
     adam_beta1: float = 0.0  # Adam beta1 (ENAS: 0, no momentum on the policy gradient)
     adam_eps: float = 1e-3  # Adam epsilon (ENAS: 1e-3)
@@ -56,8 +63,18 @@ class ControllerConfig:
     def __post_init__(self) -> None:
         if self.lstm_size < 1 or self.train_steps < 0 or self.num_aggregate < 1:
             raise ValueError("lstm_size and num_aggregate must be >= 1, train_steps >= 0")
-        if self.norm in ("gn", "sn") and (4 * self.lstm_size) % self.groups:
-            raise ValueError(f"groups={self.groups} must divide lstm_size={self.lstm_size}")
+        norm = NormSpec.parse(self.norm)
+        object.__setattr__(self, "norm", norm)
+        if norm.kind not in CONTROLLER_NORM_KINDS:
+            raise ValueError(f"controller.norm '{norm}': the LSTM normalizes one sample at a "
+                             f"time, so its norm is one of {', '.join(CONTROLLER_NORM_KINDS)} "
+                             f"(e.g. --set controller.norm=sn)")
+        layer = controller_norm(self)
+        try:  # the gates' and the cell state's widths
+            layer(4 * self.lstm_size), layer(self.lstm_size)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"controller.norm '{norm}' with groups={self.groups} and "
+                             f"lstm_size={self.lstm_size}: {exc}") from None
         if not 0.0 <= self.adam_beta1 < 1.0 or not self.adam_eps > 0.0:
             raise ValueError(f"adam_beta1 must be in [0, 1) and adam_eps > 0, got "
                              f"{self.adam_beta1} and {self.adam_eps}")
@@ -75,22 +92,24 @@ class Policy(NamedTuple):
     positions: list[int]  # per decision, its index in the flat architecture
 
 
-def _norm_layer(kind: str, groups: int):
-    """The LSTM's normalizer from the registry: ``norm_layer(channels)`` over ``(n, C)``."""
-    if kind == "sn":  # the SN paper's controller: a learned mix of LN and GN
-        return snexp.norm_layer("sn", dims=1, candidates=("ln", f"gn{groups}"))
-    if kind == "gn":
-        return snexp.norm_layer("gn", dims=1, groups=groups)
-    return snexp.norm_layer(kind, dims=1)  # "ln" or "none"
+def controller_norm(config: ControllerConfig) -> Callable[[int], nn.Module]:
+    """The LSTM's ``norm_layer(channels)`` over ``(n, C)``, from ``config.norm``: a bare ``sn``
+    is the SN paper's controller norm (a learned mix of LN and GN with ``config.groups``
+    groups), a bare ``gn`` has ``config.groups`` groups; options of the spec win."""
+    options = dict(config.norm.options)
+    if config.norm.kind == "sn":
+        options.setdefault("candidates", ("ln", f"gn{config.groups}"))
+    if config.norm.kind == "gn":
+        options.setdefault("groups", config.groups)
+    return NormSpec(config.norm.kind, options).layer(dims=1)
 
 
 class _LSTMCell(nn.Module):
     """ENAS's bias-free LSTM cell, optionally normalizing gates and cell state per sample."""
 
-    def __init__(self, size: int, norm: str, groups: int) -> None:
+    def __init__(self, size: int, norm_layer: Callable[[int], nn.Module]) -> None:
         super().__init__()
         self.w = nn.Linear(2 * size, 4 * size, bias=False)
-        norm_layer = _norm_layer(norm, groups)
         self.norm_gates = norm_layer(4 * size)
         self.norm_cell = norm_layer(size)
 
@@ -126,7 +145,7 @@ class Controller(nn.Module):
         super().__init__()
         self.config, self.num_nodes, self.primitives = config, num_nodes, tuple(primitives)
         size, ops = config.lstm_size, len(self.primitives)
-        self.lstm = _LSTMCell(size, config.norm, config.groups)
+        self.lstm = _LSTMCell(size, controller_norm(config))
         self.g_emb = nn.Parameter(torch.empty(1, size))
         self.w_emb = nn.Embedding(ops, size)
         self.w_soft = nn.Linear(size, ops, bias=False)

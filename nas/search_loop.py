@@ -16,7 +16,8 @@ Per epoch:
 
 At the end ``<out>/search.json`` holds the mean reward, the derived valid accuracy and the
 mean child loss of every epoch and the best derived accuracy (what ``benchmarks/nas_study.py``
-and ``benchmarks/nas_norms.py`` tabulate); with SN in the cells, the SN importance of the best
+and ``benchmarks/nas_norms.py`` tabulate), and the norms as spec texts (``"norm"``, e.g.
+``"sn(prior=bn:4)"``; ``"controller_norm"``); with SN in the cells, the SN importance of the best
 architecture's ops in the shared child (:mod:`nas.op_importance`) is added to ``search.json``
 and ``best_arch.json`` and drawn into ``<out>/importance.png``.
 
@@ -48,7 +49,7 @@ import torch
 from torch import nn
 
 from nas.child import ChildNet
-from nas.config import SearchConfig, norm_options
+from nas.config import SearchConfig
 from nas.data import build_splits
 from nas.op_importance import format_op_importance, op_importance
 from nas.optim import epoch_loader, param_groups, sgd_with_restarts
@@ -256,15 +257,15 @@ def run_search(run: Run) -> SearchResult:
     cfg: SearchConfig = run.config
     splits = build_splits(cfg.data)
     child = ChildNet(
-        splits.num_classes, norm=cfg.child.norm, layers=cfg.child.layers,
+        splits.num_classes, norm_layer=cfg.child.norm.layer(), layers=cfg.child.layers,
         filters=cfg.child.filters, num_nodes=cfg.child.num_nodes, dropout=cfg.child.dropout,
         aux=cfg.search.aux_weight > 0, in_channels=splits.in_channels,
-        image_size=splits.valid[0][0].shape[-1], norm_options=norm_options(cfg.child),
+        image_size=splits.valid[0][0].shape[-1],
     )
     net = run.prepare(child, find_unused_parameters=True)  # a step uses one arch's ops
     opt = cfg.train
     optimizer, scheduler = sgd_with_restarts(param_groups(child, opt), opt)
-    attrs = {"controller": cfg.controller.kind, "norm": cfg.child.norm,
+    attrs = {"controller": cfg.controller.kind, "norm": str(cfg.child.norm),
              "dataset": cfg.data.dataset, "seed": cfg.runtime.seed}
     study = tpe_study = None  # rank 0 alone writes trials
     if run.is_main:
@@ -316,8 +317,8 @@ def run_search(run: Run) -> SearchResult:
         write_text_atomic(run.dir / SUMMARY_FILE, json.dumps({
             "best_valid_acc": float(run.best), "rewards": run.state.get("rewards", []),
             "derived": run.state.get("derived", []), "losses": run.state.get("losses", []),
-            "controller": cfg.controller.kind, "controller_norm": cfg.controller.norm,
-            "child_norm": cfg.child.norm, "prior": norm_options(cfg.child).get("prior", ""),
+            "controller": cfg.controller.kind, "controller_norm": str(cfg.controller.norm),
+            "norm": str(cfg.child.norm),  # the child's spec with its options, e.g. sn(prior=bn:4)
             "arch": str(best), "importance": report}, indent=2) + "\n")
     run.tracker.hparams(cfg, {"search/final_best_valid_acc": float(run.best)}, step=run.step)
     logger.info("best architecture (valid acc %.4f), saved to %s: %s", run.best,

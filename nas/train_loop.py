@@ -5,9 +5,10 @@ auxiliary head (loss weight 0.4), drop path (keep probability annealed from 1 to
 run, lower in deeper cells), cutout and SGD with the cosine schedule with warm restarts
 (ENAS's 630 epochs are 10 + 20 + ... + 320, i.e. six whole periods). Reports test top-1, the
 parameter count without the auxiliary head (``params``, ENAS's count) and the head's
-(``aux_params``) and the FLOPs of one image, and writes them to ``<out>/result.json``, with
-SN in the cells also the importance of each op's SN layers after retraining
-(:mod:`nas.op_importance`, ``"importance"``; ``null`` without SN).
+(``aux_params``) and the FLOPs of one image, and writes them to ``<out>/result.json`` with
+the child's norm spec as text (``"norm": "sn(prior=bn:4)"``) and, with SN in the cells, the
+importance of each op's SN layers after retraining (:mod:`nas.op_importance`,
+``"importance"``; ``null`` without SN).
 
 The architecture is recorded in the run (``<out>/arch.json``, written before the first step);
 ``--resume`` retrains that one and never reads ``--arch`` again, so a search that rewrites
@@ -32,7 +33,7 @@ from torch.utils.data import Subset
 from torch.utils.flop_counter import FlopCounterMode
 
 from nas.child import ChildNet
-from nas.config import RetrainConfig, norm_options
+from nas.config import RetrainConfig
 from nas.data import build_splits
 from nas.op_importance import format_op_importance, op_importance
 from nas.optim import epoch_loader, param_groups, sgd_with_restarts
@@ -145,10 +146,9 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
     splits = build_splits(cfg.data)
     image = splits.test[0][0]
     model = ChildNet(
-        splits.num_classes, arch, norm=cfg.child.norm, layers=cfg.child.layers,
+        splits.num_classes, arch, norm_layer=cfg.child.norm.layer(), layers=cfg.child.layers,
         filters=cfg.child.filters, aux=cfg.retrain.aux_weight > 0, dropout=cfg.child.dropout,
         in_channels=splits.in_channels, image_size=image.shape[-1],
-        norm_options=norm_options(cfg.child),
     )
     params, aux_params, flops = model.params(), model.aux_params(), count_flops(model, image)
     logger.info("retraining %s: %.3f M parameters (+ %.3f M in the auxiliary head), %.1f MFLOPs "
@@ -197,7 +197,7 @@ def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:
         write_text_atomic(run.dir / RESULT_FILE, json.dumps(
             {"test_acc": result.test_acc, "params": params, "aux_params": aux_params,
              "flops": flops, "arch": str(arch), "flat": arch.to_flat(),
-             "importance": report}, indent=2) + "\n")
+             "norm": str(cfg.child.norm), "importance": report}, indent=2) + "\n")
     run.tracker.hparams(cfg, {"retrain/final_test_acc": result.test_acc}, step=run.step)
     logger.info("test top-1 %.4f | %.3f M parameters | %.1f MFLOPs per image | %s",
                 result.test_acc, params / 1e6, flops / 1e6, run.dir / RESULT_FILE)

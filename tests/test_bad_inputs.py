@@ -153,9 +153,17 @@ CASES = {
     "wrong-type": Case("nas.search", ("--epochs", "three"),
                        "--epochs: train.epochs expects an integer, got 'three'"),
     "invalid-choice": Case("nas.search", ("--norm", "sm"),
-                           "'sm' is not a valid value for child.norm"),
+                           "child.norm: unknown norm kind 'sm'; valid kinds: sn, ssn, bn, in, "
+                           "ln, gn, none"),
     "missing-config": Case("nas.search", ("--config", "nope.toml"),
                            "config file 'nope.toml' not found"),
+    # A norm spec whose options the layer refuses, or a norm the controller cannot take.
+    "norm-groups": Case("nas.search", ("--norm", "gn(groups=3)"),
+                        "child.norm 'gn(groups=3)': groups=3 must divide filters=16 (every width "
+                        "of the child is a multiple of filters); write --norm 'gn(groups=4)'"),
+    "controller-norm-bn": Case("nas.search", ("--set", "controller.norm=bn"),
+                               "controller.norm 'bn': the LSTM normalizes one sample at a time, "
+                               "so its norm is one of none, ln, gn, sn"),
     # Values outside their range, before anything starts.
     "negative-lr": Case("nas.search", ("--set", "train.lr_max=-1"), "lr_max"),
     "overflowing-lr": Case("nas.search", ("--set", "train.lr_max=1e400"),

@@ -28,10 +28,24 @@ def test_plan_builds_one_search_per_arm_data_and_seed(tmp_path):
     assert bn.argv[4:8] == ("--dataset", "imagefolder", "--data-root",
                             str(tmp_path / "shapes-1800"))
     assert "--norm" in bn.argv and "bn" in bn.argv
-    assert "child.prior=" in by[("embedded", "sn-uniform", 0)].argv
+    assert by[("embedded", "sn-uniform", 0)].argv[4:6] == ("--norm", "sn")
     assert [j.seed for j in jobs[:6]] == [0] * 6  # seeds outermost
     (strong,) = nas_norms.plan(tmp_path, ["sn-prior6"], ["embedded"], [0], [])
-    assert "child.prior=bn:6" in strong.argv
+    assert strong.argv[4:6] == ("--norm", "sn(prior=bn:6)")
+
+
+@pytest.mark.parametrize("arm, norm", [("sn-prior", "sn(prior=bn:4)"), ("bn", "bn"),
+                                       ("sn-uniform", "sn"), ("sn-prior6", "sn(prior=bn:6)")])
+def test_each_arm_gives_nas_search_its_norm_spec(arm, norm):
+    # what nas.search makes of an arm's flags on top of the quick preset: one norm spec
+    from nas.config import PRESETS, SearchConfig
+    from nas.search import FLAGS
+    from snexp import NormSpec
+    from snexp.runtime.config import parse_args
+
+    cfg = parse_args(SearchConfig, list(nas_norms.ARMS[arm]), flags=FLAGS, presets=PRESETS,
+                     default_config="quick")
+    assert cfg.child.norm == NormSpec.parse(norm) and str(cfg.child.norm) == norm
 
 
 def _fake_run(out: Path, job, derived: list[float], loss400: float, *, finished: bool,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 import torch
@@ -50,8 +51,27 @@ def test_factorized_reduce_handles_odd_channels():
 
 
 def test_gn_groups_must_divide_the_width():
-    with pytest.raises(ValueError, match="gn_groups=3 must divide filters=8"):
-        ChildConfig(norm="gn", filters=8, gn_groups=3)
+    # the spec's groups must divide filters; the message shows the spec that fits
+    with pytest.raises(ValueError, match=re.escape(
+            "child.norm 'gn(groups=3)': groups=3 must divide filters=8 (every width of the "
+            "child is a multiple of filters); write --norm 'gn(groups=4)' (groups dividing 8: "
+            "1, 2, 4, 8) or change child.filters")):
+        ChildConfig(norm="gn(groups=3)", filters=8)
+    # a bare gn keeps its 4 groups (the old gn_groups default), recorded in the spec
+    assert ChildConfig(norm="gn", filters=8).norm == snexp.NormSpec("gn", groups=4)
+    with pytest.raises(ValueError, match=re.escape("write --norm 'gn(groups=3)'")):
+        ChildConfig(norm="gn", filters=18)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("sn(groupz=2)", "unexpected keyword argument 'groupz'"),
+    ("sn(prior=gn:2)", "'gn', not a candidate of this layer"),
+    ("bn(momentum=2)", "momentum must be in [0, 1]"),
+])
+def test_bad_norm_options_fail_when_the_config_is_built(spec, message):
+    # every option is checked by building one layer, before any run starts
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ChildConfig(norm=spec, filters=8)
 
 
 def test_drop_path_zeroes_whole_samples_and_rescales():
@@ -124,7 +144,8 @@ def _enas_count(arc: list[int], layers: int, f: int, classes: int = 10) -> tuple
 
 def test_published_enas_cell_has_the_official_parameter_count():
     arc = [int(v) for v in ENAS_ARC.split()]
-    net = ChildNet(10, Architecture.from_flat(arc), norm="bn", layers=15, filters=36, aux=True)
+    net = ChildNet(10, Architecture.from_flat(arc), norm_layer=snexp.norm_layer("bn"), layers=15,
+                   filters=36, aux=True)
     # the count of the official structure, derived by hand from micro_child.py
     assert (net.params(), net.aux_params()) == _enas_count(arc, 15, 36)
     # ... which is 3.894 M without the auxiliary head and 0.495 M in it
@@ -133,7 +154,7 @@ def test_published_enas_cell_has_the_official_parameter_count():
 
 def test_fixed_net_classifier_reads_every_loose_end():
     arch = parse_arch(ENAS_ARC)
-    net = ChildNet(10, arch, norm="bn", layers=15, filters=36)
+    net = ChildNet(10, arch, norm_layer=snexp.norm_layer("bn"), layers=15, filters=36)
     # the normal cell leaves nodes 2..6 unused: the last cell outputs 5 x 4 x 36 channels
     assert arch.loose_ends(False) == [2, 3, 4, 5, 6]
     assert net.classifier.in_features == 720 and net.classifier.bias is None
@@ -144,7 +165,7 @@ def test_fixed_net_classifier_reads_every_loose_end():
 def test_fixed_cell_gives_every_slot_its_own_module():
     # node 2 reads input 0 twice with sep_conv_3x3: two modules with their own weights
     arch = Architecture.from_flat([0, 0, 0, 0, 2, 4, 1, 1] * 2)
-    net = ChildNet(10, arch, norm="bn", layers=1, filters=4)
+    net = ChildNet(10, arch, norm_layer=snexp.norm_layer("bn"), layers=1, filters=4)
     cell = net.cells[2]
     assert len(cell.ops) == 4 and cell.ops[0] is not cell.ops[1]
     assert cell.ops[0].state_dict().keys() == cell.ops[1].state_dict().keys()
@@ -155,7 +176,7 @@ def test_fixed_cell_concatenates_unused_inputs_reduced_in_a_reduction_cell():
     # input 0 is used by no node: it is a loose end; in the reduction cell it is
     # factorized-reduced to the output resolution first
     arch = Architecture.from_flat([1, 2, 1, 3, 2, 4, 1, 0] * 2)
-    net = ChildNet(10, arch, norm="bn", layers=1, filters=4)
+    net = ChildNet(10, arch, norm_layer=snexp.norm_layer("bn"), layers=1, filters=4)
     assert arch.loose_ends(False) == [3]  # computed nodes only
     normal, reduce = net.cells[2], net.cells[0]
     assert normal.loose == [0, 3] and normal.out_channels == 2 * 16
@@ -166,7 +187,7 @@ def test_fixed_cell_concatenates_unused_inputs_reduced_in_a_reduction_cell():
 
 def test_aux_head_sits_after_the_cell_behind_the_second_reduction():
     arch = parse_arch(ENAS_ARC)
-    net = ChildNet(10, arch, norm="bn", layers=15, filters=8, aux=True)
+    net = ChildNet(10, arch, norm_layer=snexp.norm_layer("bn"), layers=15, filters=8, aux=True)
     # ENAS: aux_head_indices = [pool_layers[-1] + 1]; at 32 px its last conv is 2x2 -> 768
     assert net.aux_after == 12 and net.aux_head.conv.weight.shape == (768, 128, 2, 2)
     net.train()
@@ -179,7 +200,7 @@ def test_aux_head_sits_after_the_cell_behind_the_second_reduction():
 @pytest.mark.parametrize("seed", range(3))
 def test_shared_child_runs_random_archs_and_only_chosen_slots_get_gradients(seed):
     rng = random.Random(seed)
-    net = ChildNet(10, norm="sn", layers=1, filters=4, num_nodes=3)
+    net = ChildNet(10, norm_layer=snexp.norm_layer("sn"), layers=1, filters=4, num_nodes=3)
     arch = _random_arch(rng, 3)
     out = net(torch.randn(4, 3, 16, 16), arch)
     assert out.logits.shape == (4, 10) and out.aux is None
@@ -202,7 +223,7 @@ def test_shared_child_runs_random_archs_and_only_chosen_slots_get_gradients(seed
 
 
 def test_shared_child_has_per_slot_weights_and_reduces_before_the_cell():
-    net = ChildNet(10, norm="bn", layers=1, filters=4, num_nodes=2)
+    net = ChildNet(10, norm_layer=snexp.norm_layer("bn"), layers=1, filters=4, num_nodes=2)
     cell = net.cells[2]
     # node 2: 2 slots x 2 inputs, node 3: 2 slots x 3 inputs, each with every op
     assert sorted(cell.ops) == ["2_0_0", "2_0_1", "2_1_0", "2_1_1", "3_0_0", "3_0_1", "3_0_2",
@@ -216,7 +237,7 @@ def test_shared_child_has_per_slot_weights_and_reduces_before_the_cell():
 
 
 def test_shared_child_runs_every_op_on_every_edge():
-    net = ChildNet(10, norm="bn", layers=1, filters=4, num_nodes=2)
+    net = ChildNet(10, norm_layer=snexp.norm_layer("bn"), layers=1, filters=4, num_nodes=2)
     x = torch.randn(2, 3, 8, 8)
     for op in range(len(PRIMITIVES)):
         for inp in (0, 1):
@@ -232,7 +253,7 @@ def test_shared_child_needs_an_architecture():
 
 def test_fixed_net_drop_path_spares_the_identity():
     arch = Architecture.from_flat([0, 4, 1, 4, 2, 4, 0, 4] * 2)  # identities only
-    net = ChildNet(10, arch, norm="bn", layers=1, filters=4)
+    net = ChildNet(10, arch, norm_layer=snexp.norm_layer("bn"), layers=1, filters=4)
     net.train()
     net.drop_keep = 0.01
     torch.manual_seed(0)
@@ -265,11 +286,71 @@ def test_shared_cell_output_includes_an_unused_input():
 
 @pytest.mark.parametrize("norm", ["sn", "bn"])
 def test_child_momentum_reaches_every_norm_layer(norm):
-    # child.momentum (PyTorch convention) is what every SN/BN layer of the child uses
-    from nas.config import norm_options
-
-    child_cfg = ChildConfig(norm=norm, layers=1, filters=4, num_nodes=2, momentum=0.003)
-    net = ChildNet(10, norm=norm, layers=1, filters=4, num_nodes=2,
-                   norm_options=norm_options(child_cfg))
+    # the spec's momentum (PyTorch convention) is what every SN/BN layer of the child uses
+    child_cfg = ChildConfig(norm=f"{norm}(momentum=0.003)", layers=1, filters=4, num_nodes=2)
+    net = ChildNet(10, norm_layer=child_cfg.norm.layer(), layers=1, filters=4, num_nodes=2)
     layers = [m for m in net.modules() if getattr(m, "running_mean", None) is not None]
     assert layers and all(m.momentum == 0.003 for m in layers)
+
+
+OLD_CHILD = """[child]
+norm = "{norm}"
+layers = 1
+filters = 8
+num_nodes = 2
+gn_groups = {groups}
+momentum = {momentum}
+dropout = 0.1
+prior = "{prior}"
+"""
+
+
+@pytest.mark.parametrize("norm, groups, momentum, prior, spec", [
+    ("sn", 4, 0.1, "bn:4", "sn(prior=bn:4)"),  # the quick preset's child
+    ("sn", 4, 0.1, "", "sn"),  # the layers' default momentum adds nothing
+    ("ssn", 4, 0.003, "ln:1", "ssn(momentum=0.003, prior=ln:1)"),
+    ("bn", 4, 0.003, "bn:4", "bn(momentum=0.003)"),  # prior: SN/SSN only
+    ("gn", 2, 0.003, "bn:4", "gn(groups=2)"),  # groups: gn only; momentum: SN/SSN/BN only
+    ("ln", 4, 0.1, "", "ln"),
+])
+def test_an_old_config_toml_loads_into_the_norm_spec(tmp_path, norm, groups, momentum, prior,
+                                                      spec):
+    # run folders written before the norm became one spec (norm, gn_groups, momentum, prior)
+    # load into the spec those keys stood for, and are written back in the new form
+    from nas.config import SearchConfig
+    from snexp.runtime.config import load_config, to_toml
+
+    old = tmp_path / "config.toml"
+    old.write_text(OLD_CHILD.format(norm=norm, groups=groups, momentum=momentum, prior=prior))
+    cfg = load_config(SearchConfig, old)
+    assert cfg.child.norm == snexp.NormSpec.parse(spec) and str(cfg.child.norm) == spec
+    assert (cfg.child.layers, cfg.child.filters, cfg.child.num_nodes) == (1, 8, 2)
+    text = to_toml(cfg)
+    child = text[text.index("[child]"):text.index("[controller]")]
+    assert child.splitlines()[1].startswith(f'norm = "{spec}"  # every norm of the child')
+    assert not [line for line in child.splitlines()
+                if line.split(" = ")[0] in ("gn_groups", "momentum", "prior")]
+    (tmp_path / "new.toml").write_text(text)
+    assert load_config(SearchConfig, tmp_path / "new.toml") == cfg
+
+
+def test_an_old_checkpoint_config_resumes_with_the_spec(tmp_path):
+    # a checkpoint's saved flat config from before the spec compares equal to today's reading
+    # of the same run, and a real difference is still refused
+    from nas.config import SearchConfig
+    from snexp.runtime.config import ConfigError, flatten, override
+    from snexp.runtime.run.resume import CHECKPOINT_FORMAT, _check_resumable, _plain
+
+    cfg = override(SearchConfig(), {"child.norm": snexp.NormSpec("sn", prior="bn:4")})
+    saved = _plain(flatten(cfg))
+    assert saved["child.norm"] == "sn(prior=bn:4)"  # checkpoints hold the text
+    saved.pop("child.norm")
+    saved.update({"child.norm": "sn", "child.gn_groups": 4, "child.momentum": 0.1,
+                  "child.prior": "bn:4"})
+    checkpoint = {"format": CHECKPOINT_FORMAT, "config": saved, "step": 0, "epoch": 0,
+                  "batch_in_epoch": 0, "best": None, "state": {}, "objects": {}, "scaler": None,
+                  "rng": None, "data_rng": None}
+    _check_resumable(checkpoint, cfg, tmp_path / "last.pt", folder=tmp_path, safe_keys=())
+    with pytest.raises(ConfigError, match=r"child\.norm \('sn\(prior=bn:4\)' -> 'sn'\)"):
+        _check_resumable(checkpoint, override(cfg, {"child.norm": snexp.NormSpec("sn")}),
+                         tmp_path / "last.pt", folder=tmp_path, safe_keys=())

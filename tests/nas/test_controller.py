@@ -66,6 +66,28 @@ def test_controller_sn_mixes_ln_and_gn():
     assert all(v.candidates == ("ln", "gn4") for v in layers.values())
 
 
+@pytest.mark.parametrize("spec, candidates, groups", [
+    ("sn", ("ln", "gn4"), 4),  # a bare sn: the SN paper's LN + GN mix with `groups`
+    ("sn(candidates=ln+gn8)", ("ln", "gn8"), 4),  # the spec's own options win
+    ("gn", None, 4), ("gn(groups=8)", None, 8),
+])
+def test_controller_norm_comes_from_the_spec(spec, candidates, groups):
+    ctrl = Controller(ControllerConfig(norm=spec, groups=4), num_nodes=2)
+    gates = ctrl.lstm.norm_gates
+    if candidates is None:
+        assert isinstance(gates, torch.nn.GroupNorm) and gates.num_groups == groups
+    else:
+        assert isinstance(gates, snexp.SwitchNorm1d) and gates.candidates == candidates
+
+
+def test_controller_refuses_batch_norms_with_the_list():
+    # BN (or IN/SSN) in the LSTM is refused when the config is built, naming what is allowed
+    with pytest.raises(ValueError, match=r"controller.norm 'bn': .* one of none, ln, gn, sn"):
+        ControllerConfig(norm="bn")
+    with pytest.raises(ValueError, match=r"groups=3 and lstm_size=64"):
+        ControllerConfig(norm="gn", groups=3)
+
+
 def test_reinforce_moves_the_policy_toward_the_rewarded_architecture():
     torch.manual_seed(0)
     cfg = ControllerConfig(lr=0.03, entropy_weight=0.0)

@@ -99,5 +99,6 @@ def test_controller_norm_presets_put_bn_in_the_child(norm, tmp_path):
     cfg = parse_args(SearchConfig, ["--config", "enas_cifar10", "--config", f"controller_{norm}",
                                     "--out", str(tmp_path / "x")], presets=PRESETS)
     # the SN paper's setting on ENAS's paper-scale search
-    assert (cfg.child.norm, cfg.controller.kind, cfg.controller.norm) == ("bn", "lstm", norm)
+    assert (str(cfg.child.norm), cfg.controller.kind, str(cfg.controller.norm)) == (
+        "bn", "lstm", norm)
     assert cfg.train.epochs == 150 and cfg.child.filters == 20

@@ -14,7 +14,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nas import search as search_cli
 from nas import train as train_cli
 from nas.space import Architecture
-from snexp.runtime.checkpoint import load_checkpoint
+from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint
 from snexp.runtime.run import Run
 
 TINY = [
@@ -173,7 +173,8 @@ def test_a_bad_arch_file_gives_a_clear_error_and_creates_nothing(tmp_path, capsy
 def test_search_flags_reach_the_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         search_cli.main(["--norm", "xn", "--out", str(tmp_path / "x")])
-    assert "'xn' is not a valid value for child.norm" in capsys.readouterr().err
+    assert ("child.norm: unknown norm kind 'xn'; valid kinds: sn, ssn, bn, in, ln, gn, none"
+            in " ".join(capsys.readouterr().err.split()))  # the message is wrapped
 
 
 def test_enas_arc_string_is_an_architecture():
@@ -201,19 +202,39 @@ def test_a_resumed_epoch_does_not_record_its_derive_trials_twice(tmp_path):
     assert len(study.get_trials()) == 6
 
 
+def _write_the_old_way(out) -> None:
+    """Turn a run folder's config.toml and checkpoint into what runs wrote before the child's
+    norm became one spec: norm = "sn" beside momentum, prior and gn_groups."""
+    toml = out / "config.toml"
+    text = toml.read_text()
+    assert 'norm = "sn(prior=bn:4)"' in text
+    toml.write_text(text.replace('norm = "sn(prior=bn:4)"', 'norm = "sn"\ngn_groups = 4\n'
+                                 'momentum = 0.1\nprior = "bn:4"'))
+    checkpoint = load_checkpoint(out / "checkpoints" / "last.pt")
+    assert checkpoint["config"]["child.norm"] == "sn(prior=bn:4)"  # saved as its text
+    checkpoint["config"].update({"child.norm": "sn", "child.gn_groups": 4, "child.momentum": 0.1,
+                                 "child.prior": "bn:4"})
+    save_checkpoint(checkpoint, out / "checkpoints" / "last.pt")
+
+
 @pytest.mark.slow
 def test_retrain_resume_keeps_the_architecture_it_started_with(tmp_path):
     first = Architecture.from_flat([0, 0, 1, 4, 2, 1, 0, 2] * 2)
     other = Architecture.from_flat([1, 3, 0, 2, 2, 4, 1, 1] * 2)
     arch_file, out = tmp_path / "best_arch.json", tmp_path / "retrain"
     arch_file.write_text(first.to_json())
-    train_cli.main([*RETRAIN, "--arch", str(arch_file), "--out", str(out)])
+    train_cli.main([*RETRAIN, "--norm", "sn(prior=bn:4)", "--arch", str(arch_file),
+                    "--out", str(out)])
+    # a run folder written before the norm became one spec resumes, with the same norm
+    _write_the_old_way(out)
     # a search rewrites best_arch.json meanwhile; the resumed run still trains the first
     arch_file.write_text(other.to_json())
     train_cli.main([*RETRAIN, "--epochs", "2", "--arch", str(arch_file), "--out", str(out),
                     "--resume"])
     result = json.loads((out / "result.json").read_text())
     assert result["arch"] == str(first) and result["flat"] == first.to_flat()
+    assert result["norm"] == "sn(prior=bn:4)"
+    assert 'norm = "sn(prior=bn:4)"' in (out / "config.toml").read_text()
     assert Architecture.from_json((out / "arch.json").read_text()) == first
     assert load_checkpoint(out / "checkpoints" / "last.pt")["epoch"] == 2
 

@@ -11,11 +11,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from nas import search as search_cli
 from nas import train as train_cli
 from nas.child import ChildNet
-from nas.config import PRESETS, OptimConfig, SearchConfig, norm_options
+from nas.config import PRESETS, OptimConfig, SearchConfig
 from nas.op_importance import format_op_importance, op_importance
 from nas.optim import param_groups, sgd_with_restarts
 from nas.space import Architecture
-from snexp import SwitchNorm2d, importance
+from snexp import NormSpec, SwitchNorm2d, importance, norm_layer
 from snexp.runtime.config import parse_args
 
 BN_SHARE = 0.9646632  # softmax of the logits (0, 0, 4)
@@ -32,10 +32,9 @@ def test_quick_preset_searches_sn_cells_starting_near_bn():
     cfg = _quick()
     # the default search: SN in every norm of the cells and of the controller, prior bn:4,
     # logits at 10x lr without the L2 term
-    assert (cfg.child.norm, cfg.child.prior, cfg.controller.norm) == ("sn", "bn:4", "sn")
+    assert (str(cfg.child.norm), str(cfg.controller.norm)) == ("sn(prior=bn:4)", "sn")
     assert cfg.train.importance_lr_mult == 10.0 and cfg.train.importance_l2 is False
-    child = ChildNet(10, norm=cfg.child.norm, layers=1, filters=4, num_nodes=2,
-                     norm_options=norm_options(cfg.child))
+    child = ChildNet(10, norm_layer=cfg.child.norm.layer(), layers=1, filters=4, num_nodes=2)
     shares = [w.mean[2] for w in importance(child).values()] + [
         w.var[2] for w in importance(child).values()]
     assert len(shares) > 100 and shares == pytest.approx([BN_SHARE] * len(shares))
@@ -45,17 +44,30 @@ def test_quick_preset_searches_sn_cells_starting_near_bn():
                                                      "controller_sn"]])
 def test_the_papers_bn_cells_stay_one_flag_away(argv):
     cfg = _quick(*argv)
-    assert cfg.child.norm == "bn" and "prior" not in norm_options(cfg.child)
-    child = ChildNet(10, norm=cfg.child.norm, layers=1, filters=4, num_nodes=2,
-                     norm_options=norm_options(cfg.child))
+    assert cfg.child.norm == NormSpec("bn")  # the prior belongs to the sn spec: gone with it
+    child = ChildNet(10, norm_layer=cfg.child.norm.layer(), layers=1, filters=4, num_nodes=2)
     assert len(param_groups(child, cfg.train)) == 1  # no SN: one group, as before
 
 
-def test_uniform_start_is_one_setting_away():
-    cfg = _quick("--set", "child.prior=")
-    layer = ChildNet(10, norm="sn", layers=1, filters=4, num_nodes=2,
-                     norm_options=norm_options(cfg.child)).stem[1]
+@pytest.mark.parametrize("argv", [["--norm", "sn"], ["--set", "child.norm=sn"],
+                                  ["--set", "child.prior="]])  # the old key still folds in
+def test_uniform_start_is_one_setting_away(argv):
+    cfg = _quick(*argv)
+    assert cfg.child.norm == NormSpec("sn")
+    layer = ChildNet(10, norm_layer=cfg.child.norm.layer(), layers=1, filters=4,
+                     num_nodes=2).stem[1]
     torch.testing.assert_close(layer.importance_weights()[0].detach(), torch.full((3,), 1 / 3))
+
+
+def test_old_prior_key_on_the_command_line_folds_into_the_spec():
+    # --set child.prior=... (the key before the norm became one spec) still works: it is folded
+    # into an sn/ssn spec as the options it stood for, and ignored by other kinds as before
+    assert str(_quick("--set", "child.prior=bn:6").child.norm) == "sn(prior=bn:6)"
+    assert str(_quick("--norm", "ssn", "--set", "child.prior=ln:2").child.norm) == (
+        "ssn(prior=ln:2)")
+    assert str(_quick("--norm", "bn", "--set", "child.prior=bn:6").child.norm) == "bn"
+    assert str(_quick("--set", "child.momentum=0.01").child.norm) == (
+        "sn(momentum=0.01, prior=bn:4)")
 
 
 def test_logit_group_has_its_lr_and_no_l2_term():
@@ -94,7 +106,8 @@ def _set_logits(net: torch.nn.Module) -> None:
 
 
 def test_op_importance_of_the_shared_child_reads_the_derived_ops():
-    net = ChildNet(10, norm="sn", layers=1, filters=4, num_nodes=2)  # cells: R R N
+    net = ChildNet(10, norm_layer=norm_layer("sn"), layers=1, filters=4,
+                   num_nodes=2)  # cells: R R N
     _set_logits(net)
     report = op_importance(net, ARCH)
     assert report["candidates"] == ["in", "ln", "bn"] and len(report["ops"]) == 8
@@ -118,12 +131,13 @@ def test_op_importance_of_the_shared_child_reads_the_derived_ops():
 
 
 def test_op_importance_of_a_fixed_network_and_without_sn():
-    net = ChildNet(10, ARCH, norm="sn", layers=1, filters=4)
+    net = ChildNet(10, ARCH, norm_layer=norm_layer("sn"), layers=1, filters=4)
     report = op_importance(net, ARCH)
     sep = [op for op in report["ops"] if op["op"] == "sep_conv_3x3" and op["cell"] == "normal"]
     assert sep[0]["layers"] == 2 and sep[0]["leans_to"] == "even"  # uniform start, one cell
     assert sep[0]["mean"] == pytest.approx({"in": 1 / 3, "ln": 1 / 3, "bn": 1 / 3})
-    assert op_importance(ChildNet(10, ARCH, norm="bn", layers=1, filters=4), ARCH) is None
+    bn_net = ChildNet(10, ARCH, norm_layer=norm_layer("bn"), layers=1, filters=4)
+    assert op_importance(bn_net, ARCH) is None
 
 
 TINY = [
@@ -145,7 +159,8 @@ def test_search_and_retrain_report_the_derived_ops_importance(tmp_path):
     summary = json.loads((out / "search.json").read_text())
     arch = Architecture.from_json((out / "best_arch.json").read_text())
     report = best["importance"]
-    assert summary["importance"] == report and summary["prior"] == "bn:4"
+    assert summary["importance"] == report and summary["norm"] == "sn(prior=bn:4)"
+    assert summary["controller_norm"] == "sn" and "prior" not in summary
     assert len(summary["derived"]) == 2 and len(summary["losses"]) == 2
     assert max(summary["derived"]) == pytest.approx(summary["best_valid_acc"])
     assert len(report["ops"]) == 8 and report["candidates"] == ["in", "ln", "bn"]
@@ -169,5 +184,5 @@ def test_search_and_retrain_report_the_derived_ops_importance(tmp_path):
                     "--out", str(retrain)])
     result = json.loads((retrain / "result.json").read_text())
     ops = [op for op in result["importance"]["ops"] if op["mean"] is not None]
-    assert result["arch"] == str(arch) and ops
+    assert result["arch"] == str(arch) and ops and result["norm"] == "sn"
     assert all(sum(op["var"].values()) == pytest.approx(1.0) for op in ops)
