@@ -158,8 +158,28 @@ def _section_fields(cls: type, prefix: str, values: Mapping[str, Any], base: Any
 
 def _resolve(cls: type[T], settings: Sequence[_Setting], base: Any = None) -> T:
     values: dict[str, Any] = {}
-    legacy: dict[str, dict[str, Any]] = {}  # section prefix -> old key -> value
+    legacy: dict[str, dict[str, Any]] = {}  # section prefix -> old key -> value, of one source
+
+    def fold() -> None:
+        # Old keys fold into the fields as they stand after their own source (a file, a flag),
+        # so that a later source wins over them exactly as over any other setting.
+        for prefix, old in legacy.items():
+            owner = _section(cls, prefix)
+            fields = _section_fields(cls, prefix, values, base)
+            keys = ", ".join(f"{prefix}.{k}" if prefix else k for k in old)
+            try:
+                new = owner.upgrade_legacy(fields, old)
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"old key(s) {keys}: {exc}") from None
+            for name, value in new.items():
+                values[f"{prefix}.{name}" if prefix else name] = value
+        legacy.clear()
+
+    source = None
     for s in settings:
+        if s.source != source:
+            fold()
+            source = s.source
         old_tp = _legacy_type(cls, s.key)
         if old_tp is not None:
             prefix, _, leaf = s.key.rpartition(".")
@@ -169,16 +189,7 @@ def _resolve(cls: type[T], settings: Sequence[_Setting], base: Any = None) -> T:
         tp = _lookup(cls, s.key, s.source)
         values[s.key] = _coerce(s.value, tp, s.key, s.source, s.text)
         _check_range(values[s.key], _field_type(cls, s.key), s.key, s.source)
-    for prefix, old in legacy.items():
-        owner = _section(cls, prefix)
-        fields = _section_fields(cls, prefix, values, base)
-        keys = ", ".join(f"{prefix}.{k}" if prefix else k for k in old)
-        try:
-            new = owner.upgrade_legacy(fields, old)
-        except (ValueError, TypeError) as exc:
-            raise ConfigError(f"old key(s) {keys}: {exc}") from None
-        for name, value in new.items():
-            values[f"{prefix}.{name}" if prefix else name] = value
+    fold()
     return _build(cls, values, "", base)
 
 

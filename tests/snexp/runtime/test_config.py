@@ -457,3 +457,14 @@ def test_old_keys_are_folded_in_by_the_section(tmp_path):
         resolve_config(_NormRoot, sets=["child.momentum=fast"])
     # an old key on top of a given config keeps that config's norm kind
     assert override(cfg, {"child.momentum": 0.5}).child.norm == NormSpec("bn", momentum=0.5)
+
+
+def test_old_keys_of_a_file_lose_to_a_later_setting(tmp_path):
+    # an old file's momentum is folded at the end of that file; a later --set of the whole norm
+    # replaces it, as a later setting replaces any earlier one
+    (tmp_path / "old.toml").write_text('[child]\nmomentum = 0.03\nnorm = "bn"\n')
+    cfg = resolve_config(_NormRoot, files=[tmp_path / "old.toml"], sets=["child.norm=sn"])
+    assert cfg.child.norm == NormSpec("sn")
+    # and an old key set after the norm folds into that norm
+    cfg = resolve_config(_NormRoot, sets=["child.norm=bn", "child.momentum=0.2"])
+    assert cfg.child.norm == NormSpec("bn", momentum=0.2)
