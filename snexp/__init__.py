@@ -37,22 +37,6 @@ from snexp.norm.importance import (
 
 __version__ = "0.1.0"
 
-_RUNTIME_NAMES = frozenset({
-    "CliError", "ConfigError", "NonFiniteLoss", "Run", "RunInterrupted", "RuntimeConfig",
-    "Tracker", "cli_errors", "load_checkpoint", "load_config", "open_study", "override",
-    "parse_args", "progress", "save_checkpoint", "select_device", "to_toml",
-})
-
-
-def __getattr__(name: str):
-    # The runtime's names (snexp.Run, ...) predate snexp.runtime: import it only when asked.
-    if name in _RUNTIME_NAMES:
-        import snexp.runtime
-
-        return getattr(snexp.runtime, name)
-    raise AttributeError(f"module 'snexp' has no attribute {name!r}")
-
-
 __all__ = [
     "Importance", "NORM_KINDS", "NormSpec", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
     "SparseSwitchNorm3d", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm",
