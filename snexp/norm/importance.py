@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from snexp.norm.sparse import sparsestmax
-from snexp.norm.switchable import _SwitchNorm
+from snexp.norm.functional import sparsestmax
+from snexp.norm.switchable import SwitchNormBase, _SwitchNorm
 
 __all__ = ["Importance", "importance", "importance_from_state_dict", "importance_param_groups",
            "importance_parameters", "format_importance",
@@ -66,16 +66,19 @@ def importance(model: nn.Module) -> dict[str, Importance]:
 
 
 def importance_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The importance logits of every SN layer of ``model``: ``mean_weight``/``var_weight``,
-    and ``mean_logits``/``var_logits`` of layers that keep them per condition (stylize's
-    conditional SN); each parameter once."""
+    """The importance logits of every layer on the SN op in ``model``, each parameter once.
+
+    That is ``mean_weight``/``var_weight`` of the SN layers, and the logits of any other
+    :class:`snexp.SwitchNormBase` (stylize's conditional SN keeps one set per style).
+
+    Example:
+        >>> [tuple(p.shape) for p in importance_parameters(snexp.SwitchNorm2d(8))]
+        [(3,), (3,)]
+    """
     found: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        names = (("mean_weight", "var_weight") if isinstance(m, _SwitchNorm)
-                 else ("mean_logits", "var_logits"))
-        for name in names:
-            p = getattr(m, name, None)
-            if isinstance(p, nn.Parameter):
+        if isinstance(m, SwitchNormBase):
+            for p in m.importance_logits():
                 found.setdefault(id(p), p)
     return list(found.values())
 
