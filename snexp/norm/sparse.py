@@ -40,8 +40,7 @@ class _Sparse(_SwitchNorm):
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """SparsestMax weights; once a weight vector is one-hot it is frozen for good."""
         out = []
-        for logits, fixed in ((self.mean_weight, self.mean_fixed),
-                              (self.var_weight, self.var_fixed)):
+        for logits, fixed in zip(self.importance_logits(), (self.mean_fixed, self.var_fixed)):
             w = sparsestmax(logits, self.radius)
             frozen = fixed.sum() > 0
             if self.training:

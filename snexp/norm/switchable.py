@@ -7,6 +7,12 @@ BN and optionally GN) and learns the weights with the network. The arithmetic li
 :class:`SwitchNormBase` sets them up once for every layer on the SN op, also for layers that
 keep several sets (stylize's conditional SN keeps one per style).
 
+Names: the importance logits are parameters named as their state-dict keys
+(:attr:`SwitchNormBase.logit_names`: the authors' ``mean_weight``/``var_weight``); code reads
+them with ``importance_logits()`` and their weights (softmax, or sparsestmax for SSN) with
+``importance_weights()``, and calls the two kinds ``mean_logits``/``var_logits`` and
+``mean_p``/``var_p`` where they are locals or arguments.
+
 Momentum follows PyTorch (``new = (1 - m) * old + m * batch``). The authors' code uses the
 opposite convention: their ``momentum=0.9`` is our ``0.1`` and their ``0.997`` is our ``0.003``.
 """
