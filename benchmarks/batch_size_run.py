@@ -30,6 +30,7 @@ from torch import nn
 import snexp
 from nas.data import DataConfig, Splits
 from snexp.runtime.config import RuntimeConfig
+from snexp.runtime.metrics import eval_mode, top1_accuracy
 from snexp.runtime.run import Run
 
 __all__ = ["ModelConfig", "RunConfig", "SmallResNet", "TrainConfig", "cosine_lr",
@@ -174,16 +175,8 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, lr: float) -> torch.optim.SGD
 
 def evaluate(model: nn.Module, loader, run: Run) -> float:
     """Top-1 accuracy of ``model`` in eval mode (BN: running statistics) over ``loader``."""
-    was = model.training
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = run.to_device((x, y))
-            correct += int((model(x).argmax(1) == y).sum())
-            total += len(y)
-    model.train(was)
-    return correct / max(1, total)
+    with eval_mode(model):
+        return top1_accuracy(model, loader, to_device=run.to_device)
 
 
 def train(run: Run, splits: Splits) -> dict[str, Any]:

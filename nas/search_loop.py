@@ -56,8 +56,8 @@ from nas.optim import epoch_loader, param_groups, sgd_with_restarts
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
 from nas.rank_zero import RankZeroProposer
 from nas.space import Architecture
-from snexp.runtime import distributed
 from snexp.runtime.checkpoint import write_text_atomic
+from snexp.runtime.metrics import top1_accuracy
 from snexp.runtime.run import Run
 from snexp.runtime.study import WorkerSeededSampler, open_study
 from snexp.runtime.track import progress
@@ -85,20 +85,7 @@ def evaluate(net: nn.Module, arch: Architecture, batches: list[tuple[torch.Tenso
     world runs whole on every rank and counts once) and the counts are summed, so with
     ``--sync-norm`` the BN branch sees each whole batch, as in one process.
     """
-    rank, world = distributed.rank(), distributed.world_size()
-    correct = total = 0
-    device = torch.device("cpu")
-    with torch.no_grad():
-        for x, y in batches:
-            device, whole = y.device, len(y) < world
-            if world > 1 and not whole:
-                x, y = x[rank::world], y[rank::world]
-            hits = int((net(x, arch).logits.argmax(1) == y).sum())
-            if not whole or rank == 0:
-                correct, total = correct + hits, total + len(y)
-    if world > 1:
-        correct, total = distributed.all_reduce([correct, total], device)
-    return correct / max(1, total)
+    return top1_accuracy(lambda x: net(x, arch).logits, batches, ranks="split")
 
 
 def _valid_tensors(run: Run, dataset: torch.utils.data.Dataset, batch_size: int) -> list:

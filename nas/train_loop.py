@@ -41,6 +41,7 @@ from nas.space import Architecture, parse_arch
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import write_text_atomic
 from snexp.runtime.config import ConfigError
+from snexp.runtime.metrics import eval_mode, top1_accuracy
 from snexp.runtime.run import Run
 from snexp.runtime.track import progress
 
@@ -113,19 +114,14 @@ def test_accuracy(net: nn.Module, loader, run: Run) -> float:
     are summed over the ranks.
     """
     distributed.broadcast_buffers(net)
-    was = net.training
-    net.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            x, y = run.to_device((x, y))
-            with run.autocast():
-                correct += int((net(x).logits.argmax(1) == y).sum())
-            total += len(y)
-    net.train(was)
-    if run.world_size > 1:
-        correct, total = distributed.all_reduce([correct, total], run.device)
-    return correct / max(1, total)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        with run.autocast():
+            return net(x).logits
+
+    with eval_mode(net):
+        return top1_accuracy(logits, loader, to_device=run.to_device, ranks="sum",
+                             device=run.device)
 
 
 def retrain(run: Run, arch: Architecture | None = None) -> RetrainResult:

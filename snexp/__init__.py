@@ -2,11 +2,14 @@
 
 Switchable Normalization (Luo et al., arXiv 1806.10779) normalizes with a learned mix of
 instance, layer and batch statistics. This package holds the layers (dense, sparse,
-synchronized), the registry through which models ask for normalizers, inspection of what each
-layer learned. The experiment runtime of ``nas`` and ``stylize`` lives in
-:mod:`snexp.runtime`; its public names stay reachable as ``snexp.Run`` etc., imported on first
-use, so that ``import snexp`` loads no optuna, sqlalchemy, tensorboard, tqdm or matplotlib.
+synchronized) and their functional form (``snexp.switch_norm``, as ``torch.nn.functional``),
+the registry through which models ask for normalizers, and inspection of what each layer
+learned. The experiment runtime of ``nas`` and ``stylize`` is :mod:`snexp.runtime`, imported
+from there (``from snexp.runtime import Run``): the layers never reach into it, so that
+``import snexp`` loads no optuna, sqlalchemy, tensorboard, tqdm or matplotlib.
 """
+
+from __future__ import annotations
 
 from snexp.norm import (
     NORM_KINDS,
@@ -17,15 +20,19 @@ from snexp.norm import (
     SwitchNorm1d,
     SwitchNorm2d,
     SwitchNorm3d,
+    SwitchNormBase,
     SyncSwitchNorm,
     convert_norm,
     load_official_state_dict,
     make_norm,
     norm_layer,
+    parse_candidates,
+    parse_prior,
     recompute_batch_stats,
     set_sparsity,
     sparsemax,
     sparsestmax,
+    switch_norm,
 )
 from snexp.norm.importance import (
     Importance,
@@ -37,26 +44,11 @@ from snexp.norm.importance import (
 
 __version__ = "0.1.0"
 
-_RUNTIME_NAMES = frozenset({
-    "CliError", "ConfigError", "NonFiniteLoss", "Run", "RunInterrupted", "RuntimeConfig",
-    "Tracker", "cli_errors", "load_checkpoint", "load_config", "open_study", "override",
-    "parse_args", "progress", "save_checkpoint", "select_device", "to_toml",
-})
-
-
-def __getattr__(name: str):
-    # The runtime's names (snexp.Run, ...) predate snexp.runtime: import it only when asked.
-    if name in _RUNTIME_NAMES:
-        import snexp.runtime
-
-        return getattr(snexp.runtime, name)
-    raise AttributeError(f"module 'snexp' has no attribute {name!r}")
-
-
 __all__ = [
     "Importance", "NORM_KINDS", "NormSpec", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
-    "SparseSwitchNorm3d", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SyncSwitchNorm",
-    "convert_norm", "importance", "importance_param_groups", "importance_parameters",
-    "load_official_state_dict", "log_importance", "make_norm",
-    "norm_layer", "recompute_batch_stats", "set_sparsity", "sparsemax", "sparsestmax",
+    "SparseSwitchNorm3d", "SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SwitchNormBase",
+    "SyncSwitchNorm", "convert_norm", "importance", "importance_param_groups",
+    "importance_parameters", "load_official_state_dict", "log_importance", "make_norm",
+    "norm_layer", "parse_candidates", "parse_prior", "recompute_batch_stats", "set_sparsity",
+    "sparsemax", "sparsestmax", "switch_norm",
 ]

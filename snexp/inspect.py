@@ -1,8 +1,10 @@
 """``python -m snexp.inspect CHECKPOINT [--png FILE]``: what each SN layer of a checkpoint uses.
 
-Reads a state dict (or a checkpoint holding one) with ``weights_only=True``, prints one row per
-SN layer (mean and variance weight of each candidate) and draws the SN paper's stacked-bar
-figure. The functions behind it live in :mod:`snexp.norm.importance` (re-exported here).
+Reads a state dict (or a checkpoint holding one) with ``weights_only=True``
+(:func:`snexp.norm.importance.load_weights`, which the runtime's checkpoints use too), prints
+one row per SN layer (mean and variance weight of each candidate) and draws the SN paper's
+stacked-bar figure. The functions behind it live in :mod:`snexp.norm.importance` (re-exported
+here).
 """
 
 from __future__ import annotations
@@ -12,13 +14,12 @@ import os
 import sys
 from pathlib import Path
 
-import torch
-
 from snexp.norm.importance import (
     Importance,
     format_importance,
     importance,
     importance_from_state_dict,
+    load_weights,
     log_importance,
     plot_importance,
 )
@@ -35,23 +36,10 @@ class _UsageError(Exception):
 
 def _load(path: str) -> object:
     """The object saved in ``path`` (``weights_only``), or a _UsageError saying what is wrong."""
-    file = Path(path)
-    if not file.exists():
-        raise _UsageError(f"no such file: {path}")
-    if not file.is_file():
-        raise _UsageError(f"{path} is a folder, not a checkpoint file")
-    if file.stat().st_size == 0:
-        raise _UsageError(f"{path} is empty (0 bytes): a write was interrupted or the wrong "
-                          "file was given; pass a file written by torch.save of a state dict")
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same advice
-        lines = str(exc).strip().splitlines()
-        reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-        raise _UsageError(
-            f"cannot read {path} as a PyTorch checkpoint with weights_only=True ({reason}); "
-            "pass a file written by torch.save of a state dict"
-        ) from None
+        return load_weights(path)
+    except ValueError as exc:
+        raise _UsageError(str(exc)) from None
 
 
 def _check_png(path: str) -> None:

@@ -73,8 +73,8 @@ def switch_norm(
     bias: Tensor | None,
     mean_p: Tensor,
     var_p: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
     *,
     candidates: tuple[str, ...],
     training: bool,
@@ -83,7 +83,7 @@ def switch_norm(
     compat: str = "paper",
     update_running: bool = True,
 ) -> Tensor:
-    """Reference SN forward with autograd; same arguments as ``snexp.norm.functional``.
+    """Reference SN forward with autograd; same arguments as :func:`snexp.switch_norm`.
 
     Returns:
         ``weight * (x - mu) / sqrt(var + eps) + bias`` with mixed statistics, computed in the

@@ -17,10 +17,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from snexp import NormSpec
+from snexp import NormSpec, SwitchNormBase, switch_norm
 from snexp import norm_layer as resolve_norm
-from snexp.norm.functional import parse_candidates, switch_norm
-from snexp.norm.switchable import Prior, check_options, parse_prior
+from snexp.norm.switchable import Prior
 
 __all__ = ["StyleNorm", "ConditionalAffine", "ConditionalSwitchNorm2d", "style_norm_layer"]
 
@@ -60,14 +59,18 @@ class ConditionalAffine(StyleNorm):
         return self.base(x) * gamma + beta
 
 
-class ConditionalSwitchNorm2d(StyleNorm):
+class ConditionalSwitchNorm2d(SwitchNormBase, StyleNorm):
     """Switchable Normalization with per-style affine parameters and importance logits.
 
-    It stands on the same SN op as :class:`snexp.SwitchNorm2d`
-    (:func:`snexp.norm.functional.switch_norm`, with the same option checks); this module only
-    holds one set of parameters per style and chooses the op's arguments from the style
-    weights. The BN branch keeps running statistics per style
-    (``running_mean[s]``), because each style shifts the activations differently.
+    It stands on the same setup and op as :class:`snexp.SwitchNorm2d`
+    (:class:`snexp.SwitchNormBase`, with one set of parameters and buffers per style, and
+    :func:`snexp.switch_norm`); this module only chooses the op's arguments from the style
+    weights. The BN branch keeps running statistics per style (``running_mean[s]``), because
+    each style shifts the activations differently.
+
+    Parameters: ``weight``, ``bias`` (S, C), the importance logits ``mean_logits``,
+    ``var_logits`` (S, K); buffers ``running_mean``, ``running_var`` (S, C) and
+    ``num_batches_tracked`` (S,) when "bn" is a candidate.
 
     Args:
         num_features: Channel count C.
@@ -81,6 +84,10 @@ class ConditionalSwitchNorm2d(StyleNorm):
         torch.Size([4, 16, 8, 8])
     """
 
+    # NOTE: named *_logits, not mean_weight/var_weight, so that snexp.inspect does not read
+    # these (S, K) tensors as one layer's (K,) logits; they are the keys of saved models too.
+    logit_names = ("mean_logits", "var_logits")
+
     def __init__(
         self,
         num_features: int,
@@ -91,34 +98,13 @@ class ConditionalSwitchNorm2d(StyleNorm):
         compat: str = "paper",
         prior: Prior = None,
     ) -> None:
-        super().__init__()
-        check_options(num_features, eps, momentum, compat)
-        self.num_features, self.num_styles = num_features, num_styles
-        self.eps, self.momentum, self.compat = float(eps), momentum, compat
-        self.candidates = parse_candidates(candidates, num_features)
-        k = len(self.candidates)
-        self.weight = nn.Parameter(torch.ones(num_styles, num_features))  # (S, C)
-        self.bias = nn.Parameter(torch.zeros(num_styles, num_features))  # (S, C)
-        # NOTE: named *_logits, not mean_weight/var_weight, so that snexp.inspect does not
-        # read these (S, K) tensors as one layer's (K,) logits.
-        start = torch.tensor(parse_prior(prior, self.candidates)).expand(num_styles, k)
-        self.mean_logits = nn.Parameter(start.clone())  # (S, K), every style from the prior
-        self.var_logits = nn.Parameter(start.clone())  # (S, K)
-        has_bn = "bn" in self.candidates
-        self.register_buffer("running_mean", torch.zeros(num_styles, num_features)
-                             if has_bn else None)
-        self.register_buffer("running_var", torch.ones(num_styles, num_features)
-                             if has_bn else None)
-        self.register_buffer("num_batches_tracked", torch.zeros(num_styles, dtype=torch.long)
-                             if has_bn else None)
-
-    def importance_weights(self) -> tuple[Tensor, Tensor]:
-        """Per-style mean and variance weights, each (S, K) (softmax of the logits)."""
-        return torch.softmax(self.mean_logits, 1), torch.softmax(self.var_logits, 1)
+        super().__init__(num_features, eps, momentum, candidates, copies=(num_styles,),
+                         compat=compat, prior=prior)
+        self.num_styles = num_styles
 
     def forward(self, x: Tensor, style: Tensor) -> Tensor:
         style = style.to(self.weight.dtype)
-        mean_p, var_p = (style @ p for p in self.importance_weights())  # (K,) each
+        mean_p, var_p = (style @ p for p in self.importance_weights())  # (S, K) -> (K,) each
         weight, bias = style @ self.weight, style @ self.bias  # (C,) each
         running_mean = running_var = tracked = None
         update = False

@@ -233,7 +233,7 @@ CASES = {
     "sn-unknown-candidate": Case("stylize.train", ("--style", "style.png", "--set",
                                                    "model.candidates=in,xx"),
                                  "unknown candidate 'xx'", (style_image,)),
-    "inspect-zero-byte": Case("snexp.inspect", ("zero.pt",), "zero.pt is empty (0 bytes)",
+    "inspect-zero-byte": Case("snexp.inspect", ("zero.pt",), "zero.pt' is empty (0 bytes)",
                               (sn_checkpoints,)),
     "inspect-png-missing-folder": Case("snexp.inspect", ("sn.pt", "--png", "nodir/x.png"),
                                        "folder 'nodir' does not exist", (sn_checkpoints,)),

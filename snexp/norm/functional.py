@@ -1,4 +1,5 @@
-"""The functional form of Switchable Normalization, and the validation of candidate lists.
+"""SN's functional API (as ``torch.nn.functional``): switch_norm, sparsemax, sparsestmax, and
+the validation of candidate lists.
 
 Follows Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization"
 (arXiv 1806.10779), eq. 3-5. :func:`switch_norm` calls the one SN op,
@@ -17,15 +18,20 @@ the cancellation). ``snexp.reference`` holds the plain-autograd equations that t
 compare against.
 NOTE: the variance takes a second, centered read of the input: a one-pass sum of squares loses
 every digit when |mean| >> std.
+
+:func:`sparsemax` and :func:`sparsestmax` turn importance logits into sparse importance weights
+(Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax", CVPR 2019; the
+layers are in :mod:`snexp.norm.sparse`). Every name here is also exported from ``snexp``.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from snexp.norm import op
 
-__all__ = ["parse_candidates", "switch_norm"]
+__all__ = ["parse_candidates", "sparsemax", "sparsestmax", "switch_norm"]
 
 _BASE_CANDIDATES = ("in", "ln", "bn")
 
@@ -41,6 +47,11 @@ def parse_candidates(candidates: tuple[str, ...] | list[str],
 
     Returns:
         The candidates as lower-case strings, in the given order.
+
+    Raises:
+        TypeError: ``candidates`` is a string (``"in+ln"``), not a sequence of names.
+        ValueError: an unknown or repeated name, none at all, or a group count that does not
+            divide ``num_features``.
 
     Example:
         >>> parse_candidates(["LN", "gn8"], 64)
@@ -74,8 +85,8 @@ def switch_norm(
     bias: Tensor | None,
     mean_p: Tensor,
     var_p: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
+    running_mean: Tensor | None = None,
+    running_var: Tensor | None = None,
     *,
     candidates: tuple[str, ...],
     training: bool,
@@ -87,23 +98,29 @@ def switch_norm(
     logits: bool = False,
     group: str = "",
 ) -> Tensor:
-    """Switchable Normalization of ``x`` (N, C, *) with importance probabilities given.
+    """Switchable Normalization of ``x`` (N, C, *) with the importance weights given.
+
+    The functional form of :class:`snexp.SwitchNorm2d` (which calls it with its parameters and
+    buffers); no option is checked here beyond the input's rank, as ``torch.nn.functional``.
 
     Args:
         x: input of shape (N, C) or (N, C, *spatial), any float dtype and memory layout.
-        weight, bias: affine parameters (C,) or ``None`` for none.
-        mean_p, var_p: importance weights (K,) over ``spec.candidates``: points of the
-            probability simplex (softmax or sparsestmax outputs). Their gradients are returned
-            up to a constant shift, which the softmax/sparsemax Jacobians remove.
-        running_mean, running_var: BN-branch running statistics (C,), or ``None`` when "bn" is
-            not a candidate.
-        candidates: normalized candidate names (:func:`parse_candidates`), e.g.
+        weight, bias: affine parameters (C,), or ``None`` for none.
+        mean_p, var_p: importance weights (K,) of the means and of the variances, one per
+            candidate in the order of ``candidates``: points of the probability simplex
+            (softmax or :func:`sparsestmax` outputs), or their logits with ``logits=True``.
+            Their gradients are returned up to a constant shift, which the softmax/sparsemax
+            Jacobians remove.
+        running_mean, running_var: the BN candidate's running statistics (C,); ``None``
+            (the default) when "bn" is not a candidate. Updated in place while training.
+        candidates: validated candidate names (:func:`parse_candidates`), e.g.
             ``("in", "ln", "bn")``.
-        training: use batch statistics for the BN branch (else the running statistics).
-        eps: added to the mixed variance before the square root.
+        training: use batch statistics for the BN candidate (else the running statistics).
+        eps: added to the mixed variance before the square root. Default 1e-5.
         momentum: PyTorch convention, ``new = (1 - m) * old + m * batch``; ``None`` is a
-            cumulative average over ``num_batches_tracked`` batches.
-        update_running: blend batch statistics into the running buffers (in place).
+            cumulative average over ``num_batches_tracked`` batches. Default 0.1.
+        update_running: blend batch statistics into the running buffers (in place) while
+            training. Default ``True``.
         num_batches_tracked: counter used when ``momentum`` is ``None`` (already incremented).
         compat: "paper": the equations exactly, the running variance updated with the
             unbiased batch variance (as ``nn.BatchNorm2d``); "official": the authors' code
@@ -115,6 +132,17 @@ def switch_norm(
 
     Returns:
         The normalized tensor, same shape, dtype and layout as ``x``.
+
+    Raises:
+        ValueError: ``x`` has fewer than two dimensions.
+
+    Example:
+        >>> x = torch.randn(8, 16, 4, 4)
+        >>> p = torch.full((3,), 1 / 3)  # equal IN, LN and BN shares
+        >>> y = switch_norm(x, None, None, p, p, torch.zeros(16), torch.ones(16),
+        ...                 candidates=("in", "ln", "bn"), training=True)
+        >>> y.shape
+        torch.Size([8, 16, 4, 4])
     """
     if x.dim() < 2:
         raise ValueError(f"switch_norm expects input of shape (N, C, *), got {tuple(x.shape)}")
@@ -129,3 +157,64 @@ def switch_norm(
                        ",".join(candidates), float(eps), bool(training), bool(logits), official,
                        official and squeeze, group, update)
     return y.squeeze(-1) if squeeze else y
+
+
+def sparsemax(z: Tensor) -> Tensor:
+    """Euclidean projection of ``z`` onto the probability simplex, along the last dim.
+
+    Martins & Astudillo, "From Softmax to Sparsemax" (ICML 2016): like softmax it returns a
+    point of the simplex, but one with exact zeros.
+
+    Args:
+        z: logits of shape (..., K).
+
+    Returns:
+        Weights of the same shape, non-negative, summing to one along the last dim.
+
+    Example:
+        >>> sparsemax(torch.tensor([1.0, 0.2, -1.0]))
+        tensor([0.9000, 0.1000, 0.0000])
+    """
+    zs, _ = torch.sort(z, dim=-1, descending=True)
+    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
+    cs = zs.cumsum(-1)
+    support = (1 + k * zs > cs).sum(-1, keepdim=True)  # size of the support, >= 1
+    tau = (cs.gather(-1, support - 1) - 1) / support.to(z.dtype)
+    return torch.clamp(z - tau, min=0)
+
+
+def sparsestmax(z: Tensor, radius: Tensor | float) -> Tensor:
+    """SparsestMax of a 1-D logit vector ``z`` with sphere radius ``radius`` in [0, 1].
+
+    With ``w = sparsemax(z)`` and ``u`` uniform over the support of ``w``: if
+    ``||w - u|| < radius``, ``w`` is pushed out to the sphere of that radius around ``u`` and
+    projected back onto the simplex (which shrinks the support), and the step repeats.
+    Branch-free (no host synchronization): at most ``len(z) - 1`` rounds, each of which either
+    leaves ``w`` unchanged or shrinks its support.
+
+    Args:
+        z: logits of shape (K,).
+        radius: 0 gives :func:`sparsemax`; 1 a one-hot vector (unless the logits are exactly
+            tied).
+
+    Returns:
+        Weights (K,) on the probability simplex.
+
+    Example:
+        >>> sparsestmax(torch.tensor([1.0, 0.5, -1.0]), 1.0)
+        tensor([1., 0., 0.])
+    """
+    r = torch.as_tensor(radius, dtype=z.dtype, device=z.device)
+    w = sparsemax(z)
+    for _ in range(z.shape[-1] - 1):
+        inside = w > 0
+        k = inside.sum()
+        u = inside.to(z.dtype) / k
+        d = w - u
+        dist = torch.linalg.vector_norm(d)
+        # NOTE: a point exactly at the centre (tied logits) has no direction to move in; it
+        # stays put until training breaks the tie.
+        push = (dist < r) & (k > 1) & (dist > 0)
+        moved = sparsemax(u + r * d / dist.clamp_min(torch.finfo(z.dtype).tiny))
+        w = torch.where(push, moved, w)
+    return w

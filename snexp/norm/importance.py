@@ -11,22 +11,28 @@ per candidate); ``log_importance`` writes them to TensorBoard. From the shell:
 
     python -m snexp.inspect CHECKPOINT [--png FILE]
 
-reads a state dict (or a checkpoint holding one) with ``weights_only=True``.
+reads a state dict (or a checkpoint holding one) with :func:`load_weights`: the one safe
+``torch.load`` of snexp (``weights_only=True``, plain-language errors), which the runtime's
+checkpoints use too.
 """
 
 from __future__ import annotations
 
+import pickle
+import re
+import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from snexp.norm.sparse import sparsestmax
-from snexp.norm.switchable import _SwitchNorm
+from snexp.norm.functional import sparsestmax
+from snexp.norm.switchable import SwitchNormBase, _SwitchNorm
 
 __all__ = ["Importance", "importance", "importance_from_state_dict", "importance_param_groups",
-           "importance_parameters", "format_importance",
+           "importance_parameters", "format_importance", "load_weights",
            "plot_importance", "log_importance"]
 
 
@@ -66,16 +72,19 @@ def importance(model: nn.Module) -> dict[str, Importance]:
 
 
 def importance_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The importance logits of every SN layer of ``model``: ``mean_weight``/``var_weight``,
-    and ``mean_logits``/``var_logits`` of layers that keep them per condition (stylize's
-    conditional SN); each parameter once."""
+    """The importance logits of every layer on the SN op in ``model``, each parameter once.
+
+    That is ``mean_weight``/``var_weight`` of the SN layers, and the logits of any other
+    :class:`snexp.SwitchNormBase` (stylize's conditional SN keeps one set per style).
+
+    Example:
+        >>> [tuple(p.shape) for p in importance_parameters(snexp.SwitchNorm2d(8))]
+        [(3,), (3,)]
+    """
     found: dict[int, nn.Parameter] = {}
     for m in model.modules():
-        names = (("mean_weight", "var_weight") if isinstance(m, _SwitchNorm)
-                 else ("mean_logits", "var_logits"))
-        for name in names:
-            p = getattr(m, name, None)
-            if isinstance(p, nn.Parameter):
+        if isinstance(m, SwitchNormBase):
+            for p in m.importance_logits():
                 found.setdefault(id(p), p)
     return list(found.values())
 
@@ -121,6 +130,54 @@ def importance_param_groups(model: nn.Module, *, lr: float | None = None, lr_sca
             group["weight_decay"] = weight_decay
         groups.append(group)
     return groups
+
+
+def load_weights(path: str | Path, *, map_location: str | torch.device = "cpu") -> object:
+    """Read a file saved by ``torch.save`` with ``weights_only=True``: it never executes code.
+
+    Args:
+        path: a state dict, checkpoint or model file.
+        map_location: where tensors go (default CPU; ``load_state_dict`` moves them on).
+
+    Returns:
+        The saved object (tensors in plain containers).
+
+    Raises:
+        ValueError: the file is missing, a folder, empty, torn, not a PyTorch file, or holds
+            objects other than plain data and tensors (a pickled object that would run code is
+            refused, not loaded); the message names the file and the reason.
+
+    Example:
+        >>> torch.save(nn.Sequential(snexp.SwitchNorm2d(8)).state_dict(), "sn.pt")
+        >>> importance_from_state_dict(load_weights("sn.pt"))["0"].candidates
+        ('in', 'ln', 'bn')
+    """
+    path = Path(path)
+    if path.is_dir():
+        inside = [p for p in (path / "model.pt", path / "checkpoints" / "last.pt") if p.is_file()]
+        hint = f"; did you mean '{inside[0]}'?" if inside else ""
+        raise ValueError(f"'{path}' is a folder, not a checkpoint or model file{hint}")
+    if not path.is_file():
+        raise ValueError(f"checkpoint '{path}' not found")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint '{path}' is empty (0 bytes): its write was cut short or "
+                         "it is the wrong file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found is None:  # no forbidden object: a file that is not a checkpoint at all
+            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+            reason = detail.group(1) if detail else str(exc).splitlines()[0]
+            raise ValueError(
+                f"checkpoint '{path}' is unreadable or truncated ({reason})") from None
+        raise ValueError(
+            f"checkpoint '{path}' holds objects other than tensors and plain data "
+            f"({found.group(1)}), so it is refused: loading it could run arbitrary code"
+        ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise ValueError(f"checkpoint '{path}' is unreadable or truncated ({reason})") from None
 
 
 def _find_state_dict(obj) -> Mapping[str, torch.Tensor]:

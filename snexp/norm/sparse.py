@@ -1,11 +1,12 @@
-"""Sparse Switchable Normalization: sparsemax, sparsestmax and SparseSwitchNorm1d/2d/3d.
+"""Sparse Switchable Normalization: SparseSwitchNorm1d/2d/3d and set_sparsity.
 
 Shao et al., "SSN: Learning Sparse Switchable Normalization via SparsestMax" (CVPR 2019).
 SparsestMax replaces softmax: ``w = sparsemax(v)`` (Euclidean projection onto the simplex,
 Martins & Astudillo 2016); with ``u`` uniform over the support of ``w``, if ``||w - u|| < r``
 then ``w`` is pushed out to the sphere of radius ``r`` around ``u``; if that leaves the simplex,
 ``w`` is projected back (which shrinks the support) and the step repeats. As ``r`` grows to 1
-every layer ends with exactly one normalizer, which is then frozen in a buffer.
+every layer ends with exactly one normalizer, which is then frozen in a buffer. The two
+projections are functions of :mod:`snexp.norm.functional`.
 """
 
 from __future__ import annotations
@@ -13,48 +14,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from snexp.norm.functional import sparsestmax
 from snexp.norm.switchable import SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, _SwitchNorm
 
-__all__ = ["sparsemax", "sparsestmax", "SparseSwitchNorm1d", "SparseSwitchNorm2d",
-           "SparseSwitchNorm3d", "set_sparsity"]
-
-
-def sparsemax(z: Tensor) -> Tensor:
-    """Euclidean projection of ``z`` onto the probability simplex, along the last dim.
-
-    Example:
-        >>> sparsemax(torch.tensor([1.0, 0.2, -1.0]))
-        tensor([0.9000, 0.1000, 0.0000])
-    """
-    zs, _ = torch.sort(z, dim=-1, descending=True)
-    k = torch.arange(1, z.shape[-1] + 1, device=z.device, dtype=z.dtype)
-    cs = zs.cumsum(-1)
-    support = (1 + k * zs > cs).sum(-1, keepdim=True)  # size of the support, >= 1
-    tau = (cs.gather(-1, support - 1) - 1) / support.to(z.dtype)
-    return torch.clamp(z - tau, min=0)
-
-
-def sparsestmax(z: Tensor, radius: Tensor | float) -> Tensor:
-    """SparsestMax of a 1-D logit vector ``z`` with sphere radius ``radius`` in [0, 1].
-
-    Branch-free (no host synchronization): at most ``len(z) - 1`` rounds, each of which either
-    leaves ``w`` unchanged or shrinks its support. With radius 0 it equals sparsemax; with
-    radius 1 it returns a one-hot vector (unless the logits are exactly tied).
-    """
-    r = torch.as_tensor(radius, dtype=z.dtype, device=z.device)
-    w = sparsemax(z)
-    for _ in range(z.shape[-1] - 1):
-        inside = w > 0
-        k = inside.sum()
-        u = inside.to(z.dtype) / k
-        d = w - u
-        dist = torch.linalg.vector_norm(d)
-        # NOTE: a point exactly at the centre (tied logits) has no direction to move in; it
-        # stays put until training breaks the tie.
-        push = (dist < r) & (k > 1) & (dist > 0)
-        moved = sparsemax(u + r * d / dist.clamp_min(torch.finfo(z.dtype).tiny))
-        w = torch.where(push, moved, w)
-    return w
+__all__ = ["SparseSwitchNorm1d", "SparseSwitchNorm2d", "SparseSwitchNorm3d", "set_sparsity"]
 
 
 class _Sparse(_SwitchNorm):
@@ -77,8 +40,7 @@ class _Sparse(_SwitchNorm):
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """SparsestMax weights; once a weight vector is one-hot it is frozen for good."""
         out = []
-        for logits, fixed in ((self.mean_weight, self.mean_fixed),
-                              (self.var_weight, self.var_fixed)):
+        for logits, fixed in zip(self.importance_logits(), (self.mean_fixed, self.var_fixed)):
             w = sparsestmax(logits, self.radius)
             frozen = fixed.sum() > 0
             if self.training:

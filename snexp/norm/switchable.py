@@ -1,9 +1,17 @@
-"""Switchable Normalization modules: SwitchNorm1d, SwitchNorm2d, SwitchNorm3d.
+"""Switchable Normalization modules: SwitchNorm1d, SwitchNorm2d, SwitchNorm3d, SwitchNormBase.
 
 Luo et al., "Differentiable Learning-to-Normalize via Switchable Normalization" (arXiv
 1806.10779). Each layer normalizes with a softmax-weighted mix of candidate statistics (IN, LN,
 BN and optionally GN) and learns the weights with the network. The arithmetic lives in
 ``snexp.norm.functional``; this file holds parameters, buffers and options.
+:class:`SwitchNormBase` sets them up once for every layer on the SN op, also for layers that
+keep several sets (stylize's conditional SN keeps one per style).
+
+Names: the importance logits are parameters named as their state-dict keys
+(:attr:`SwitchNormBase.logit_names`: the authors' ``mean_weight``/``var_weight``); code reads
+them with ``importance_logits()`` and their weights (softmax, or sparsestmax for SSN) with
+``importance_weights()``, and calls the two kinds ``mean_logits``/``var_logits`` and
+``mean_p``/``var_p`` where they are locals or arguments.
 
 Momentum follows PyTorch (``new = (1 - m) * old + m * batch``). The authors' code uses the
 opposite convention: their ``momentum=0.9`` is our ``0.1`` and their ``0.997`` is our ``0.003``.
@@ -14,19 +22,20 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from snexp.norm import functional as F
 
-__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "parse_prior",
+__all__ = ["SwitchNorm1d", "SwitchNorm2d", "SwitchNorm3d", "SwitchNormBase", "parse_prior",
            "recompute_batch_stats"]
 
 _COMPAT = ("paper", "official")
 
 
-def check_options(num_features: int, eps: float, momentum: float | None, compat: str) -> None:
+def _check_options(num_features: int, eps: float, momentum: float | None, compat: str) -> None:
     """Validate SN's scalar options (shared by every layer built on the SN op)."""
     if not isinstance(num_features, int) or num_features <= 0:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
@@ -99,14 +108,127 @@ def format_prior(logits: Sequence[float], candidates: tuple[str, ...]) -> str:
     return "+".join(f"{c}:{v:g}" for c, v in zip(candidates, logits) if v)
 
 
-class _SwitchNorm(nn.Module):
-    """Common base of all Switchable Normalization layers (see :class:`SwitchNorm2d`).
+class SwitchNormBase(nn.Module):
+    """The options, parameters and buffers of a layer built on the SN op, set up once.
+
+    :class:`SwitchNorm2d` and its kin, and layers that keep several sets of SN parameters and
+    choose among them in ``forward`` (stylize's ``ConditionalSwitchNorm2d``, one set per
+    style), stand on this class; it checks the options, creates the parameters and buffers and
+    initializes them in :meth:`reset_parameters`. It has no ``forward``: a subclass calls
+    :func:`snexp.switch_norm` with the tensors it picks.
+
+    Parameters: ``weight``, ``bias`` (*copies, C) when ``affine``, and the importance logits
+    (*copies, K), one per candidate, under the names of :attr:`logit_names`. Buffers, when "bn"
+    is a candidate (else ``None``): ``running_mean``, ``running_var`` (*copies, C) and
+    ``num_batches_tracked`` (*copies).
+
+    Args:
+        num_features: channel count C.
+        eps, momentum, candidates: as :class:`SwitchNorm2d`.
+        copies: ``()`` (the default) for one set of parameters and buffers; ``(S,)`` keeps S
+            sets along a leading dimension (keyword-only from here on).
+        affine, last_gamma, compat, prior, device, dtype: as :class:`SwitchNorm2d`.
+
+    Example:
+        >>> class PerTask(SwitchNormBase):  # one SN parameter set per task
+        ...     logit_names = ("mean_logits", "var_logits")
+        >>> PerTask(16, copies=(3,)).mean_logits.shape
+        torch.Size([3, 3])
+    """
+
+    #: The attribute names, which are also the state-dict keys, of the mean and variance
+    #: importance logits. NOTE: SN layers keep the authors' names (``mean_weight``,
+    #: ``var_weight``) so that their checkpoints load (:func:`snexp.load_official_state_dict`)
+    #: and ours read alike; they are logits, not weights. A layer with several sets of logits
+    #: names them otherwise, so that ``snexp.inspect`` does not read its (S, K) tensors as one
+    #: layer's (K,) logits.
+    logit_names: ClassVar[tuple[str, str]] = ("mean_weight", "var_weight")
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        candidates: tuple[str, ...] = ("in", "ln", "bn"),
+        *,
+        copies: tuple[int, ...] = (),
+        affine: bool = True,
+        last_gamma: bool = False,
+        compat: str = "paper",
+        prior: Prior = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_options(num_features, eps, momentum, compat)
+        copies = tuple(copies)
+        if not all(isinstance(n, int) and n > 0 for n in copies):
+            raise ValueError(f"copies must be a tuple of positive ints, got {copies!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.candidates = F.parse_candidates(candidates, num_features)
+        self.last_gamma = last_gamma
+        self.affine = affine
+        self.compat = compat
+        # initial logits (mean and variance alike); all zeros is the paper's uniform start
+        self.prior = parse_prior(prior, self.candidates)
+        channels, k = (*copies, num_features), (*copies, len(self.candidates))
+        if affine:
+            self.weight = nn.Parameter(torch.empty(channels, **factory))
+            self.bias = nn.Parameter(torch.empty(channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        for name in self.logit_names:
+            self.register_parameter(name, nn.Parameter(torch.empty(k, **factory)))
+        if "bn" in self.candidates:
+            self.register_buffer("running_mean", torch.zeros(channels, **factory))
+            self.register_buffer("running_var", torch.ones(channels, **factory))
+            self.register_buffer("num_batches_tracked",
+                                 torch.zeros(copies, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """Zero the running mean, set the running variance to one, reset the batch counter."""
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Importance logits at the prior (equal weights without one); ``weight`` ones (zeros
+        with ``last_gamma``), ``bias`` 0; the running statistics reset."""
+        self.reset_running_stats()
+        if self.affine:
+            nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
+            nn.init.zeros_(self.bias)
+        with torch.no_grad():
+            for logits in self.importance_logits():
+                logits.copy_(torch.tensor(self.prior, dtype=logits.dtype))
+
+    def importance_logits(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance importance logits (*copies, K), the parameters themselves."""
+        mean, var = self.logit_names
+        return getattr(self, mean), getattr(self, var)
+
+    def importance_weights(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance weights (*copies, K) over ``self.candidates`` (softmax of the
+        logits)."""
+        mean_logits, var_logits = self.importance_logits()
+        return torch.softmax(mean_logits, -1), torch.softmax(var_logits, -1)
+
+
+class _SwitchNorm(SwitchNormBase):
+    """Common base of the Switchable Normalization layers (see :class:`SwitchNorm2d`).
 
     Parameters: ``weight``, ``bias`` (C,) and the importance logits ``mean_weight``,
     ``var_weight`` (K,), one per candidate; ``importance_weights()`` gives their softmax.
-    NOTE: the logits keep the authors' names (``mean_weight``/``var_weight``), so that their
-    checkpoints load (:func:`snexp.load_official_state_dict`) and ours read alike; they are
-    logits, not weights.
     """
 
     _ranks: tuple[int, ...] = (4,)
@@ -128,61 +250,10 @@ class _SwitchNorm(nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        check_options(num_features, eps, momentum, compat)
-        factory = {"device": device, "dtype": dtype}
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.momentum = momentum
-        self.candidates = F.parse_candidates(candidates, num_features)
+        super().__init__(num_features, eps, momentum, candidates, last_gamma=last_gamma,
+                         affine=affine, compat=compat, prior=prior, device=device, dtype=dtype)
         self.moving_average = moving_average
-        self.last_gamma = last_gamma
-        self.affine = affine
-        self.compat = compat
-        # initial logits (mean and variance alike); all zeros is the paper's uniform start
-        self.prior = parse_prior(prior, self.candidates)
-        k = len(self.candidates)
-        if affine:
-            self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
-        self.mean_weight = nn.Parameter(torch.empty(k, **factory))
-        self.var_weight = nn.Parameter(torch.empty(k, **factory))
-        if "bn" in self.candidates:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer("num_batches_tracked",
-                                 torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
         self._warned_batch1 = False
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Zero the running mean, set the running variance to one, reset the batch counter."""
-        if self.running_mean is not None:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Importance logits at the prior (equal weights without one); ``weight`` ones (zeros
-        with ``last_gamma``), ``bias`` 0."""
-        self.reset_running_stats()
-        if self.affine:
-            nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
-            nn.init.zeros_(self.bias)
-        with torch.no_grad():
-            for logits in (self.mean_weight, self.var_weight):
-                logits.copy_(torch.tensor(self.prior, dtype=logits.dtype))
-
-    def importance_weights(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance weights over ``self.candidates`` (softmax of the logits)."""
-        return torch.softmax(self.mean_weight, 0), torch.softmax(self.var_weight, 0)
 
     def _group(self) -> str:
         """The process group pooling the BN statistics ("" for the local batch)."""
@@ -221,9 +292,8 @@ class _SwitchNorm(nn.Module):
             self.num_batches_tracked.add_(1)
         # Plain softmax weights are taken inside the fused function (fewer small ops); a
         # subclass with its own importance_weights (SparseSwitchNorm) hands probabilities.
-        logits = type(self).importance_weights is _SwitchNorm.importance_weights
-        mean_p, var_p = ((self.mean_weight, self.var_weight) if logits
-                         else self.importance_weights())
+        logits = type(self).importance_weights is SwitchNormBase.importance_weights
+        mean_p, var_p = self.importance_logits() if logits else self.importance_weights()
         return F.switch_norm(
             x, self.weight, self.bias, mean_p, var_p, self.running_mean, self.running_var,
             candidates=self.candidates, training=self.training, eps=self.eps,

@@ -13,11 +13,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import pickle
 import random
-import re
 import signal
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -25,6 +22,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from snexp.norm.importance import load_weights
 from snexp.runtime.config import ConfigError
 from snexp.runtime.files import has_credentials, replace_atomic
 from snexp.runtime.marker import record_output
@@ -115,36 +113,14 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         The checkpoint dict.
 
     Raises:
-        ConfigError: The file is missing, torn, or holds objects other than plain data and
-            tensors (a pickled object that would run code is refused, not loaded).
+        ConfigError: The file is missing, a folder, empty, torn, not a dict, or holds objects
+            other than plain data and tensors (a pickled object that would run code is
+            refused, not loaded): :func:`snexp.norm.importance.load_weights`'s checks.
     """
-    path = Path(path)
-    if path.is_dir():
-        inside = [p for p in (path / "model.pt", path / "checkpoints" / "last.pt") if p.is_file()]
-        hint = f"; did you mean '{inside[0]}'?" if inside else ""
-        raise ConfigError(f"'{path}' is a folder, not a checkpoint or model file{hint}")
-    if not path.is_file():
-        raise ConfigError(f"checkpoint '{path}' not found")
-    if path.stat().st_size == 0:
-        raise ConfigError(f"checkpoint '{path}' is empty (0 bytes): its write was cut short or "
-                          "it is the wrong file")
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found is None:  # no forbidden object: a file that is not a checkpoint at all
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
-            reason = detail.group(1) if detail else str(exc).splitlines()[0]
-            raise ConfigError(
-                f"checkpoint '{path}' is unreadable or truncated ({reason})"
-            ) from None
-        raise ConfigError(
-            f"checkpoint '{path}' holds objects other than tensors and plain data "
-            f"({found.group(1)}), so it is refused: loading it could run arbitrary code"
-        ) from None
-    except (RuntimeError, EOFError, KeyError, ValueError, zipfile.BadZipFile) as exc:
-        reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        raise ConfigError(f"checkpoint '{path}' is unreadable or truncated ({reason})") from None
+        obj = load_weights(path, map_location=map_location)  # the layers' one safe torch.load
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     if not isinstance(obj, dict):
         raise ConfigError(f"checkpoint '{path}' is a {type(obj).__name__}, not a dict")
     return obj

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -62,7 +64,7 @@ def test_cli_prints_table_and_figure(tmp_path, capsys):
 
 def test_cli_user_errors(tmp_path, capsys):
     assert sninspect.main([str(tmp_path / "missing.pt")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert f"checkpoint '{tmp_path / 'missing.pt'}' not found" in capsys.readouterr().err
     plain = tmp_path / "plain.pt"
     torch.save(nn.Linear(2, 2).state_dict(), plain)
     assert sninspect.main([str(plain)]) == 2
@@ -70,4 +72,40 @@ def test_cli_user_errors(tmp_path, capsys):
     junk = tmp_path / "junk.pt"
     junk.write_text("not a checkpoint")
     assert sninspect.main([str(junk)]) == 2
-    assert "cannot read" in capsys.readouterr().err
+    assert f"checkpoint '{junk}' is unreadable or truncated" in capsys.readouterr().err
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.makedirs, (str(self.marker),))
+
+
+def test_load_weights_is_the_one_safe_load_of_layers_and_runtime(tmp_path, capsys):
+    from snexp.norm.importance import load_weights
+    from snexp.runtime.checkpoint import load_checkpoint
+    from snexp.runtime.config import ConfigError
+
+    marker, evil = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"step": 1, "payload": _Exploit(marker)}, evil)
+    message = (f"checkpoint '{evil}' holds objects other than tensors and plain data "
+               "(os.makedirs), so it is refused: loading it could run arbitrary code")
+    # a pickled object is refused with the reason, by the layers, the CLI and the runtime alike
+    with pytest.raises(ValueError) as info:
+        load_weights(evil)
+    assert str(info.value) == message
+    assert sninspect.main([str(evil)]) == 2
+    assert capsys.readouterr().err == f"python -m snexp.inspect: error: {message}\n"
+    with pytest.raises(ConfigError) as info:
+        load_checkpoint(evil)
+    assert str(info.value) == message
+    assert not marker.exists()
+    # a run folder is not a file: the message points at the checkpoint inside it
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    torch.save({"step": 1}, tmp_path / "run" / "checkpoints" / "last.pt")
+    with pytest.raises(ValueError, match="is a folder, not a checkpoint or model file; did you "
+                                         "mean '.*last.pt'"):
+        load_weights(tmp_path / "run")
+    assert load_weights(tmp_path / "run" / "checkpoints" / "last.pt") == {"step": 1}

@@ -34,14 +34,23 @@ def test_import_snexp_loads_no_runtime_dependency():
     assert out == "", f"import snexp loaded: {out}"
 
 
-def test_runtime_names_stay_reachable_from_snexp():
-    # snexp.Run etc. predate snexp.runtime: they still resolve (lazily) to the runtime's objects
-    import snexp
-    import snexp.runtime
+_NO_BACK_DOOR = """
+import sys
+import snexp
+try:
+    snexp.Run
+except AttributeError as e:
+    print("AttributeError:", e)
+print(sorted(m for m in sys.modules if m == "snexp.runtime" or m.startswith("snexp.runtime.")))
+"""
 
-    assert snexp.Run is snexp.runtime.Run
-    assert snexp.open_study is snexp.runtime.open_study
-    assert snexp.load_checkpoint is snexp.runtime.load_checkpoint
+
+def test_snexp_has_no_back_door_to_the_runtime():
+    # the runtime is imported from snexp.runtime only: snexp.Run is no name of the layer API,
+    # and asking for it loads nothing of snexp.runtime
+    out = subprocess.run([sys.executable, "-c", _NO_BACK_DOOR], capture_output=True, text=True,
+                         check=True).stdout.splitlines()
+    assert out == ["AttributeError: module 'snexp' has no attribute 'Run'", "[]"]
 
 
 _FIRST_CALL = """

@@ -98,6 +98,53 @@ def test_conditional_sn_refuses_a_blend_while_training():
         cond(torch.randn(2, 4, 3, 3), torch.tensor([0.5, 0.5]))
 
 
+# What ConditionalSwitchNorm2d(4, 2, prior="bn:2") saved before it was built on
+# snexp.SwitchNormBase: key, shape, dtype and the value a fresh layer starts from.
+_COND_SN_SAVED = [
+    ("weight", (2, 4), torch.float32, 1.0),
+    ("bias", (2, 4), torch.float32, 0.0),
+    ("mean_logits", (2, 3), torch.float32, [0.0, 0.0, 2.0]),
+    ("var_logits", (2, 3), torch.float32, [0.0, 0.0, 2.0]),
+    ("running_mean", (2, 4), torch.float32, 0.0),
+    ("running_var", (2, 4), torch.float32, 1.0),
+    ("num_batches_tracked", (2,), torch.int64, 0),
+]
+
+
+def test_conditional_sn_loads_the_state_dicts_of_its_earlier_version():
+    cond = ConditionalSwitchNorm2d(4, 2, candidates=("in", "ln", "bn"), prior="bn:2",
+                                   momentum=0.2)
+    fresh = cond.state_dict()
+    # the keys, shapes, dtypes and initial values are those old stylize model.pt files hold
+    assert [(k, tuple(v.shape), v.dtype) for k, v in fresh.items()] == [
+        (k, shape, dtype) for k, shape, dtype, _ in _COND_SN_SAVED]
+    for key, shape, dtype, start in _COND_SN_SAVED:
+        torch.testing.assert_close(fresh[key], torch.tensor(start, dtype=dtype).expand(shape))
+    # a state dict as the earlier version saved it (seeded values) loads strictly ...
+    g = torch.Generator().manual_seed(7)
+    saved = {k: torch.randn(shape, generator=g) if dtype.is_floating_point
+             else torch.tensor([3, 5]) for k, shape, dtype, _ in _COND_SN_SAVED}
+    saved["running_var"] = saved["running_var"].abs() + 0.5
+    cond.load_state_dict(saved)
+    x = torch.randn(3, 4, 5, 5, generator=g)
+    # ... and gives the outputs and running statistics the earlier version gave (recorded)
+    y = cond.eval()(x, torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(y.flatten()[:6], torch.tensor(
+        [0.6491387, 2.2057769, 0.0828104, 0.7617874, 1.4605073, 1.4728497]))
+    torch.testing.assert_close(y.sum(), torch.tensor(153.28532), rtol=1e-5, atol=1e-3)
+    y = cond.train()(x, torch.tensor([0.0, 1.0]))
+    torch.testing.assert_close(y.flatten()[:6], torch.tensor(
+        [0.8319373, 3.2291451, -0.0402028, 1.0054152, 2.0814371, 2.1004443]))
+    torch.testing.assert_close(y.sum(), torch.tensor(227.32071), rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(cond.running_mean[1], torch.tensor(
+        [-0.7724923, -0.9793872, -0.1045742, 0.2246770]))
+    torch.testing.assert_close(cond.running_var[1], torch.tensor(
+        [2.1572652, 1.3950785, 1.1809583, 1.3140494]))
+    assert cond.num_batches_tracked.tolist() == [3, 6]
+    # the state dict round-trips unchanged
+    assert list(cond.state_dict()) == [k for k, *_ in _COND_SN_SAVED]
+
+
 def test_conditional_in_is_dumoulins_conditional_instance_norm():
     torch.manual_seed(0)
     cond = ConditionalAffine(nn.InstanceNorm2d(5), 5, num_styles=2)

@@ -375,3 +375,59 @@ def test_cuda_matches_cpu():
     yc.sum().backward()
     torch.testing.assert_close(yc.cpu(), y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(xc.grad.cpu(), x.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_functional_switch_norm_is_the_layers_forward(training):
+    m = _randomize(snexp.SwitchNorm2d(8, momentum=0.2)).train(training)
+    x = torch.randn(4, 8, 5, 6)
+    rm, rv = m.running_mean.clone(), m.running_var.clone()
+    mean_p, var_p = m.importance_weights()
+    y = snexp.switch_norm(x, m.weight, m.bias, mean_p, var_p, rm, rv, candidates=m.candidates,
+                          training=training, momentum=0.2)
+    # the public functional form with the layer's tensors gives the layer's output and buffers
+    torch.testing.assert_close(y, m(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm, m.running_mean)
+    torch.testing.assert_close(rv, m.running_var)
+
+
+def test_functional_switch_norm_without_bn_needs_no_buffers():
+    x = torch.randn(3, 6, 4, 4)
+    p = torch.tensor([0.25, 0.75])
+    y = snexp.switch_norm(x, None, None, p, p, candidates=("in", "ln"), training=True)
+    want = reference.switch_norm(x, None, None, p, p, None, None, candidates=("in", "ln"),
+                                 training=True)
+    # running statistics default to None: IN and LN have none
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+
+
+def test_functional_names_are_exported_from_snexp():
+    # snexp.norm.functional is the one home of SN's functional API, re-exported by snexp
+    from snexp.norm import functional
+
+    for name in functional.__all__:
+        assert getattr(snexp, name) is getattr(functional, name)
+        assert name in snexp.__all__
+    assert snexp.parse_candidates(["LN", "gn8"], 64) == ("ln", "gn8")
+
+
+def test_switch_norm_base_keeps_stacked_copies_of_one_setup():
+    class PerTask(snexp.SwitchNormBase):
+        logit_names = ("mean_logits", "var_logits")
+
+    layer = PerTask(8, momentum=None, candidates=("ln", "bn"), copies=(3,), prior="bn:4")
+    # parameters and buffers have a leading dimension of copies, named as logit_names says
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == {
+        "weight": (3, 8), "bias": (3, 8), "mean_logits": (3, 2), "var_logits": (3, 2),
+        "running_mean": (3, 8), "running_var": (3, 8), "num_batches_tracked": (3,)}
+    # every copy starts from the prior, as one SN layer does
+    one = snexp.SwitchNorm1d(8, candidates=("ln", "bn"), prior="bn:4")
+    for logits in layer.importance_logits():
+        torch.testing.assert_close(logits.detach(), one.mean_weight.detach().expand(3, 2))
+    torch.testing.assert_close(layer.importance_weights()[0][1], one.importance_weights()[0])
+    assert snexp.importance_parameters(layer) == list(layer.importance_logits())
+    # the options are checked as for every SN layer
+    with pytest.raises(ValueError, match="momentum must be in"):
+        PerTask(8, momentum=2.0)
+    with pytest.raises(ValueError, match="copies must be a tuple of positive ints"):
+        PerTask(8, copies=(0,))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import snexp
-from snexp.runtime import distributed
+from snexp.runtime import distributed, load_checkpoint
 from snexp.runtime.config import ConfigError, RuntimeConfig
 from snexp.runtime.run import Run, RunInterrupted
 
@@ -158,7 +158,7 @@ def test_only_rank_zero_writes(ddp_runs):
     log = (folder / "run.log").read_text()
     assert log.count("t run in") == 1 and "distributed: 2 processes (gloo backend)" in log
     assert "effective batch 8" in log
-    checkpoint = snexp.load_checkpoint(folder / "checkpoints" / "last.pt")
+    checkpoint = load_checkpoint(folder / "checkpoints" / "last.pt")
     assert checkpoint["step"] == 4 and len(checkpoint["rng_ranks"]) == WORLD
 
 
