@@ -8,8 +8,7 @@ Times, for each ``--norm`` kind on the same sampled architectures and the same r
   one minibatch with the shared child (the controller phase of ``nas.search``).
 
 Kinds are measured in alternating rounds and the median round is kept, so a noisy shared
-machine hurts both alike. Prints a table and the SN/BN time ratios (the issue's target is
-<= 1.2)::
+machine hurts both alike. Prints a table and the SN/BN time ratios::
 
     python benchmarks/nas_search.py [--layers 6 --filters 20 --batch 32 --device auto]
 """

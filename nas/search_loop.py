@@ -22,9 +22,8 @@ architecture's ops in the shared child (:mod:`nas.op_importance`) is added to ``
 and ``best_arch.json`` and drawn into ``<out>/importance.png``.
 
 All norms of the child run in training mode throughout (the BN branch uses batch statistics,
-also while rewards are measured). Their running averages are updated but never read (the
-update is a few (C,)-sized ops; a measured 2x slowdown of ``moving_average=False`` did not
-reproduce in a same-process A/B: 108 vs 118 ms, within noise).
+also while rewards are measured). Their running averages are updated but never read: the
+update is a few (C,)-sized ops, cheaper than a second code path that skips it.
 Everything lives in the :class:`snexp.runtime.run.Run`; the loop hands numbers to its tracker.
 
 Under ``torchrun`` the shared child is data-parallel (DDP with ``find_unused_parameters``: a
