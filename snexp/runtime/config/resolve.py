@@ -22,14 +22,21 @@ from typing import Any, TypeVar
 
 from snexp.runtime.config.bounds import _check_range, _field_type
 from snexp.runtime.config.errors import ConfigError
-from snexp.runtime.config.schema import _coerce, _describe, _hints, _is_config, _lookup
+from snexp.runtime.config.schema import (
+    _coerce,
+    _describe,
+    _hints,
+    _is_config,
+    _leaf_keys,
+    _lookup,
+)
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
-__all__ = ["flatten", "load_config", "override", "resolve_config"]
+__all__ = ["flatten", "load_config", "override", "resolve_config", "upgrade_flat"]
 
 T = TypeVar("T")
 
@@ -173,6 +180,26 @@ def _resolve(cls: type[T], settings: Sequence[_Setting], base: Any = None) -> T:
         for name, value in new.items():
             values[f"{prefix}.{name}" if prefix else name] = value
     return _build(cls, values, "", base)
+
+
+def upgrade_flat(cls: type, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A flat config saved by an older version (a checkpoint's ``config``) as read today: the
+    old keys that sections list in ``LEGACY_KEYS`` are folded into their fields as when a file
+    is read, and those sections' saved keys come back as today's values (e.g. a ``NormSpec``).
+    Other keys, and a saved config that does not resolve, are returned as they are (whoever
+    compares them names what differs)."""
+    legacy = {k for k in flat if _legacy_type(cls, k) is not None}
+    if not legacy:
+        return dict(flat)
+    sections = {k.rpartition(".")[0] for k in legacy}
+    leaves = _leaf_keys(cls)
+    mine = [k for k in flat if k.rpartition(".")[0] in sections and (k in leaves or k in legacy)]
+    try:
+        now = flatten(_resolve(cls, [_Setting(k, flat[k], "saved config", False) for k in mine]))
+    except ConfigError:
+        return dict(flat)
+    return {**{k: v for k, v in flat.items() if k not in legacy},
+            **{k: now[k] for k in mine if k in now}}
 
 
 def resolve_config(cls: type[T], files: Sequence[str | Path] = (), sets: Sequence[str] = ()) -> T:

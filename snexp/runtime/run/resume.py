@@ -29,6 +29,7 @@ from snexp.runtime.checkpoint import (
     unwrap_model,
 )
 from snexp.runtime.config import ConfigError, flatten
+from snexp.runtime.config.resolve import upgrade_flat
 
 __all__ = ["RUNTIME_SAFE_KEYS"]
 
@@ -51,8 +52,15 @@ _REQUIRED = ("config", "step", "epoch", "batch_in_epoch", "best", "state", "obje
 
 
 def _plain(values: Mapping[str, Any]) -> dict[str, Any]:
-    """Config values as checkpoint-safe plain data (tuples become lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    """Config values as checkpoint-safe plain data (tuples become lists; a text value such as
+    a ``NormSpec`` its text, which ``torch.load(weights_only=True)`` reads)."""
+    return {k: _plain_value(v) for k, v in values.items()}
+
+
+def _plain_value(value: Any) -> Any:
+    if isinstance(value, (tuple, list)):
+        return [_plain_value(v) for v in value]
+    return value if value is None or isinstance(value, (str, int, float)) else str(value)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -78,7 +86,9 @@ def _check_resumable(checkpoint: Mapping[str, Any], config: Any, path: Path, *, 
             f"cannot resume from {path}: the checkpoint lacks {', '.join(missing) or 'config'}, "
             "so it was not written by a complete snexp run; start a new run with another --out"
         )
-    saved, now = checkpoint["config"], _plain(flatten(config))
+    # a checkpoint written before a section folded some keys into others reads as it would now
+    saved = _plain(upgrade_flat(type(config), checkpoint["config"]))
+    now = _plain(flatten(config))
     differing = []
     for key in sorted(set(saved) | set(now)):
         if key not in saved or key not in now:
