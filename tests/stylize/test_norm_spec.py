@@ -170,3 +170,25 @@ def test_save_model_refuses_a_network_without_a_spec(tmp_path):
 
 def test_model_config_takes_a_spec_or_its_text():
     assert ModelConfig(norm="gn(groups=8)").norm == NormSpec("gn", groups=8)
+
+
+def test_norm_flags_take_spec_texts_and_help_shows_the_default(capsys):
+    from snexp.runtime.config import parse_args
+    from stylize.config import PRESETS
+    from stylize.train import FLAGS as TRAIN_FLAGS
+    from stylize.tune import FLAGS as TUNE_FLAGS
+
+    cfg = parse_args(StylizeConfig, ["--norm", "sn(candidates=in+ln, momentum=0.2)"], prog="t",
+                     flags=TRAIN_FLAGS, presets=PRESETS, default_config="quick")
+    assert cfg.model.norm == NormSpec("sn", candidates=("in", "ln"), momentum=0.2)
+    # --norms repeats, and each value is a comma list split outside the specs' parentheses
+    cfg = parse_args(TuneConfig, ["--norms", "sn(candidates=ln+bn, momentum=0.2), in",
+                                  "--norms", "gn(groups=8)", "--width", "0.25"], prog="t",
+                     flags=TUNE_FLAGS, presets=PRESETS, default_config="tune")
+    assert [str(n) for n in cfg.tune.norms] == ["sn(candidates=ln+bn, momentum=0.2)", "in",
+                                                "gn(groups=8)"]
+    with pytest.raises(SystemExit):
+        parse_args(StylizeConfig, ["--help"], prog="t", flags=TRAIN_FLAGS, presets=PRESETS,
+                   default_config="quick")
+    assert 'default: "sn(candidates=in+ln+bn, momentum=0.1)"' in " ".join(
+        capsys.readouterr().out.split())
