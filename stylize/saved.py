@@ -106,7 +106,8 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu"
         ConfigError: The file is missing, unreadable, or not a stylize model.
     """
     obj = load_checkpoint(path, map_location=map_location)
-    keys = _KEYS.get(obj.get("format"))
+    fmt = obj.get("format")
+    keys = _KEYS.get(fmt) if type(fmt) is int else None  # an edited file may hold anything
     if keys is None or any(k not in obj for k in keys):
         hint = " (a training checkpoint? use <out>/model.pt)" if "objects" in obj else ""
         raise ConfigError(f"'{path}' is not a stylize model file of format "

@@ -153,7 +153,8 @@ def test_model_files_of_unknown_layout_are_refused(tmp_path):
     net = TransformerNet("in", width=0.125, blocks=1)
     good = torch.load(save_model(tmp_path / "m.pt", net, styles=["a"]), weights_only=True)
     # format 1 needs its options table; an unknown format is named with the ones read
-    for name, obj in (("one.pt", {**good, "format": 1}), ("three.pt", {**good, "format": 3})):
+    for name, obj in (("one.pt", {**good, "format": 1}), ("three.pt", {**good, "format": 3}),
+                      ("list.pt", {**good, "format": [2]})):
         torch.save(obj, tmp_path / name)
         with pytest.raises(ConfigError, match="not a stylize model file of format 1 or 2"):
             load_model(tmp_path / name)
