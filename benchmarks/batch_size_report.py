@@ -15,6 +15,12 @@ from pathlib import Path
 __all__ = ["draw_figures", "format_tables", "summarize"]
 
 
+def _label(norm: str) -> str:
+    """A norm spec's text for a legend: the kind in capitals, its options as written."""
+    kind, bracket, rest = norm.partition("(")
+    return kind.upper() + bracket + rest
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -44,11 +50,12 @@ def format_tables(summary: dict) -> str:
     norms = list(dict.fromkeys(r["norm"] for r in rows))
     sizes = sorted({r["batch_size"] for r in rows}, reverse=True)
     cell = {(r["norm"], r["batch_size"]): r for r in rows}
+    first = max([5, *map(len, norms)])  # the specs' texts, "gn(groups=8)"
     lines = ["test accuracy, mean +- std over seeds (number of seeds)",
-             f"{'norm':5s}" + "".join(f"{'batch ' + str(s):>22s}" for s in sizes)]
+             "norm".ljust(first) + "".join(f"{'batch ' + str(s):>22s}" for s in sizes)]
     for norm in norms:
         cells = [cell.get((norm, s)) for s in sizes]
-        lines.append(f"{norm:5s}" + "".join(
+        lines.append(norm.ljust(first) + "".join(
             f"{r['test_acc_mean']:.3f} +- {r['test_acc_std']:.3f} ({r['seeds']})".rjust(22)
             if r else "-".rjust(22) for r in cells))
     for norm in norms:
@@ -82,7 +89,7 @@ def draw_figures(summary: dict, out: Path) -> list[Path]:
         pts = sorted((r["batch_size"], r["test_acc_mean"], r["test_acc_std"])
                      for r in rows if r["norm"] == norm)
         ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
-                    marker="o", capsize=3, label=norm.upper())
+                    marker="o", capsize=3, label=_label(norm))
     sizes = sorted({r["batch_size"] for r in rows})
     ax.set_xscale("log", base=2)
     ax.set_xticks(sizes, [str(s) for s in sizes])
@@ -110,7 +117,7 @@ def draw_figures(summary: dict, out: Path) -> list[Path]:
                     bottom = [b + v for b, v in zip(bottom, vals)]
                 ax.set_xticks(range(len(mine)), [str(r["batch_size"]) for r in mine])
                 ax.set_ylim(0, 1)
-                ax.set_title(f"{norm.upper()} {which} importance (avg over layers)")
+                ax.set_title(f"{_label(norm)} {which} importance (avg over layers)")
                 ax.set_xlabel("images per normalization batch")
             row[-1].legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -36,20 +36,43 @@ from snexp.runtime.run import Run
 __all__ = ["ModelConfig", "RunConfig", "SmallResNet", "TrainConfig", "cosine_lr",
            "importance_summary", "linear_lr", "train"]
 
-NORMS = ("bn", "gn", "sn", "in", "ln", "ssn")
-
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The network: a CIFAR-style ResNet with one basic block per stage."""
 
-    norm: Literal["bn", "gn", "sn", "in", "ln", "ssn"] = "sn"  # every norm of the network
+    # NOTE: GN's 32 groups need >= 32 channels in every stage; the study's arm is gn(groups=8)
+    norm: snexp.NormSpec = snexp.NormSpec("sn")  # every norm of the network, e.g. gn(groups=8)
     width: int = 16  # channels of the first stage (x2 and x4 in the next two)
-    gn_groups: int = 8  # groups of gn (must divide width); NOTE: GN's 32 needs >= 32 channels
+
+    # config.toml files written before the spec carried GN's groups (the study's run folders)
+    LEGACY_KEYS: ClassVar[dict[str, Any]] = {"gn_groups": int}
+
+    @classmethod
+    def upgrade_legacy(cls, fields: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+        """``gn_groups`` was passed to gn only, as its ``groups``."""
+        norm: snexp.NormSpec = fields["norm"]
+        if norm.kind != "gn" or "gn_groups" not in old:
+            return {}
+        return {"norm": snexp.NormSpec("gn", {**dict(norm.options), "groups": old["gn_groups"]})}
 
     def __post_init__(self) -> None:
-        if self.width < 1 or self.gn_groups < 1 or self.width % self.gn_groups:
-            raise ValueError(f"gn_groups={self.gn_groups} must divide width={self.width}")
+        object.__setattr__(self, "norm", snexp.NormSpec.parse(self.norm))  # norm="gn(groups=8)"
+        if self.width < 1:
+            raise ValueError(f"width must be >= 1, got {self.width}")
+        widths = [self.width, 2 * self.width, 4 * self.width]
+        groups = dict(self.norm.options).get("groups", 32)
+        gn = self.norm.kind == "gn" and isinstance(groups, int) and groups > 0
+        if gn and self.width % groups:
+            raise ValueError(f"gn groups={groups} must divide the widths {widths}; write "
+                             f"gn(groups=G) with G dividing {self.width}, e.g. "
+                             f"gn(groups={math.gcd(self.width, 8)})")
+        layer = self.norm.layer()
+        for c in widths:  # every norm the network will build, before any work
+            try:
+                layer(c)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"norm {self.norm}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -123,7 +146,7 @@ class SmallResNet(nn.Module):
 
     Args:
         num_classes: Outputs of the classifier.
-        norm_layer: ``norm_layer(channels)`` builds every norm (``snexp.norm_layer(kind)``).
+        norm_layer: ``norm_layer(channels)`` builds every norm (``NormSpec.layer()``).
         width: Channels of the first stage; the next two have 2x and 4x.
         in_channels: Channels of the input images.
     """
@@ -144,10 +167,8 @@ class SmallResNet(nn.Module):
 
 
 def build_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> SmallResNet:
-    """The network of ``cfg`` with its normalizer resolved once by kind."""
-    options = {"groups": cfg.gn_groups} if cfg.norm == "gn" else {}
-    return SmallResNet(num_classes, snexp.norm_layer(cfg.norm, **options), width=cfg.width,
-                       in_channels=in_channels)
+    """The network of ``cfg`` with its normalizer spec resolved once."""
+    return SmallResNet(num_classes, cfg.norm.layer(), width=cfg.width, in_channels=in_channels)
 
 
 def importance_summary(model: nn.Module) -> dict[str, Any] | None:

@@ -10,12 +10,18 @@ importance is read per layer and averaged over layers. Prints a table of test ac
     <out>/accuracy.png                test accuracy vs batch size, one line per norm
     <out>/importance.png              SN's mean/var importance (averaged over layers) per batch
     <out>/<norm>-b<batch>-s<seed>/    each run's directory (config.toml, tb/, checkpoints/,
-                                      result.json); ``-d<K>`` is added with ``--devices K``
+                                      result.json); ``-d<K>`` is added with ``--devices K``;
+                                      <norm> is the spec's text, e.g. ``gn-groups=8``
 
 ::
 
     python benchmarks/batch_size_study.py --out runs/batch-study --quick   # <= 10 min, 2 cores
     python benchmarks/batch_size_study.py --out runs/batch-study --seeds 0,1
+    python benchmarks/batch_size_study.py --norms "sn(candidates=ln+bn), gn(groups=4)" --quick
+
+Each arm of ``--norms`` is an ``snexp.NormSpec``: a kind with its options. GN's default of 32
+groups does not divide the 16 channels of the first stage, so the presets' GN arm is
+``gn(groups=8)``.
 
 Finished runs (with ``result.json``) are read, not rerun, and interrupted ones resumed from
 their last checkpoint, so the study can be stopped (Ctrl-C) and started again; a run directory
@@ -26,15 +32,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from batch_size_report import draw_figures, format_tables, summarize
-from batch_size_run import NORMS, RunConfig, train
+from batch_size_run import RunConfig, train
 
 from nas.data import build_splits
+from snexp import NORM_KINDS, NormSpec
 from snexp.runtime.checkpoint import write_text_atomic
 from snexp.runtime.config import (
     CONFIG_FILE,
@@ -49,8 +57,8 @@ from snexp.runtime.run import Run, RunStopped
 
 PROG = "python benchmarks/batch_size_study.py"
 RESULT_FILE = "result.json"
-QUICK = {"norms": "bn,gn,sn", "batch_sizes": "32,8,2", "epochs": 2}  # runs of the full grid
-FULL = {"norms": "bn,gn,sn,in,ln", "batch_sizes": "32,16,8,4,2", "epochs": 2}
+QUICK = {"norms": "bn,gn(groups=8),sn", "batch_sizes": "32,8,2", "epochs": 2}  # full grid's runs
+FULL = {"norms": "bn,gn(groups=8),sn,in,ln", "batch_sizes": "32,16,8,4,2", "epochs": 2}
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -61,6 +69,19 @@ def _ints(text: str, name: str) -> list[int]:
     if not values or (min(values) < 1 and name != "seeds"):
         raise ConfigError(f"--{name} {text!r}: give a comma list of integers >= 1")
     return values
+
+
+def _norms(text: str) -> list[NormSpec]:
+    """A comma list of norm specs; commas inside a spec's parentheses stay in it."""
+    parts = [p.strip() for p in re.split(r",(?![^()]*\))", text) if p.strip()]
+    try:
+        specs = [NormSpec.parse(p) for p in parts]
+    except ValueError as exc:
+        raise ConfigError(f"--norms {text!r}: {exc}") from None
+    if not specs:
+        raise ConfigError(f"--norms {text!r}: give a comma list of norm specs, e.g. "
+                          f"{FULL['norms']}")
+    return specs
 
 
 # everyday flags -> keys of RunConfig (each has a --set equivalent)
@@ -76,6 +97,8 @@ FLAGS = {
     "--device": ("runtime.device", "auto, cpu, cuda, cuda:N"),
 }
 GRID_KEYS = ("model.norm", "train.batch_size", "runtime.seed", "runtime.out")
+# old keys now part of an arm's spec (read from old config.toml files, refused on --set)
+_SPEC_KEYS = {"model.gn_groups": "gn(groups=G)"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -88,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"reduced grid: norms {QUICK['norms']}, batch sizes "
                              f"{QUICK['batch_sizes']}, {QUICK['epochs']} epochs (runs of the full "
                              "grid)")
-    parser.add_argument("--norms", help=f"comma list of {', '.join(NORMS)} "
+    parser.add_argument("--norms", help=f"comma list of norm specs: kinds {', '.join(NORM_KINDS)} "
+                                        "with options as in gn(groups=8) "
                                         f"(default: {FULL['norms']})")
     parser.add_argument("--batch-sizes", help="comma list of images per normalization batch "
                                               f"(default: {FULL['batch_sizes']})")
@@ -118,16 +142,18 @@ def build_configs(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[
     """
     args = _parser().parse_args(argv)
     preset = QUICK if args.quick else FULL
-    norms = [n.strip().lower() for n in (args.norms or preset["norms"]).split(",") if n.strip()]
-    unknown = sorted(set(norms) - set(NORMS))
-    if unknown or not norms:
-        raise ConfigError(f"--norms: unknown norm(s) {unknown}; choose from {', '.join(NORMS)}")
+    norms = _norms(args.norms or preset["norms"])
     sizes = _ints(args.batch_sizes or preset["batch_sizes"], "batch-sizes")
     seeds = _ints(args.seeds, "seeds")
     fixed = [s for s in args.set if s.split("=", 1)[0].strip() in GRID_KEYS]
     if fixed:
         raise ConfigError(f"--set {fixed[0]}: the grid sets {', '.join(GRID_KEYS)}; use "
                           "--norms, --batch-sizes, --seeds and --out")
+    old = [s for s in args.set if s.split("=", 1)[0].strip() in _SPEC_KEYS]
+    if old:
+        key = old[0].split("=", 1)[0].strip()
+        raise ConfigError(f"--set {old[0]}: {key} is now an option of the norm spec; write it "
+                          f"in --norms, e.g. --norms bn,{_SPEC_KEYS[key]},sn")
     values = vars(args)
     sets = [f"train.epochs={preset['epochs']}", "runtime.checkpoint_every=1000"]
     sets += [f"{key}={values[key]}" for key, _ in FLAGS.values() if values[key] is not None]
@@ -143,9 +169,11 @@ def build_configs(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[
     return args, configs
 
 
-def run_name(norm: str, batch_size: int, seed: int, devices: int = 1) -> str:
-    """The run directory's name inside the study directory."""
-    return f"{norm}-b{batch_size}-s{seed}" + (f"-d{devices}" if devices > 1 else "")
+def run_name(norm: NormSpec | str, batch_size: int, seed: int, devices: int = 1) -> str:
+    """The run directory's name inside the study directory: the spec's text without brackets,
+    commas and spaces (``gn(groups=8)`` -> ``gn-groups=8``; a bare kind is itself)."""
+    arm = re.sub(r"[^\w.+=-]+", "-", str(NormSpec.parse(norm))).strip("-")
+    return f"{arm}-b{batch_size}-s{seed}" + (f"-d{devices}" if devices > 1 else "")
 
 
 def _settings(cfg: RunConfig) -> dict:
@@ -168,7 +196,10 @@ def plan(cfg: RunConfig) -> str:
         raise ConfigError(f"{folder} exists but holds no {CONFIG_FILE}, so it is not a run of "
                           "this study; move it away or choose another --out")
     old, new = _settings(load_config(RunConfig, saved)), _settings(cfg)
-    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in new.items() if old.get(k) != v]
+    def shown(value: object) -> str:
+        return str(value) if isinstance(value, NormSpec) else repr(value)
+
+    diff = [f"{k}: {shown(old.get(k))} -> {shown(v)}" for k, v in new.items() if old.get(k) != v]
     if diff:
         raise ConfigError(f"{folder} holds a run made with other settings ({'; '.join(diff)}); "
                           "rerun with the settings it was made with, or choose another --out")
@@ -185,7 +216,7 @@ def run_one(cfg: RunConfig, what: str, splits) -> dict:
     print(f"$ {folder.name} ({what})", flush=True)
     with Run(cfg, experiment="batch-size-study", prog=PROG) as run:
         result = train(run, splits)
-    record = {"norm": cfg.model.norm, "batch_size": cfg.train.batch_size,
+    record = {"norm": str(cfg.model.norm), "batch_size": cfg.train.batch_size,
               "devices": cfg.train.devices, "seed": cfg.runtime.seed, "dir": folder.name,
               **result}
     write_text_atomic(folder / RESULT_FILE, json.dumps(record, indent=1) + "\n")

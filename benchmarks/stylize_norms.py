@@ -7,17 +7,23 @@ convolution weights, same batches) and plots the total loss per step, smoothed.
 
     python benchmarks/stylize_norms.py --style starry.jpg --content-dir coco/train2014 \
         --steps 40000 --image-size 256 --device cuda --png norms.png
+    python benchmarks/stylize_norms.py --norms "sn, sn(candidates=in+ln), in" --random-vgg
+
+Each of ``--norms`` is an ``snexp.NormSpec`` (a kind with its options), as ``--norm`` of
+``python -m stylize.train``.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import torch
 from stylize_common import loss_network, style_image
 from torch.utils.data import DataLoader
 
+from snexp import NormSpec
 from snexp.runtime.device import select_device
 from stylize.config import DataConfig
 from stylize.loop import build_content
@@ -25,7 +31,7 @@ from stylize.loss import PerceptualLoss
 from stylize.net import TransformerNet
 
 
-def train_curve(norm: str, criterion: PerceptualLoss, data, args, device) -> list[float]:
+def train_curve(norm: NormSpec, criterion: PerceptualLoss, data, args, device) -> list[float]:
     """Total loss of every step of one norm's run."""
     torch.manual_seed(args.seed)
     net = TransformerNet(norm, width=args.width).to(device)
@@ -59,7 +65,9 @@ def smooth(values: list[float], window: int) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--norms", default="sn,in,bn")
+    parser.add_argument("--norms", default="sn,in,bn",
+                        help="comma list of norm specs, e.g. 'sn(candidates=in+ln), in, "
+                             "gn(groups=8)' (default: sn,in,bn)")
     parser.add_argument("--style", default=None, help="style image (default: embedded scene)")
     parser.add_argument("--content-dir", default=None, help="photos (default: embedded scenes)")
     parser.add_argument("--steps", type=int, default=200)
@@ -76,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
                         help="random VGG16 weights: a smoke test, not the paper's losses")
     parser.add_argument("--png", default="stylize_norms.png")
     args = parser.parse_args(argv)
+    try:  # commas inside a spec's parentheses stay in it
+        norms = [NormSpec.parse(t) for t in re.split(r",(?![^()]*\))", args.norms) if t.strip()]
+    except ValueError as exc:
+        parser.error(f"--norms {args.norms!r}: {exc}")
     device = select_device(args.device)
     loss_net, label = loss_network(args.vgg_weights, args.random_vgg)
     style, style_label = style_image(args.style, args.style_size)
@@ -85,9 +97,10 @@ def main(argv: list[str] | None = None) -> None:
                                        image_size=args.image_size,
                                        synthetic_count=max(64, args.steps * args.batch_size)))
     curves = {}
-    for norm in args.norms.split(","):
+    for spec in norms:
         start = time.perf_counter()
-        curves[norm] = train_curve(norm, criterion, data, args, device)
+        norm = str(spec)
+        curves[norm] = train_curve(spec, criterion, data, args, device)
         tail = curves[norm][-max(1, args.steps // 10):]
         print(f"{norm:>3}: mean total loss over the last {len(tail)} steps "
               f"{sum(tail) / len(tail):.4g} (style image {style_px} px, content "
@@ -100,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for norm, curve in curves.items():
         ax.plot(range(1, len(curve) + 1), smooth(curve, max(1, args.steps // 20)),
-                label=norm.upper())
+                label=norm)
     ax.set_xlabel("step")
     ax.set_ylabel("content + style loss (smoothed)")
     ax.set_yscale("log")

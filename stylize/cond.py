@@ -131,26 +131,28 @@ class ConditionalSwitchNorm2d(SwitchNormBase, StyleNorm):
                 f"candidates={self.candidates}")
 
 
-def style_norm_layer(kind: str | NormSpec, num_styles: int,
-                     **options) -> Callable[[int], nn.Module]:
-    """Resolve a norm kind once into ``layer(channels)``; conditional when ``num_styles > 1``.
+def style_norm_layer(norm: NormSpec | str, num_styles: int) -> Callable[[int], nn.Module]:
+    """Resolve a norm spec once into ``layer(channels)``; conditional when ``num_styles > 1``.
 
     Args:
-        kind: An ``snexp`` kind: "sn", "ssn", "bn", "in", "ln", "gn" or "none", or a
-            :class:`snexp.NormSpec` (or its text, ``"sn(momentum=0.01)"``).
+        norm: A :class:`snexp.NormSpec` (the kind with its options) or its text: ``"sn"``,
+            ``"sn(momentum=0.01, candidates=in+ln)"``, ``"gn(groups=8)"``.
         num_styles: Styles of the network; 1 gives the plain ``snexp`` layer.
-        **options: Layer options (``candidates`` for SN/SSN, ``groups`` for GN, ...).
 
     Returns:
         A callable taking the channel count.
+
+    Example:
+        >>> style_norm_layer("sn(candidates=in+ln)", 2)(16)
+        ConditionalSwitchNorm2d(16, num_styles=2, candidates=('in', 'ln'))
     """
     if num_styles < 1:
         raise ValueError(f"num_styles must be >= 1, got {num_styles}")
-    spec = NormSpec.parse(kind)  # "sn", or a spec with options: "sn(momentum=0.01)"
-    kind, options = spec.kind, {**dict(spec.options), **options}
-    if num_styles == 1 or kind == "none":
-        return resolve_norm(kind, **options)
-    if kind == "sn":
+    spec = NormSpec.parse(norm)
+    if num_styles == 1 or spec.kind == "none":
+        return spec.layer()
+    options = dict(spec.options)
+    if spec.kind == "sn":
         return lambda c: ConditionalSwitchNorm2d(c, num_styles, **options)
-    base = resolve_norm(kind, affine=False, **options)
+    base = resolve_norm(spec.kind, affine=False, **options)
     return lambda c: ConditionalAffine(base(c), c, num_styles)

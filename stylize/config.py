@@ -9,53 +9,91 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, ClassVar
 
-from snexp.norm.functional import parse_candidates
-from snexp.runtime.config import Range, RuntimeConfig
+from snexp import NormSpec
+from snexp.runtime.config import RuntimeConfig
+from stylize.cond import style_norm_layer
 
 # The largest network a model.pt may describe (stylize.saved refuses more, so that an edited
 # file cannot make apply allocate without bound); training refuses the same, so every model it
 # writes can be applied.
 MAX_WIDTH, MAX_BLOCKS = 64, 256
 
-__all__ = ["DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS", "StylizeConfig",
-           "TrainConfig", "norm_options"]
+__all__ = ["DEFAULT_NORM", "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS",
+           "StylizeConfig", "TrainConfig", "check_norm"]
 
 PRESETS = Path(__file__).resolve().parent.parent / "configs" / "stylize"
 
-NormKind = Literal["sn", "ssn", "in", "bn", "ln", "gn", "none"]
+# SN as in the SN paper, its options spelled out so that config.toml records them; momentum in
+# the PyTorch convention (the SN authors' 0.9 is our 0.1)
+DEFAULT_NORM = NormSpec("sn", candidates=("in", "ln", "bn"), momentum=0.1)
+
+
+def _widths(width: float) -> list[int]:
+    return [max(1, round(width * c)) for c in (32, 64, 128)]
+
+
+def check_norm(norm: NormSpec | str, width: float, num_styles: int = 1) -> None:
+    """Build ``norm``'s layer at every width of the network, so that a mistake is refused before
+    any work (the layers check their own options; GN's groups get a message naming the fix).
+
+    Raises:
+        ValueError: The spec does not make a layer at some width.
+    """
+    norm, widths = NormSpec.parse(norm), _widths(width)
+    momentum = dict(norm.options).get("momentum")
+    if momentum is not None and not (isinstance(momentum, (int, float))
+                                     and 0 <= momentum <= 1):
+        # BN does not check its own: the range SN refuses, for every kind
+        raise ValueError(f"norm {norm}: momentum must be in [0, 1] (PyTorch convention: the "
+                         f"SN authors' 0.9 is our 0.1), got {momentum!r}")
+    groups = dict(norm.options).get("groups", 32)
+    if norm.kind == "gn" and isinstance(groups, int) and groups > 0 and any(
+            w % groups for w in widths):
+        raise ValueError(f"gn groups={groups} must divide the widths {widths}; set "
+                         f"model.norm=gn(groups=G) with G dividing them, or model.width")
+    layer = style_norm_layer(norm, num_styles)
+    for w in widths:
+        try:
+            layer(w)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"norm {norm}: {exc}") from None
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """The transformation network (stylize.net.TransformerNet)."""
 
-    norm: NormKind = "sn"  # normalizer of every layer (SN as in the SN paper)
+    norm: NormSpec = DEFAULT_NORM  # normalizer of every layer with its options, e.g. gn(groups=8)
     width: float = 1.0  # channel multiplier of the 32/64/128 widths
     blocks: int = 5  # residual blocks at the lowest resolution
-    candidates: tuple[str, ...] = ("in", "ln", "bn")  # SN/SSN candidate statistics
-    # running-average factor of SN/SSN/BN, PyTorch convention (the SN authors' 0.9 is our 0.1)
-    momentum: Annotated[float, Range(ge=0, le=1)] = 0.1
-    groups: int = 32  # groups of gn (must divide every width)
     pixel_scale: float = 255.0  # the network computes on pixels x this: 255 as the reference
 
+    # Keys of config.toml files written before `norm` carried its options (run folders that
+    # --resume reads); `--set model.momentum=...` is folded in the same way.
+    LEGACY_KEYS: ClassVar[dict[str, Any]] = {
+        "candidates": tuple[str, ...], "momentum": float, "groups": int}
+
+    @classmethod
+    def upgrade_legacy(cls, fields: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+        """Fold old keys into ``norm`` as the old translator passed them to the layers:
+        candidates and momentum for sn/ssn, momentum for bn, groups for gn, none otherwise."""
+        norm: NormSpec = fields["norm"]
+        used = {"sn": ("candidates", "momentum"), "ssn": ("candidates", "momentum"),
+                "bn": ("momentum",), "gn": ("groups",)}.get(norm.kind, ())
+        options = {**dict(norm.options), **{k: v for k, v in old.items() if k in used}}
+        return {"norm": NormSpec(norm.kind, options)}
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "norm", NormSpec.parse(self.norm))  # ModelConfig(norm="in")
         if not 0 < self.pixel_scale < float("inf"):
             raise ValueError(f"pixel_scale must be positive and finite, got {self.pixel_scale}")
         if not 0 < self.width <= MAX_WIDTH:
             raise ValueError(f"width must be in (0, {MAX_WIDTH}], got {self.width}")
         if not 0 <= self.blocks <= MAX_BLOCKS:
             raise ValueError(f"blocks must be in [0, {MAX_BLOCKS}], got {self.blocks}")
-        if self.norm in ("sn", "ssn"):
-            # the layers' own check, here so that a mistake is refused before any work
-            for c in (32, 64, 128):
-                parse_candidates(self.candidates, max(1, round(self.width * c)))
-        if self.norm == "gn":
-            widths = [max(1, round(self.width * c)) for c in (32, 64, 128)]
-            if any(w % self.groups for w in widths):
-                raise ValueError(f"gn groups={self.groups} must divide the widths {widths}; "
-                                 "set model.groups or model.width")
+        check_norm(self.norm, self.width)
 
 
 @dataclass(frozen=True)
@@ -125,13 +163,7 @@ class StylizeConfig:
     log: LogConfig = field(default_factory=LogConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def __post_init__(self) -> None:
+        if len(self.data.styles) > 1:  # the style-conditional layers, with their own options
+            check_norm(self.model.norm, self.model.width, len(self.data.styles))
 
-def norm_options(model: ModelConfig) -> dict[str, Any]:
-    """The keyword options of the model's norm layers (what ``snexp.norm_layer`` takes)."""
-    if model.norm in ("sn", "ssn"):
-        return {"candidates": tuple(model.candidates), "momentum": model.momentum}
-    if model.norm == "bn":
-        return {"momentum": model.momentum}
-    if model.norm == "gn":
-        return {"groups": model.groups}
-    return {}

@@ -25,7 +25,7 @@ from snexp import Importance
 from snexp.runtime.run import Run
 from snexp.runtime.track import progress
 from stylize.cond import ConditionalSwitchNorm2d
-from stylize.config import DataConfig, ModelConfig, StylizeConfig, TrainConfig, norm_options
+from stylize.config import DataConfig, ModelConfig, StylizeConfig, TrainConfig
 from stylize.data import ContentFolder, SyntheticScenes, load_image, preview_batch
 from stylize.loss import Losses, PerceptualLoss
 from stylize.net import TransformerNet, style_weights
@@ -47,8 +47,7 @@ def style_names(paths: Sequence[str]) -> list[str]:
 def build_network(model: ModelConfig, num_styles: int) -> TransformerNet:
     """The transformation network a model config describes."""
     return TransformerNet(model.norm, width=model.width, blocks=model.blocks,
-                          num_styles=num_styles, norm_options=norm_options(model),
-                          pixel_scale=model.pixel_scale)
+                          num_styles=num_styles, pixel_scale=model.pixel_scale)
 
 
 def build_content(data: DataConfig) -> tuple[Dataset, Tensor]:

@@ -5,9 +5,9 @@ Super-Resolution" (ECCV 2016), supplementary Table 1, as in the PyTorch referenc
 (pytorch/examples ``fast_neural_style``): reflection-padded 9x9 conv (3->32), two stride-2 3x3
 convs (->64, ->128), five residual blocks at 128 channels, two nearest-neighbour x2 upsampling
 steps each followed by a 3x3 conv (Odena et al., "Deconvolution and Checkerboard Artifacts",
-instead of transposed convs), and a final 9x9 conv to RGB. Every norm comes from
-``snexp.norm_layer`` (SN by default, as in the SN paper's style-transfer experiment); with
-several styles they are style-conditional (``stylize.cond``).
+instead of transposed convs), and a final 9x9 conv to RGB. Every norm comes from one
+``norm_layer``, an ``snexp.NormSpec`` resolved once (SN by default, as in the SN paper's
+style-transfer experiment); with several styles they are style-conditional (``stylize.cond``).
 
 Pixel range: callers pass and get images in [0, 1], but by default the network computes on
 0-255 pixels, as the reference does: ``forward(x) = body(255 x) / 255``. This is the reference's
@@ -22,13 +22,13 @@ dynamics: the first outputs are near 0 rather than grey noise that overshoots to
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from snexp import NormSpec
 from stylize.cond import StyleNorm, style_norm_layer
 
 __all__ = ["MIN_SIZE", "TransformerNet", "style_weights"]
@@ -106,12 +106,14 @@ class TransformerNet(nn.Module):
     """Johnson et al.'s style-transfer network with a chosen normalizer.
 
     Args:
-        norm: Norm kind ("sn", "ssn", "in", "bn", "ln", "gn", "none").
+        norm_layer: Every norm of the network: a :class:`snexp.NormSpec` or its text (``"sn"``,
+            ``"sn(candidates=in+ln)"``, ``"gn(groups=8)"``), resolved once with
+            :func:`stylize.cond.style_norm_layer` and kept as ``self.norm`` (what
+            ``stylize.saved`` writes); or a callable ``norm_layer(channels)`` that already
+            builds style-conditional norms when ``num_styles > 1`` (``self.norm`` is then None).
         width: Channel multiplier: the widths are ``round(width * (32, 64, 128))``.
         blocks: Number of residual blocks (5 in the paper).
         num_styles: Styles learned at once; above 1 every norm is style-conditional.
-        norm_options: Options of the norm layers, e.g. ``{"candidates": ("in", "ln")}`` or
-            ``{"groups": 8}``; ``None`` for the defaults.
         pixel_scale: The body computes on ``pixel_scale * x`` and its output is divided by it:
             255 (default) is the reference's 0-255 parametrization, 1 the 0-1 one.
 
@@ -121,8 +123,8 @@ class TransformerNet(nn.Module):
         torch.Size([2, 3, 37, 50])
     """
 
-    def __init__(self, norm: str = "sn", *, width: float = 1.0, blocks: int = 5,
-                 num_styles: int = 1, norm_options: Mapping[str, Any] | None = None,
+    def __init__(self, norm_layer: NormSpec | str | Callable[[int], nn.Module] = "sn", *,
+                 width: float = 1.0, blocks: int = 5, num_styles: int = 1,
                  pixel_scale: float = 255.0) -> None:
         super().__init__()
         if width <= 0:
@@ -131,11 +133,14 @@ class TransformerNet(nn.Module):
             raise ValueError(f"pixel_scale must be positive and finite, got {pixel_scale}")
         if blocks < 0:
             raise ValueError(f"blocks must be >= 0, got {blocks}")
-        self.norm, self.width, self.blocks, self.num_styles = norm, width, blocks, num_styles
-        self.norm_options = dict(norm_options or {})
+        self.width, self.blocks, self.num_styles = width, blocks, num_styles
         self.pixel_scale = float(pixel_scale)
+        if callable(norm_layer):
+            self.norm, layer = None, norm_layer
+        else:
+            self.norm = NormSpec.parse(norm_layer)
+            layer = style_norm_layer(self.norm, num_styles)
         c1, c2, c3 = (max(1, round(width * c)) for c in (32, 64, 128))
-        layer = style_norm_layer(norm, num_styles, **self.norm_options)
         self.conv1 = _ConvBlock(3, c1, 9, norm_layer=layer)
         self.down1 = _ConvBlock(c1, c2, 3, 2, norm_layer=layer)
         self.down2 = _ConvBlock(c2, c3, 3, 2, norm_layer=layer)

@@ -3,11 +3,14 @@
 The file holds only tensors and plain containers, so ``torch.load(weights_only=True)`` reads it
 and loading never runs code::
 
-    {"format": 1, "state_dict": {...}, "norm": "sn", "norm_options": {"candidates": [...]},
+    {"format": 2, "state_dict": {...}, "norm": "sn(candidates=in+ln+bn, momentum=0.1)",
      "width": 1.0, "blocks": 5, "pixel_scale": 255.0, "styles": ["starry"],
      "config": {"train.lr": 0.001, ...}}
 
-Files written before ``pixel_scale`` was recorded hold 0-1 networks and load with scale 1.
+``norm`` is the text of the network's :class:`snexp.NormSpec`. Format 1 files (written before
+the spec carried its options) hold the kind in ``norm`` and the options in a ``norm_options``
+table; they load into the same spec. Files written before ``pixel_scale`` was recorded hold 0-1
+networks and load with scale 1.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 
 import torch
 
+from snexp import NormSpec
 from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint
 from snexp.runtime.config import ConfigError, flatten
 from stylize.config import MAX_BLOCKS, MAX_WIDTH
@@ -25,8 +29,10 @@ from stylize.net import TransformerNet
 
 __all__ = ["MODEL_FORMAT", "load_model", "save_model"]
 
-MODEL_FORMAT = 1  # bump when the layout of model.pt changes
-_KEYS = ("state_dict", "norm", "norm_options", "width", "blocks", "styles")
+MODEL_FORMAT = 2  # bump when the layout of model.pt changes
+# the keys of each format this version reads
+_KEYS = {1: ("state_dict", "norm", "norm_options", "width", "blocks", "styles"),
+         2: ("state_dict", "norm", "width", "blocks", "styles")}
 
 
 def _plain(value: Any) -> Any:
@@ -34,7 +40,7 @@ def _plain(value: Any) -> Any:
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]
-    return value
+    return str(value) if isinstance(value, NormSpec) else value  # the config's model.norm
 
 
 def save_model(path: str | Path, net: TransformerNet, *, styles: Sequence[str],
@@ -49,13 +55,15 @@ def save_model(path: str | Path, net: TransformerNet, *, styles: Sequence[str],
     """
     if len(styles) != net.num_styles:
         raise ValueError(f"{len(styles)} style names for a network of {net.num_styles} styles")
+    if net.norm is None:
+        raise ValueError("save_model needs a network built from a norm spec "
+                         "(TransformerNet(NormSpec or its text)), not from a callable")
     state = {k: v.detach().cpu() if isinstance(v, torch.Tensor) else _plain(v)
              for k, v in net.state_dict().items()}
     return save_checkpoint({
         "format": MODEL_FORMAT,
         "state_dict": state,
-        "norm": net.norm,
-        "norm_options": _plain(net.norm_options),
+        "norm": str(net.norm),
         "width": float(net.width),
         "blocks": int(net.blocks),
         "pixel_scale": float(net.pixel_scale),
@@ -68,14 +76,15 @@ def _bad_field(obj: Mapping[str, Any]) -> str | None:
     """What is wrong with the fields of a model file, or ``None`` (checked before building)."""
     number = (int, float)
     checks = (
-        ("norm", isinstance(obj["norm"], str), "a norm kind such as 'sn'"),
+        ("norm", isinstance(obj["norm"], str), "a norm spec such as 'sn'"),
         ("width", isinstance(obj["width"], number) and not isinstance(obj["width"], bool)
          and 0 < obj["width"] <= MAX_WIDTH, f"a number in (0, {MAX_WIDTH}]"),
         ("blocks", type(obj["blocks"]) is int and 0 <= obj["blocks"] <= MAX_BLOCKS,
          f"an integer in [0, {MAX_BLOCKS}]"),
         ("styles", isinstance(obj["styles"], list) and obj["styles"]
          and all(isinstance(n, str) for n in obj["styles"]), "a non-empty list of names"),
-        ("norm_options", isinstance(obj["norm_options"], Mapping), "a table of options"),
+        ("norm_options", isinstance(obj.get("norm_options", {}), Mapping),
+         "a table of options"),
         ("state_dict", isinstance(obj["state_dict"], Mapping), "a table of tensors"),
         ("pixel_scale", isinstance(obj.get("pixel_scale", 1.0), number), "a number"),
     )
@@ -90,24 +99,29 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu"
     """Rebuild the network saved by :func:`save_model`, in eval mode.
 
     Returns:
-        ``(net, meta)``: the network and the file's metadata (everything but the weights).
+        ``(net, meta)``: the network and the file's metadata (everything but the weights;
+        ``meta["norm"]`` is the spec's text for either format).
 
     Raises:
         ConfigError: The file is missing, unreadable, or not a stylize model.
     """
     obj = load_checkpoint(path, map_location=map_location)
-    if obj.get("format") != MODEL_FORMAT or any(k not in obj for k in _KEYS):
+    fmt = obj.get("format")
+    keys = _KEYS.get(fmt) if type(fmt) is int else None  # an edited file may hold anything
+    if keys is None or any(k not in obj for k in keys):
         hint = " (a training checkpoint? use <out>/model.pt)" if "objects" in obj else ""
-        raise ConfigError(f"'{path}' is not a stylize model file of format {MODEL_FORMAT}"
-                          f"{hint}")
+        raise ConfigError(f"'{path}' is not a stylize model file of format "
+                          f"{' or '.join(map(str, _KEYS))}{hint}")
     problem = _bad_field(obj)
     try:
         if problem is not None:
             raise ValueError(problem)
-        options = {k: tuple(v) if isinstance(v, list) else v
-                   for k, v in obj["norm_options"].items()}
-        net = TransformerNet(obj["norm"], width=obj["width"], blocks=obj["blocks"],
-                             num_styles=len(obj["styles"]), norm_options=options,
+        if obj["format"] == 1:  # the kind, and its options as a table
+            norm = NormSpec(obj["norm"], obj["norm_options"])
+        else:
+            norm = NormSpec.parse(obj["norm"])
+        net = TransformerNet(norm, width=obj["width"], blocks=obj["blocks"],
+                             num_styles=len(obj["styles"]),
                              pixel_scale=float(obj.get("pixel_scale", 1.0)))
         net.load_state_dict(obj["state_dict"])
     except (ValueError, TypeError, KeyError, RuntimeError) as exc:
@@ -116,4 +130,5 @@ def load_model(path: str | Path, *, map_location: str | torch.device = "cpu"
         raise ConfigError(f"'{path}' is not a usable stylize model ({reason}); pass the "
                           "model.pt that python -m stylize.train wrote") from None
     net.eval()
-    return net, {k: v for k, v in obj.items() if k != "state_dict"}
+    meta = {k: v for k, v in obj.items() if k not in ("state_dict", "norm_options")}
+    return net, {**meta, "norm": str(norm)}  # the spec's text, whatever the format

@@ -3,6 +3,7 @@
 Example::
 
     python -m stylize.tune --style starry.jpg --trials 30 --steps 200
+    python -m stylize.tune --style starry.jpg --norms "sn(candidates=ln+bn), in, gn(groups=8)"
     python -m stylize.tune --style starry.jpg --storage study.db --out runs/tune-w2  # 2nd worker
     python -m stylize.tune --out runs/tune-w2 --resume     # after Ctrl-C/SIGTERM: go on
     optuna-dashboard sqlite:///runs/stylize-tune/<run>/optuna.db               # Pareto front
@@ -27,7 +28,9 @@ __all__ = ["FLAGS", "main"]
 
 PROG = "python -m stylize.tune"
 FLAGS = {
-    **{k: v for k, v in TRAIN_FLAGS.items() if not k.startswith("--preview")},
+    # not --norm: each trial's model.norm is one of --norms
+    **{k: v for k, v in TRAIN_FLAGS.items() if not k.startswith(("--preview", "--norm"))},
+    "--norms": "tune.norms",
     "--trials": "tune.trials",
     "--trial-steps": "tune.steps",
     "--study": "tune.study",

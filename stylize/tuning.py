@@ -29,10 +29,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from snexp import NormSpec
 from snexp.runtime.config import ConfigError, RuntimeConfig, flatten
 from snexp.runtime.run import Run, RunStopped
 from snexp.runtime.study import WorkerSeededSampler, open_study
-from stylize.config import DataConfig, LossConfig, ModelConfig, NormKind, TrainConfig
+from stylize.config import DataConfig, LossConfig, ModelConfig, TrainConfig, check_norm
 from stylize.data import load_image
 from stylize.loop import build_content, build_network, train_step
 from stylize.loss import PerceptualLoss
@@ -54,13 +55,16 @@ class SearchConfig:
     report_every: int = 20  # held-out losses every N steps (the trial's curve)
     study: str = "stylize"  # study name (workers sharing a storage share it by name)
     storage: str | None = None  # Optuna storage URL or file; none: <out>/optuna.db
-    norms: tuple[NormKind, ...] = ("sn", "in", "bn")  # norm kinds to choose from
+    # Optuna's choices are the specs' texts; a trial's model.norm is the one it draws
+    norms: tuple[NormSpec, ...] = (
+        NormSpec("sn"), NormSpec("in"), NormSpec("bn"))  # norms to choose from, e.g. gn(groups=8)
     style_weight_min: float = 1e9  # log-uniform range of the style weight
     style_weight_max: float = 1e11
     lr_min: float = 1e-4  # log-uniform range of the Adam learning rate
     lr_max: float = 1e-2
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "norms", tuple(NormSpec.parse(n) for n in self.norms))
         if self.trials < 1 or self.steps < 1 or self.report_every < 1 or not self.norms:
             raise ValueError("trials, steps and report_every must be >= 1, norms not empty")
         if not (0 < self.style_weight_min <= self.style_weight_max
@@ -78,6 +82,10 @@ class TuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     tune: SearchConfig = field(default_factory=SearchConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        for norm in self.tune.norms:  # every choice makes the network, before any trial
+            check_norm(norm, self.model.width, max(1, len(self.data.styles)))
 
 
 @torch.no_grad()
@@ -160,9 +168,11 @@ def tune(run: Run, loss_net: nn.Module) -> optuna.Study:
         style_weight = trial.suggest_float("style_weight", search.style_weight_min,
                                            search.style_weight_max, log=True)
         lr = trial.suggest_float("lr", search.lr_min, search.lr_max, log=True)
-        norm = trial.suggest_categorical("norm", list(search.norms))
+        # the spec texts: a study begun with kinds ("sn", "in", "bn") keeps its choices
+        norm = trial.suggest_categorical("norm", [str(n) for n in search.norms])
         torch.manual_seed(cfg.runtime.seed)  # every trial: the same initialization ...
-        net = build_network(dataclasses.replace(cfg.model, norm=norm), len(styles))
+        net = build_network(dataclasses.replace(cfg.model, norm=NormSpec.parse(norm)),
+                            len(styles))
         model = run.prepare(net)
         criterion = PerceptualLoss(loss_net, styles, content_weight=cfg.loss.content_weight,
                                    style_weight=style_weight, tv_weight=cfg.loss.tv_weight)

@@ -39,16 +39,18 @@ def test_linear_scaling_rule_and_cosine_decay():
     assert bsr.cosine_lr(0.025, 120, 100) == pytest.approx(0.0)
 
 
-@pytest.mark.parametrize("norm, cls", [("bn", torch.nn.BatchNorm2d), ("gn", torch.nn.GroupNorm),
+@pytest.mark.parametrize("norm, cls", [("bn", torch.nn.BatchNorm2d),
+                                       ("gn(groups=8)", torch.nn.GroupNorm),
                                        ("sn", snexp.SwitchNorm2d)])
 def test_small_resnet_takes_one_norm_layer_everywhere(norm, cls):
     model = bsr.build_model(bsr.ModelConfig(norm=norm, width=8), 10, 3)
     norms = [m for m in model.modules() if isinstance(m, cls)]
     # stem 1 + block 2 + (2 + projection) + (2 + projection) = 9 norms
     assert len(norms) == 9
-    assert [m.num_channels if norm == "gn" else m.num_features for m in norms] == \
+    gn = cls is torch.nn.GroupNorm
+    assert [m.num_channels if gn else m.num_features for m in norms] == \
         [8, 8, 8, 16, 16, 16, 32, 32, 32]
-    if norm == "gn":
+    if gn:
         assert {m.num_groups for m in norms} == {8}
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 10)
 
@@ -105,7 +107,9 @@ def test_summary_is_mean_and_std_over_seeds_and_importance_averaged(tmp_path):
 def test_quick_grid_is_three_norms_by_three_batch_sizes(tmp_path):
     args, configs = study.build_configs(["--out", str(tmp_path), "--quick"])
     names = [Path(c.runtime.out).name for c in configs]
-    assert names == [f"{n}-b{b}-s0" for n in ("bn", "gn", "sn") for b in (32, 8, 2)]
+    # the arm's spec names its folder: gn(groups=8) -> gn-groups=8
+    assert names == [f"{n}-b{b}-s0" for n in ("bn", "gn-groups=8", "sn") for b in (32, 8, 2)]
+    assert [str(c.model.norm) for c in configs[::3]] == ["bn", "gn(groups=8)", "sn"]
     assert {c.train.epochs for c in configs} == {2}  # the full grid's runs: reused by it
     _, full = study.build_configs(["--out", str(tmp_path), "--seeds", "0,1", "--devices", "4"])
     assert len(full) == 2 * 5 * 5
@@ -115,7 +119,12 @@ def test_quick_grid_is_three_norms_by_three_batch_sizes(tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--norms", "bn,xn"], "unknown norm(s) ['xn']"),
+    (["--norms", "bn,xn"], "--norms 'bn,xn': unknown norm kind 'xn'"),
+    (["--norms", "bn,gn"], "gn groups=32 must divide the widths [16, 32, 64]; write "
+                           "gn(groups=G) with G dividing 16, e.g. gn(groups=8)"),
+    (["--norms", "sn(momentum"], "--norms 'sn(momentum': norm spec"),
+    (["--set", "model.gn_groups=4"], "model.gn_groups is now an option of the norm spec; "
+                                     "write it in --norms, e.g. --norms bn,gn(groups=G),sn"),
     (["--batch-sizes", "8,0"], "--batch-sizes '8,0'"),
     (["--set", "model.norm=bn"], "the grid sets model.norm"),
     (["--set", "train.bogus=1"], "train.bogus"),
@@ -149,6 +158,22 @@ def test_plan_reuses_resumes_restarts_and_refuses_other_settings(tmp_path):
     (folder / "config.toml").unlink()
     with pytest.raises(study.ConfigError, match="not a run of this study"):
         study.plan(cfg)
+
+
+@pytest.mark.parametrize("norm, arm", [("gn", "gn(groups=8)"), ("sn", "sn"), ("bn", "bn")])
+def test_a_run_folder_of_the_old_layout_is_the_same_run(tmp_path, norm, arm):
+    # config.toml files written before the spec carried GN's groups held model.gn_groups; they
+    # read as the spec (groups for gn only) and so match the arm's settings
+    _, (cfg,) = study.build_configs(["--out", str(tmp_path), "--norms", arm,
+                                     "--batch-sizes", "4"])
+    folder = Path(cfg.runtime.out)
+    folder.mkdir()
+    text = to_toml(cfg).replace(f'norm = "{arm}"', f'norm = "{norm}"\ngn_groups = 8')
+    assert "gn_groups = 8" in text
+    (folder / "config.toml").write_text(text)
+    assert bsr.ModelConfig(norm=arm) == study.load_config(
+        bsr.RunConfig, folder / "config.toml").model
+    assert study.plan(cfg) == "restart"
 
 
 def test_ghost_batches_normalize_each_device_share_alone(tmp_path, monkeypatch, capsys):
@@ -219,12 +244,12 @@ def test_an_image_folder_trains_with_its_own_classes(tmp_path):
             for i in range(count):
                 Image.new("RGB", (20, 20), colour).save(folder / f"{i}.png")
     study.main(["--out", str(tmp_path / "study"), "--dataset", "imagefolder", "--data-root",
-                str(tmp_path / "images"), "--norms", "gn", "--batch-sizes", "4", "--epochs", "1",
-                "--no-figures", "--set", "model.width=8"])
+                str(tmp_path / "images"), "--norms", "gn(groups=8)", "--batch-sizes", "4",
+                "--epochs", "1", "--no-figures", "--set", "model.width=8"])
     (run,) = json.loads((tmp_path / "study" / "study.json").read_text())["runs"]
     # 36 training images (train + the one-image valid split): 9 steps of 4
     assert run["steps"] == 9 and 0.0 <= run["test_acc"] <= 1.0
-    model = torch.load(tmp_path / "study" / "gn-b4-s0" / "checkpoints" / "last.pt",
+    model = torch.load(tmp_path / "study" / "gn-groups=8-b4-s0" / "checkpoints" / "last.pt",
                        weights_only=True)["objects"]["model"]
     assert model["fc.weight"].shape == (3, 32)  # three classes, 4 x 8 channels
 
@@ -237,7 +262,8 @@ def test_quick_study_end_to_end_json_figures_reuse_and_inspect(tmp_path, capsys)
     assert first.count("$ ") == 9
     data = json.loads((tmp_path / "study.json").read_text())
     runs = {(r["norm"], r["batch_size"]): r for r in data["runs"]}
-    assert sorted(runs) == sorted((n, b) for n in ("bn", "gn", "sn") for b in (32, 8, 2))
+    assert sorted(runs) == sorted((n, b) for n in ("bn", "gn(groups=8)", "sn")
+                                  for b in (32, 8, 2))
     for (norm, size), r in runs.items():
         assert 0.0 <= r["test_acc"] <= 1.0
         assert r["images"] == 2 * (96 // size) * size and r["steps"] == 2 * (96 // size)
@@ -248,7 +274,7 @@ def test_quick_study_end_to_end_json_figures_reuse_and_inspect(tmp_path, capsys)
     imp = runs[("sn", 2)]["importance"]
     assert set(imp) == {"mean", "var", "layers"} and len(imp["layers"]) == 9
     assert sum(imp["mean"].values()) == pytest.approx(1.0)
-    assert {r["norm"] for r in data["summary"]} == {"bn", "gn", "sn"}
+    assert {r["norm"] for r in data["summary"]} == {"bn", "gn(groups=8)", "sn"}
     assert "test accuracy" in first and "sn importance" in first
     assert (tmp_path / "accuracy.png").stat().st_size > 0
     assert (tmp_path / "importance.png").stat().st_size > 0

@@ -45,7 +45,7 @@ def tiny_config(out: Path, styles: list[str], *, steps: int = 6, norm: str = "sn
                 preview_every: int = 3, every: int = 1, **data) -> StylizeConfig:
     """A config small enough for a unit test: width 1/8, 32 px, batch 2."""
     return StylizeConfig(
-        model=ModelConfig(norm=norm, width=0.125, blocks=2, groups=2),
+        model=ModelConfig(norm=norm, width=0.125, blocks=2),
         data=DataConfig(styles=tuple(styles), image_size=data.pop("image_size", 32),
                         style_size=32, synthetic_count=data.pop("synthetic_count", 64),
                         preview_count=2, **data),

@@ -15,8 +15,7 @@ from stylize.net import TransformerNet
 @pytest.mark.parametrize("norm", ["sn", "ssn", "in", "bn", "ln", "gn", "none"])
 @pytest.mark.parametrize("size", [(17, 23), (5, 6), (32, 33)])
 def test_output_has_the_input_size_for_odd_sizes(norm, size):
-    net = TransformerNet(norm, width=0.125, blocks=1, norm_options={"groups": 2}
-                         if norm == "gn" else None)
+    net = TransformerNet("gn(groups=2)" if norm == "gn" else norm, width=0.125, blocks=1)
     y = net(torch.rand(2, 3, *size))
     # the output has exactly the input's shape, whatever the divisibility by 4
     assert y.shape == (2, 3, *size)
@@ -245,14 +244,42 @@ def test_reach_bounds_the_receptive_field_measured_from_gradients(blocks):
 
 
 @pytest.mark.parametrize("norm", ["sn", "bn"])
-def test_config_momentum_reaches_every_norm_layer(norm):
-    # model.momentum (PyTorch convention) is what every SN/BN layer of the network uses
-    from stylize.config import ModelConfig, norm_options
-
-    model = ModelConfig(norm=norm, width=0.125, blocks=1, momentum=0.003)
-    net = TransformerNet(norm, width=0.125, blocks=1, norm_options=norm_options(model))
+@pytest.mark.parametrize("num_styles", [1, 2])
+def test_config_momentum_reaches_every_norm_layer(norm, num_styles):
+    # the momentum of model.norm (PyTorch convention) is what every SN/BN layer uses
+    model = ModelConfig(norm=f"{norm}(momentum=0.003)", width=0.125, blocks=1)
+    net = TransformerNet(model.norm, width=0.125, blocks=1, num_styles=num_styles)
     layers = [m for m in net.modules() if hasattr(m, "running_mean")]
-    assert layers and all(m.momentum == 0.003 for m in layers)
+    assert len(layers) == 7 and all(m.momentum == 0.003 for m in layers)
+
+
+def test_default_norm_builds_the_layers_of_sn_with_its_defaults():
+    # the config's default spells out SN's defaults: the same layers as the bare kind
+    from stylize.config import DEFAULT_NORM
+
+    assert str(ModelConfig().norm) == "sn(candidates=in+ln+bn, momentum=0.1)"
+    torch.manual_seed(0)
+    spelled = TransformerNet(DEFAULT_NORM, width=0.125, blocks=1)
+    torch.manual_seed(0)
+    bare = TransformerNet("sn", width=0.125, blocks=1)
+    assert repr(spelled) == repr(bare)
+    mine, theirs = spelled.state_dict(), bare.state_dict()
+    assert list(mine) == list(theirs)
+    for key, value in mine.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(value, theirs[key])
+        else:  # the layers' extra state (their candidates)
+            assert value == theirs[key]
+    norm = spelled.res[0].block1.norm
+    assert (norm.candidates, norm.momentum) == (("in", "ln", "bn"), 0.1)
+
+
+def test_a_callable_norm_layer_builds_the_network_but_records_no_spec():
+    # torchvision's convention: any norm_layer(channels) callable; only a spec can be saved
+    net = TransformerNet(lambda c: nn.GroupNorm(2, c), width=0.125, blocks=1)
+    assert net.norm is None and isinstance(net.res[0].block1.norm, nn.GroupNorm)
+    assert TransformerNet("gn(groups=2)", width=0.125, blocks=1).norm == snexp.NormSpec(
+        "gn", groups=2)
 
 
 @pytest.mark.parametrize("field,value", [("width", 65.0), ("blocks", 257)])

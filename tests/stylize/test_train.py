@@ -36,11 +36,12 @@ def test_losses_fall_and_tensorboard_has_every_tag(tmp_path, style_files, tiny_l
 
 def test_model_file_loads_with_weights_only_and_holds_metadata(tmp_path, style_files,
                                                                 tiny_loss_net):
-    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=2, norm="gn")
+    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=2, norm="gn(groups=2)")
     with Run(cfg, experiment="stylize", console=False) as run:
         trained = train(run, tiny_loss_net)
     raw = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
-    assert raw["norm"] == "gn" and raw["norm_options"] == {"groups": 2}
+    # format 2: the norm spec's text, its options with it
+    assert raw["format"] == 2 and raw["norm"] == "gn(groups=2)" and "norm_options" not in raw
     assert raw["width"] == 0.125 and raw["blocks"] == 2 and raw["styles"] == ["waves"]
     net, _ = load_model(tmp_path / "run" / "model.pt")
     x = torch.rand(1, 3, 20, 20)
@@ -249,3 +250,36 @@ def test_channels_last_bf16_training_keeps_float32_losses(tmp_path, style_files,
     # the network trained channels-last under bf16 autocast; every loss term stayed float32
     assert net.conv1.conv.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(t.dtype == torch.float32 and torch.isfinite(t) for ls in seen for t in ls)
+
+
+def test_a_run_folder_written_before_norm_specs_resumes(tmp_path, style_files, tiny_loss_net):
+    # a run of the old layout: config.toml and the checkpoint hold model.norm as a kind and its
+    # options as model.candidates / momentum / groups; --resume reads both as the spec
+    from snexp import NormSpec
+    from snexp.runtime.config import parse_args
+    from stylize.config import PRESETS, StylizeConfig
+    from stylize.train import SAFE_KEYS
+
+    spec = NormSpec("sn", candidates=("ln", "bn"), momentum=0.03)
+    cfg = tiny_config(tmp_path / "run", style_files[:1], steps=2, norm=str(spec))
+    with Run(cfg, experiment="stylize", console=False) as run:
+        train(run, tiny_loss_net)
+    toml = tmp_path / "run" / "config.toml"
+    new_line = f'norm = "{spec}"'
+    assert new_line in toml.read_text()
+    toml.write_text(toml.read_text().replace(new_line, 'norm = "sn"\ncandidates = ["ln", "bn"]\n'
+                                             'momentum = 0.03\ngroups = 32'))
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["config"].update({"model.norm": "sn", "model.candidates": ["ln", "bn"],
+                                 "model.momentum": 0.03, "model.groups": 32})
+    torch.save(checkpoint, last)
+    resumed = parse_args(StylizeConfig, ["--out", str(tmp_path / "run"), "--resume",
+                                         "--steps", "3"],
+                         prog="t", flags=FLAGS, presets=PRESETS, default_config="quick")
+    assert resumed.model.norm == spec
+    with Run(resumed, experiment="stylize", safe_keys=SAFE_KEYS, console=False) as run:
+        net = train(run, tiny_loss_net)
+        assert run.step == 3
+    assert net.res[0].block1.norm.candidates == ("ln", "bn")
+    assert load_model(tmp_path / "run" / "model.pt")[1]["norm"] == str(spec)

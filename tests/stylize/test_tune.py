@@ -114,3 +114,33 @@ def test_overwrite_never_silently_deletes_completed_trials(tmp_path, style_files
     with pytest.raises(ConfigError, match=r"optuna.db, which holds 1 completed trial"):
         check_overwrite(override(cfg, {"runtime.overwrite": True}))
     assert (tmp_path / "w1" / "optuna.db").is_file()
+
+
+def test_a_study_begun_with_norm_kinds_continues_with_the_default_norms(tmp_path, style_files,
+                                                                        tiny_loss_net):
+    # Optuna refuses a categorical whose choices changed within a study; the default norms'
+    # texts are the kinds an existing study stored ("sn", "in", "bn"), so it goes on
+    import dataclasses
+
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    from snexp import NormSpec
+
+    storage = tmp_path / "old.db"
+    study = optuna.create_study(study_name="stylize", storage=f"sqlite:///{storage}",
+                                directions=["minimize", "minimize"])
+    study.add_trial(optuna.trial.create_trial(
+        params={"style_weight": 100.0, "lr": 1e-3, "norm": "bn"},
+        distributions={"style_weight": FloatDistribution(10.0, 1000.0, log=True),
+                       "lr": FloatDistribution(1e-4, 1e-2, log=True),
+                       "norm": CategoricalDistribution(["sn", "in", "bn"])},
+        values=[1.0, 2.0]))
+    cfg = _config(tmp_path / "w1", style_files[:1], storage=str(storage))
+    cfg = dataclasses.replace(cfg, tune=dataclasses.replace(
+        cfg.tune, trials=1, norms=SearchConfig().norms))
+    assert SearchConfig().norms == (NormSpec("sn"), NormSpec("in"), NormSpec("bn"))
+    with Run(cfg, experiment="t", console=False) as run:
+        study = tune(run, tiny_loss_net)
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert study.trials[0].params["norm"] == "bn" and study.trials[1].params["norm"] in (
+        "sn", "in", "bn")

@@ -24,7 +24,14 @@ from typing import Any, Literal, TypeVar
 from snexp.runtime.config.errors import ConfigError
 from snexp.runtime.config.resolve import _file_settings, _resolve, _set_setting, _Setting, flatten
 from snexp.runtime.config.runtime import CONFIG_FILE, RUNTIME_FLAGS, RuntimeConfig
-from snexp.runtime.config.schema import _comments, _hints, _leaf_keys, _lookup
+from snexp.runtime.config.schema import (
+    _comments,
+    _hints,
+    _is_text_value,
+    _leaf_keys,
+    _lookup,
+    _split_top_level,
+)
 from snexp.runtime.config.writer import _toml_value
 
 __all__ = ["build_parser", "parse_args"]
@@ -230,7 +237,8 @@ def parse_args(
 
 def _split_items(cls: type, key: str, value: Any) -> Any:
     """A repeatable flag of numbers also takes comma lists: ``--mix 0.3,0.7`` or ``--mix 0.3
-    --mix 0.7``. Items of text (e.g. file names, which may hold commas) are kept whole."""
+    --mix 0.7``. Items of text (e.g. file names, which may hold commas) are kept whole; text
+    values (``--norms "sn(candidates=ln+bn, momentum=0.2), in"``) split at top-level commas."""
     if not isinstance(value, list):
         return value
     tp = _lookup(cls, key, key)
@@ -238,4 +246,6 @@ def _split_items(cls: type, key: str, value: Any) -> Any:
         tp = next(a for a in typing.get_args(tp) if a is not type(None))
     if typing.get_origin(tp) is not tuple or typing.get_args(tp)[0] is str:
         return value
-    return [part.strip() for v in value for part in v.split(",") if part.strip()]
+    split = _split_top_level if _is_text_value(typing.get_args(tp)[0]) else (
+        lambda text: text.split(","))
+    return [part.strip() for v in value for part in split(v) if part.strip()]
