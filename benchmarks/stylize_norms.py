@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 from snexp import NormSpec
 from snexp.runtime.device import select_device
 from stylize.config import DataConfig
-from stylize.loop import build_content
+from stylize.train_loop import build_content
 from stylize.loss import PerceptualLoss
 from stylize.net import TransformerNet
 

@@ -9,7 +9,7 @@ Rows:
 - ``reference``: pytorch/examples' training step, rebuilt from its description: IN, 0-255
   pixels, float32, contiguous tensors, the content image through the whole VGG16 (only
   relu2_2 is used), Gram matrices in float32.
-- ``stylize ...``: ``stylize.loop.train_step`` with ``PerceptualLoss`` (content target
+- ``stylize ...``: ``stylize.train_loop.train_step`` with ``PerceptualLoss`` (content target
   without a graph, only up to relu2_2), optionally channels-last and bf16 autocast for VGG16
   only (``--amp bf16``, the default where bf16 is native) or for the network too
   (``train.amp_network``); Gram matrices and losses stay float32.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from stylize_common import loss_network, style_image
 
 from snexp.runtime.device import select_device
-from stylize.loop import train_step
+from stylize.train_loop import train_step
 from stylize.loss import PerceptualLoss, gram_matrix, imagenet_normalize
 from stylize.net import TransformerNet
 

@@ -29,7 +29,7 @@ _MODULES = {
     "ops": ("OPS",),
     "proposers": ("Proposer", "RandomProposer", "Reinforce", "TPEProposer", "arch_distributions",
                   "arch_params", "build_proposer"),
-    "rank_zero": ("RankZeroProposer",),
+    "broadcast_proposer": ("BroadcastProposer",),
     "search_loop": ("SearchResult", "evaluate", "run_search"),
     "space": ("PRIMITIVES", "Architecture", "parse_arch"),
     "train_loop": ("RetrainResult", "count_flops", "count_params", "load_arch", "retrain"),

@@ -28,7 +28,7 @@ Everything lives in the :class:`snexp.runtime.run.Run`; the loop hands numbers t
 
 Under ``torchrun`` the shared child is data-parallel (DDP with ``find_unused_parameters``: a
 step runs one architecture's ops); ``--batch-size`` is per rank and the ranks read shares of
-one shuffled order. The proposer lives on rank 0 (:mod:`nas.rank_zero`) and every rank trains
+one shuffled order. The proposer lives on rank 0 (:mod:`nas.broadcast_proposer`) and every rank trains
 and evaluates the architectures it proposes; rewards and derive accuracies are counted over
 the ranks' shares of each batch. Rank 0 alone writes the Optuna trials, ``best_arch.json`` and
 ``cells.png``.
@@ -53,7 +53,7 @@ from nas.data import build_splits
 from nas.op_importance import format_op_importance, op_importance
 from nas.optim import epoch_loader, param_groups, sgd_with_restarts
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
-from nas.rank_zero import RankZeroProposer
+from nas.broadcast_proposer import BroadcastProposer
 from nas.space import Architecture
 from snexp.runtime.checkpoint import write_text_atomic
 from snexp.runtime.metrics import top1_accuracy
@@ -273,7 +273,7 @@ def run_search(run: Run) -> SearchResult:
         proposer = build_proposer(cfg.controller, cfg.child.num_nodes, device=run.device,
                                   seed=cfg.runtime.seed, study=tpe_study)
     if run.world_size > 1:  # rank 0 proposes, every rank trains what it proposed
-        proposer = RankZeroProposer(proposer, name=cfg.controller.kind)
+        proposer = BroadcastProposer(proposer, name=cfg.controller.kind)
     run.attach(child=child, optimizer=optimizer, scheduler=scheduler, proposer=proposer)
     loader = epoch_loader(run, splits.train, opt, cfg.data.workers)
     valid = _valid_tensors(run, splits.valid, opt.eval_batch_size)

@@ -14,11 +14,7 @@ from typing import Any, ClassVar
 from snexp import NormSpec
 from snexp.runtime.config import RuntimeConfig
 from stylize.cond import style_norm_layer
-
-# The largest network a model.pt may describe (stylize.saved refuses more, so that an edited
-# file cannot make apply allocate without bound); training refuses the same, so every model it
-# writes can be applied.
-MAX_WIDTH, MAX_BLOCKS = 64, 256
+from stylize.net import MAX_BLOCKS, MAX_WIDTH
 
 __all__ = ["DEFAULT_NORM", "DataConfig", "LogConfig", "LossConfig", "ModelConfig", "PRESETS",
            "StylizeConfig", "TrainConfig", "check_norm"]

@@ -31,9 +31,13 @@ from torch import Tensor, nn
 from snexp import NormSpec
 from stylize.cond import StyleNorm, style_norm_layer
 
-__all__ = ["MIN_SIZE", "TransformerNet", "style_weights"]
+__all__ = ["MAX_BLOCKS", "MAX_WIDTH", "MIN_SIZE", "TransformerNet", "style_weights"]
 
 MIN_SIZE = 5  # smallest height/width: reflection padding needs 2 pixels at 1/4 resolution
+# The largest network a model.pt may describe (stylize.saved refuses more, so that an edited
+# file cannot make apply allocate without bound); training refuses the same, so every model it
+# writes can be applied.
+MAX_WIDTH, MAX_BLOCKS = 64, 256
 
 
 def _norm(norm: nn.Module, x: Tensor, style: Tensor | None) -> Tensor:

@@ -24,8 +24,7 @@ import torch
 from snexp import NormSpec
 from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint
 from snexp.runtime.config import ConfigError, flatten
-from stylize.config import MAX_BLOCKS, MAX_WIDTH
-from stylize.net import TransformerNet
+from stylize.net import MAX_BLOCKS, MAX_WIDTH, TransformerNet
 
 __all__ = ["MODEL_FORMAT", "load_model", "save_model"]
 

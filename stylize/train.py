@@ -2,7 +2,7 @@
 
 Johnson et al. (2016) with the normalizers of ``snexp`` (SN by default, as in the SN paper's
 style-transfer experiment). Thin: parse the config, check the inputs (style files, VGG16
-weights) before anything is written, then run :func:`stylize.loop.train`.
+weights) before anything is written, then run :func:`stylize.train_loop.train`.
 
 Example::
 
@@ -24,8 +24,8 @@ from snexp.runtime.device import describe_device, select_device
 from snexp.runtime.run import Run
 from stylize.config import PRESETS, StylizeConfig
 from stylize.data import MIN_STYLE_SIZE, check_content_dir, load_image
-from stylize.loop import train
 from stylize.loss import load_vgg16
+from stylize.train_loop import train
 
 __all__ = ["FLAGS", "SAFE_KEYS", "bf16_is_fast", "check_inputs", "fit_precision", "main"]
 

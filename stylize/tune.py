@@ -8,7 +8,7 @@ Example::
     python -m stylize.tune --out runs/tune-w2 --resume     # after Ctrl-C/SIGTERM: go on
     optuna-dashboard sqlite:///runs/stylize-tune/<run>/optuna.db               # Pareto front
 
-Thin: parse, check the inputs before anything is written, run :func:`stylize.tuning.tune`.
+Thin: parse, check the inputs before anything is written, run :func:`stylize.tune_loop.tune`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from stylize.config import PRESETS
 from stylize.loss import load_vgg16
 from stylize.train import FLAGS as TRAIN_FLAGS
 from stylize.train import check_inputs
-from stylize.tuning import SAFE_KEYS, TuneConfig, check_overwrite, tune
+from stylize.tune_loop import SAFE_KEYS, TuneConfig, check_overwrite, tune
 
 __all__ = ["FLAGS", "main"]
 

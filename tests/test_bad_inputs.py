@@ -87,7 +87,7 @@ def sn_checkpoints(folder: Path) -> None:
 def images(folder: Path) -> None:
     """A 1x1 and a 1000x3 picture, a folder of truncated photos, and a small model."""
     from stylize.config import ModelConfig
-    from stylize.loop import build_network
+    from stylize.train_loop import build_network
     from stylize.saved import save_model
 
     Image.new("RGB", (1, 1)).save(folder / "dot.png")

@@ -213,7 +213,7 @@ def test_shown_setting_key_exists(where: str, key: str) -> None:
     from snexp.runtime.config.schema import _leaf_keys
     from stylize.apply import ApplyConfig
     from stylize.config import StylizeConfig
-    from stylize.tuning import TuneConfig
+    from stylize.tune_loop import TuneConfig
 
     keys = set()
     for cls in (SearchConfig, RetrainConfig, StylizeConfig, TuneConfig, ApplyConfig):

@@ -317,8 +317,8 @@ def test_key_figures_are_read_from_the_logs_the_entry_points_write(tmp_path):
     assert gc.epoch_figure(search, tmp_path) == "child loss 2.3 | reward 0.2"
     assert gc.ddp_figure(search + "NCCL INFO Bootstrap", tmp_path).endswith(
         "; NCCL initialized")
-    stylize = ("2026-11-29 14:18:43 INFO stylize.loop: training 40 step(s): sn norm\n"
-               "2026-11-29 14:19:01 INFO stylize.loop: model written to /o/model.pt\n")
+    stylize = ("2026-11-29 14:18:43 INFO stylize.train_loop: training 40 step(s): sn norm\n"
+               "2026-11-29 14:19:01 INFO stylize.train_loop: model written to /o/model.pt\n")
     assert gc.stylize_figure(stylize, tmp_path) == "40 steps in 18 s (log clock)"
     (tmp_path / "stylize.pt2").write_bytes(b"\0" * 2_500_000)
     assert sr.file_size("stylize.pt2")("", tmp_path) == "stylize.pt2: 2.50 MB"

@@ -115,7 +115,7 @@ def test_what_opens_no_study_imports_no_optuna(module):
 def test_retraining_does_not_import_the_search():
     # python -m nas.train retrains one architecture: no search loop, no proposers.
     _, modules = _closure("nas.train")
-    assert _loaded(modules, "nas.search_loop", "nas.proposers", "nas.rank_zero") == []
+    assert _loaded(modules, "nas.search_loop", "nas.proposers", "nas.broadcast_proposer") == []
 
 
 def test_applying_a_model_imports_no_training_machinery():
@@ -123,7 +123,7 @@ def test_applying_a_model_imports_no_training_machinery():
     # network or ONNX exporter, and fewer than 35 project modules in all.
     project, modules = _closure("stylize.apply")
     assert _loaded(modules, "snexp.runtime.run", "snexp.runtime.track", "stylize.loss",
-                   "stylize.loop", "stylize.export", "tensorboard") == []
+                   "stylize.train_loop", "stylize.export", "tensorboard") == []
     assert len(project) < 35, f"{len(project)} project modules: {project}"
 
 

@@ -18,10 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from snexp.runtime.checkpoint import seed_everything
 from snexp.runtime.run import Run
-from stylize.loop import build_network, train
 from stylize.loss import load_vgg16
 from stylize.saved import load_model
 from stylize.train import main
+from stylize.train_loop import build_network, train
 
 WORLD, BATCH, STEPS = 2, 2, 4  # per-rank batch
 

@@ -8,8 +8,8 @@ from torch import nn
 
 import snexp
 from stylize.cond import ConditionalAffine, ConditionalSwitchNorm2d
-from stylize.config import MAX_BLOCKS, MAX_WIDTH, ModelConfig
-from stylize.net import TransformerNet
+from stylize.config import ModelConfig
+from stylize.net import MAX_BLOCKS, MAX_WIDTH, TransformerNet
 
 
 @pytest.mark.parametrize("norm", ["sn", "ssn", "in", "bn", "ln", "gn", "none"])

@@ -10,7 +10,7 @@ from snexp.runtime.config import ConfigError, load_config, resolve_config, to_to
 from stylize.config import ModelConfig, StylizeConfig
 from stylize.net import TransformerNet
 from stylize.saved import load_model, save_model
-from stylize.tuning import TuneConfig
+from stylize.tune_loop import TuneConfig
 
 # the [model] table config.toml files held before the spec carried its options
 _OLD = """[model]

@@ -8,9 +8,9 @@ from stylize_helpers import read_events, tiny_config
 
 from snexp.runtime.config import override
 from snexp.runtime.run import Run
-from stylize.loop import train
 from stylize.saved import load_model
 from stylize.train import FLAGS, main
+from stylize.train_loop import train
 
 
 def test_losses_fall_and_tensorboard_has_every_tag(tmp_path, style_files, tiny_loss_net):
@@ -119,7 +119,7 @@ def _photos(folder, count, size=(40, 30)):
 def test_steps_run_exactly_and_the_logged_loss_is_the_interval_mean(tmp_path, style_files,
                                                                     tiny_loss_net,
                                                                     monkeypatch):
-    import stylize.loop as loop
+    import stylize.train_loop as loop
 
     totals = []
 
@@ -152,7 +152,7 @@ def test_presets_run_their_steps_whatever_the_data(style_files, preset, per_epoc
                                                    steps):
     from snexp.runtime.config import parse_args
     from stylize.config import PRESETS, StylizeConfig
-    from stylize.loop import plan_steps
+    from stylize.train_loop import plan_steps
 
     cfg = parse_args(StylizeConfig, ["--config", preset, "--style", style_files[0],
                                      "--epochs", "1"],
@@ -168,11 +168,11 @@ def test_a_long_run_without_photos_warns_loudly(tmp_path, style_files, tiny_loss
                                                 monkeypatch):
     import logging
 
-    import stylize.loop as loop
+    import stylize.train_loop as loop
 
     monkeypatch.setattr(loop, "LONG_RUN", 2)  # as if 2 steps were a paper-scale run
     cfg = tiny_config(tmp_path / "run", style_files[:1], steps=2, synthetic_count=8)
-    with caplog.at_level(logging.WARNING, logger="stylize.loop"):
+    with caplog.at_level(logging.WARNING, logger="stylize.train_loop"):
         with Run(cfg, experiment="stylize", console=False) as run:
             train(run, tiny_loss_net)
     assert "NO PHOTOS: this run trains 2 steps on 8 embedded" in caplog.text
@@ -232,7 +232,7 @@ def test_bf16_only_where_the_device_computes_it_natively(style_files, monkeypatc
 
 def test_channels_last_bf16_training_keeps_float32_losses(tmp_path, style_files,
                                                          tiny_loss_net, monkeypatch):
-    import stylize.loop as loop
+    import stylize.train_loop as loop
 
     seen = []
 

@@ -7,13 +7,13 @@ from stylize_helpers import read_events, tiny_config
 
 from snexp.runtime.config import RuntimeConfig
 from snexp.runtime.run import Run
-from stylize.tuning import SearchConfig, TuneConfig, tune
+from stylize.tune_loop import StudyConfig, TuneConfig, tune
 
 
 def _config(out, styles, storage=None):
     base = tiny_config(out, styles)
     return TuneConfig(model=base.model, data=base.data, loss=base.loss, train=base.train,
-                      tune=SearchConfig(trials=3, steps=4, report_every=2, norms=("sn", "in"),
+                      tune=StudyConfig(trials=3, steps=4, report_every=2, norms=("sn", "in"),
                                         storage=storage, style_weight_min=10.0,
                                         style_weight_max=1000.0),
                       runtime=RuntimeConfig(out=str(out), device="cpu"))
@@ -57,7 +57,7 @@ def test_sigterm_stops_after_the_current_step_and_resume_continues(tmp_path, sty
 
     import pytest
 
-    import stylize.tuning as tuning
+    import stylize.tune_loop as tuning
     from snexp.runtime.config import override
     from snexp.runtime.run import RunInterrupted
 
@@ -104,7 +104,7 @@ def test_overwrite_never_silently_deletes_completed_trials(tmp_path, style_files
     import pytest
 
     from snexp.runtime.config import ConfigError, override
-    from stylize.tuning import check_overwrite
+    from stylize.tune_loop import check_overwrite
 
     cfg = _config(tmp_path / "w1", style_files[:1])
     cfg = override(cfg, {"tune.trials": 1})
@@ -137,8 +137,8 @@ def test_a_study_begun_with_norm_kinds_continues_with_the_default_norms(tmp_path
         values=[1.0, 2.0]))
     cfg = _config(tmp_path / "w1", style_files[:1], storage=str(storage))
     cfg = dataclasses.replace(cfg, tune=dataclasses.replace(
-        cfg.tune, trials=1, norms=SearchConfig().norms))
-    assert SearchConfig().norms == (NormSpec("sn"), NormSpec("in"), NormSpec("bn"))
+        cfg.tune, trials=1, norms=StudyConfig().norms))
+    assert StudyConfig().norms == (NormSpec("sn"), NormSpec("in"), NormSpec("bn"))
     with Run(cfg, experiment="t", console=False) as run:
         study = tune(run, tiny_loss_net)
     assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2

@@ -86,7 +86,7 @@ def test_a_checkpoint_missing_keys_is_refused_on_resume():
 
 
 @pytest.mark.parametrize("name", ["nas.config:SearchConfig", "nas.config:RetrainConfig",
-                                  "stylize.config:StylizeConfig", "stylize.tuning:TuneConfig"])
+                                  "stylize.config:StylizeConfig", "stylize.tune_loop:TuneConfig"])
 def test_every_experiment_default_is_inside_its_range(name):
     # The defaults in code pass the same checks as a user's values.
     import importlib

@@ -35,10 +35,10 @@ from snexp.runtime.run import Run, RunStopped
 from snexp.runtime.study import WorkerSeededSampler, open_study
 from stylize.config import DataConfig, LossConfig, ModelConfig, TrainConfig, check_norm
 from stylize.data import load_image
-from stylize.loop import build_content, build_network, train_step
 from stylize.loss import PerceptualLoss
+from stylize.train_loop import build_content, build_network, train_step
 
-__all__ = ["SAFE_KEYS", "SearchConfig", "TuneConfig", "check_overwrite", "evaluate", "tune"]
+__all__ = ["SAFE_KEYS", "StudyConfig", "TuneConfig", "check_overwrite", "evaluate", "tune"]
 
 # Keys that may change on --resume: how many trials this worker runs, data loading processes.
 SAFE_KEYS = ("tune.trials", "data.workers", "loss.vgg_weights")
@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class SearchConfig:
+class StudyConfig:
     """The study: what is searched, how long each trial trains, where results live."""
 
     trials: int = 20  # trials this worker runs
@@ -80,7 +80,7 @@ class TuneConfig:
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tune: SearchConfig = field(default_factory=SearchConfig)
+    tune: StudyConfig = field(default_factory=StudyConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def __post_init__(self) -> None:

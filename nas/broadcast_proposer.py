@@ -4,7 +4,7 @@ broadcast.
 Under ``torchrun`` every rank trains the same shared child on its own shard of a batch (DDP
 averages the gradients), so every rank must run the same sampled architecture in each step.
 One proposer (the LSTM controller, random search or TPE with its Optuna study) exists, on
-rank 0; :class:`RankZeroProposer` stands in for it on every rank: ``ask``, ``train_sample``
+rank 0; :class:`BroadcastProposer` stands in for it on every rank: ``ask``, ``train_sample``
 and ``derive`` return rank 0's architectures on all ranks (one object broadcast, as flat
 lists), ``tell`` updates rank 0's proposer with rewards all ranks computed together
 (:func:`nas.search_loop.evaluate` sums the ranks' counts) and hands its metrics to all.
@@ -25,10 +25,10 @@ from nas.proposers import Proposer
 from nas.space import PRIMITIVES, Architecture
 from snexp.runtime import distributed
 
-__all__ = ["RankZeroProposer"]
+__all__ = ["BroadcastProposer"]
 
 
-class RankZeroProposer:
+class BroadcastProposer:
     """A :class:`~nas.proposers.Proposer` whose decisions rank 0's proposer makes for all ranks.
 
     Every method is collective: all ranks call it at the same point with the same arguments.
@@ -40,13 +40,13 @@ class RankZeroProposer:
 
     Example:
         >>> proposer = build_proposer(...) if run.is_main else None  # doctest: +SKIP
-        >>> proposer = RankZeroProposer(proposer, name=cfg.controller.kind)  # doctest: +SKIP
+        >>> proposer = BroadcastProposer(proposer, name=cfg.controller.kind)  # doctest: +SKIP
     """
 
     def __init__(self, inner: Proposer | None, *, name: str,
                  primitives: tuple[str, ...] = PRIMITIVES) -> None:
         if (inner is None) == distributed.is_main_process():
-            raise ValueError("RankZeroProposer: give the proposer on rank 0 and None elsewhere")
+            raise ValueError("BroadcastProposer: give the proposer on rank 0 and None elsewhere")
         self.inner, self.name, self.primitives = inner, name, tuple(primitives)
 
     def _agreed(self, propose: Callable[[Proposer], list[Architecture]]) -> list[Architecture]:
