@@ -1,15 +1,12 @@
-"""The :class:`Run`: its members, what happens when it starts and when it ends.
+"""The :class:`Run`: it starts and ends a run, and gives the loop the calls of its members.
 
 Starting validates everything a user can get wrong before any work (device, ``--amp``, the
-directory, ``--resume``: :mod:`snexp.runtime.run.directory`), joins the process group under
-torchrun, then creates the directory and ``run.log``, seeds, writes ``config.toml``, opens the
-tracker and catches SIGINT/SIGTERM. Ending writes the final checkpoint on a clean exit and
-always puts the process back as it was (writers, signal handlers, deterministic mode, logging,
-process group). In between, the loop's calls go to the members: the
-:class:`~snexp.runtime.run.state.RunState`, the :class:`~snexp.runtime.run.data.DataOrder`, the
-:class:`~snexp.runtime.run.checkpointer.Checkpointer`, the
-:class:`~snexp.runtime.run.stops.StopSignals`, the :class:`~snexp.runtime.device.Precision` and
-the :class:`~snexp.runtime.run.loop.Loop` that ties them together.
+directory, ``--resume``), joins the process group under torchrun, then creates the directory
+and ``run.log``, seeds, writes ``config.toml``, opens the tracker and catches SIGINT/SIGTERM.
+Ending writes the final checkpoint on a clean exit and always puts the process back as it was.
+In between, the work is the members': :class:`~.state.RunState`, :class:`~.data.DataOrder`,
+:class:`~.checkpointer.Checkpointer`, :class:`~.stops.StopSignals`,
+:class:`~snexp.runtime.device.Precision` and the :class:`~.loop.Loop` that ties them together.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from snexp.runtime import distributed
 from snexp.runtime.checkpoint import seed_everything, write_text_atomic
 from snexp.runtime.config import CONFIG_FILE, ConfigError, RuntimeConfig, override, to_toml
 from snexp.runtime.config.errors import _prog_name
-from snexp.runtime.device import Precision, describe_device, move_to, select_device
+from snexp.runtime.device import Precision, describe_device, move_to, place_model, select_device
 from snexp.runtime.run.checkpointer import Checkpointer
 from snexp.runtime.run.claim import disk_error
 from snexp.runtime.run.data import DataOrder
@@ -281,27 +278,16 @@ class Run:
         if full is not None:
             raise full from None
 
-    # ------------------------------------------------------------------ the loop's calls
+    # The loop's calls (documented where the work is done).
 
     def prepare(self, model: torch.nn.Module, *,
                 find_unused_parameters: bool = False) -> torch.nn.Module:
-        """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
-
-        Under torchrun, the model is wrapped in DistributedDataParallel, after ``--sync-norm``
-        turned its SN/BN layers into synchronized ones (in place: build the optimizer after
-        this call). Train the returned module; :meth:`attach` the one you built (or either:
-        wrappers are unwrapped), so checkpoints hold plain state dict keys. Pass
-        ``find_unused_parameters=True`` when a step uses only some parameters (weight
-        sharing); see :func:`snexp.runtime.distributed.wrap_model`.
-        """
-        model = model.to(self.device)
-        if self.runtime.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        model = distributed.wrap_model(model, self.device, sync_norm=self.runtime.sync_norm,
-                                       find_unused_parameters=find_unused_parameters)
-        if self.runtime.compile:
-            model = torch.compile(model)
-        return model
+        """The model on the device, channels-last, DDP-wrapped and compiled as the run asks
+        (:func:`snexp.runtime.device.place_model`); :meth:`attach` the one you built."""
+        runtime = self.runtime
+        return place_model(model, self.device, channels_last=runtime.channels_last,
+                           sync_norm=runtime.sync_norm, compile=runtime.compile,
+                           find_unused_parameters=find_unused_parameters)
 
     def to_device(self, data: Any) -> Any:
         """Tensors (also inside lists, tuples and dicts) moved to the device, non-blocking."""
@@ -314,8 +300,8 @@ class Run:
     def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *,
                        clip_grad_norm: float | None = None,
                        parameters: Iterable[torch.Tensor] | None = None) -> float | None:
-        """Backward, clip, step and zero the grads under ``--amp``; returns the gradient norm
-        when clipping (:meth:`snexp.runtime.device.Precision.optimizer_step`)."""
+        """Backward, clip, step and zero the grads under ``--amp``; the norm when clipping
+        (:meth:`snexp.runtime.device.Precision.optimizer_step`)."""
         return self.precision.optimizer_step(loss, optimizer, clip_grad_norm=clip_grad_norm,
                                              parameters=parameters)
 
@@ -327,68 +313,31 @@ class Run:
                                     num_workers=num_workers, drop_last=drop_last, **kwargs)
 
     def attach(self, **objects: Any) -> None:
-        """Register what every checkpoint holds and, on ``--resume``, load it back.
-
-        Pass models (the plain module, or a compiled/DDP one: its inner module is used),
-        optimizers, LR schedulers and anything else with ``state_dict``/``load_state_dict``.
-        Attach everything in one call. The AMP scaler is included automatically. On resume
-        this also restores the counters, :attr:`best`, :attr:`state` and all RNG states, so
-        call it after building everything and right before the loop.
-
-        Raises:
-            ConfigError: On resume, the checkpoint lacks one of the objects or has extra ones.
+        """Register what every checkpoint holds (models, optimizers, schedulers) and, on
+        ``--resume``, load it back (:meth:`snexp.runtime.run.checkpointer.Checkpointer.attach`).
         """
         self.checkpoints.attach(**objects)
 
     def epochs(self, total: int) -> Iterator[int]:
-        """Epoch numbers from the current one up to ``total`` (exclusive).
-
-        After each epoch's body, the epoch counts as completed and a checkpoint is written; a
-        pending SIGINT/SIGTERM then stops the run.
-        """
+        """Epochs up to ``total``, each checkpointed (:meth:`~.loop.Loop.epochs`)."""
         return self.loop.epochs(total)
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
-        """The loader's batches for this epoch; after a mid-epoch resume, only the unused ones.
-
-        The skipped batches are loaded again (in the same order, since the loader draws its
-        order from :attr:`generator`) and dropped; the global RNG states are put back after
-        skipping, so random transforms continue exactly where they stopped. Use it for the one
-        loader whose batches drive the steps of an epoch.
-        """
+        """The epoch's batches, after a resume the unused ones (:meth:`~.loop.Loop.batches`)."""
         return self.loop.batches(loader)
 
     def step_done(self, loss: float | torch.Tensor | None = None,
                   metrics: Mapping[str, float | torch.Tensor] | None = None) -> None:
-        """Finish an optimizer step: check the loss, count, log, checkpoint, honour signals.
-
-        Args:
-            loss: The step's loss; NaN or infinity stops the run (:class:`NonFiniteLoss`)
-                without saving, so ``last.pt`` stays the last good checkpoint.
-            metrics: Scalars logged to TensorBoard at the new :attr:`step`, e.g.
-                ``{"loss/total": loss, "lr": lr}``.
-
-        Under torchrun, all ranks call it at every step with the same metric keys: a stop or
-        non-finite loss on any rank stops all (agreed by one all-reduce), and the logged
-        metrics are the mean over the ranks.
-
-        Raises:
-            NonFiniteLoss: The loss is not finite.
-            RunInterrupted: A signal arrived; the checkpoint has been written.
-        """
+        """Check the loss, count the step, log ``metrics``, checkpoint, honour signals
+        (:meth:`~.loop.Loop.step_done`)."""
         self.loop.step_done(loss, metrics)
 
     def update_best(self, value: float, *, mode: Literal["max", "min"] = "max") -> bool:
-        """Record a metric; when it beats :attr:`best`, write ``best.pt`` and return True.
-
-        Under torchrun all ranks call it together; rank 0's ``value`` counts.
-        """
+        """Whether ``value`` beats :attr:`best`; if so also write ``best.pt``. Collective."""
         return self.loop.update_best(value, mode=mode)
 
     def save(self) -> Path:
-        """Write ``checkpoints/last.pt`` now (atomically) and return its path.
-
-        Under torchrun all ranks call it together; rank 0 writes.
+        """Write ``checkpoints/last.pt`` now (rank 0, atomically) and return its path. Collective.
         """
         return self.loop.save()
 
@@ -398,14 +347,6 @@ class Run:
         return self.signals.signum is not None
 
     def check_stop(self, *, where: str | None = None) -> None:
-        """If a signal asked to stop: write a checkpoint and raise :class:`RunInterrupted`.
-
-        :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
-        (e.g. after a long evaluation; under torchrun on all ranks at once: a signal on any
-        rank stops all).
-
-        Args:
-            where: Where the loop stopped, for the message, when its own count is not
-                :attr:`step` (e.g. ``"step 19 of trial 3"``).
-        """
+        """If a signal asked to stop: checkpoint and raise :class:`RunInterrupted`; ``where``
+        names the point for the message (:meth:`~.loop.Loop.check_stop`). Collective."""
         self.loop.check_stop(where=where)

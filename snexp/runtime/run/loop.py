@@ -48,7 +48,11 @@ class Loop:
         self.world_size, self.device = data.world_size, data.device
 
     def epochs(self, total: int) -> Iterator[int]:
-        """Epoch numbers from the current one up to ``total`` (exclusive); see ``Run.epochs``."""
+        """Epoch numbers from the current one up to ``total`` (exclusive).
+
+        After each epoch's body, the epoch counts as completed and a checkpoint is written; a
+        pending SIGINT/SIGTERM then stops the run.
+        """
         self._require_attached()
         while self.progress.epoch < total:
             self.data.begin_epoch(self.progress.epoch)
@@ -59,7 +63,11 @@ class Loop:
             self.check_stop()
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
-        """The loader's unused batches of this epoch; see ``Run.batches``."""
+        """The loader's batches for this epoch; after a mid-epoch resume, only the unused ones.
+
+        Use it for the one loader whose batches drive the steps of an epoch
+        (:meth:`DataOrder.batches <snexp.runtime.run.data.DataOrder.batches>`).
+        """
         self._require_attached()
         yield from self.data.batches(loader)
 
@@ -70,7 +78,19 @@ class Loop:
     ) -> None:
         """Finish an optimizer step: check the loss, count, log, checkpoint, honour signals.
 
-        See ``Run.step_done``.
+        Args:
+            loss: The step's loss; NaN or infinity stops the run (:class:`~.stops.NonFiniteLoss`)
+                without saving, so ``last.pt`` stays the last good checkpoint.
+            metrics: Scalars logged to TensorBoard at the new step, e.g.
+                ``{"loss/total": loss, "lr": lr}``.
+
+        Under torchrun, all ranks call it at every step with the same metric keys: a stop or
+        non-finite loss on any rank stops all (agreed by one all-reduce), and the logged
+        metrics are the mean over the ranks.
+
+        Raises:
+            NonFiniteLoss: The loss is not finite.
+            RunInterrupted: A signal arrived; the checkpoint has been written.
         """
         value = None
         if loss is not None:
@@ -116,9 +136,15 @@ class Loop:
         return path
 
     def check_stop(self, *, where: str | None = None) -> None:
-        """If a signal asked to stop: write a checkpoint and raise ``RunInterrupted``.
+        """If a signal asked to stop: write a checkpoint and raise :class:`~.stops.RunInterrupted`.
 
-        See ``Run.check_stop``.
+        :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
+        (e.g. after a long evaluation; under torchrun on all ranks at once: a signal on any
+        rank stops all).
+
+        Args:
+            where: Where the loop stopped, for the message, when its own count is not
+                the step (e.g. ``"step 19 of trial 3"``).
         """
         self._stop_if(self.signals.agree()[1], where=where)
 
