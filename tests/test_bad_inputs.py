@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Patches for the cases that need a broken disk, then the entry point as `python -m` runs it.
 _FULL_DISK = """
 import runpy, sys
-import snexp.runtime.run.core as core
+import snexp.runtime.run.session as core
 def full(path, text):
     raise OSError(28, "No space left on device", str(path))
 core.write_text_atomic = full

@@ -1,21 +1,17 @@
-"""The :class:`Run`: it starts and ends a run, and gives the loop the calls of its members.
+"""The :class:`Run`: it builds its members and gives the loop their calls.
 
-Starting validates everything a user can get wrong before any work (device, ``--amp``, the
-directory, ``--resume``), joins the process group under torchrun, then creates the directory
-and ``run.log``, seeds, writes ``config.toml``, opens the tracker and catches SIGINT/SIGTERM.
-Ending writes the final checkpoint on a clean exit and always puts the process back as it was.
-In between, the work is the members': :class:`~.state.RunState`, :class:`~.data.DataOrder`,
-:class:`~.checkpointer.Checkpointer`, :class:`~.stops.StopSignals`,
-:class:`~snexp.runtime.device.Precision` and the :class:`~.loop.Loop` that ties them together.
+Creating a run validates everything a user can get wrong before any work (device, ``--amp``,
+the directory, ``--resume``) and joins the process group under torchrun; then its
+:class:`~.session.Session` starts it (directory, ``run.log``, seeds, ``config.toml``, tracker,
+signals) and, when the ``with`` block ends, ends it. In between, the work is the members':
+:class:`~.state.RunState`, :class:`~.data.DataOrder`, :class:`~.checkpointer.Checkpointer`,
+:class:`~.stops.StopSignals`, :class:`~snexp.runtime.device.Precision` and the
+:class:`~.loop.Loop` that ties them together.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
-import errno
-import logging
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -24,27 +20,21 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from snexp.runtime import distributed
-from snexp.runtime.checkpoint import seed_everything, write_text_atomic
-from snexp.runtime.config import CONFIG_FILE, ConfigError, RuntimeConfig, override, to_toml
+from snexp.runtime.config import ConfigError, RuntimeConfig, override
 from snexp.runtime.config.errors import _prog_name
-from snexp.runtime.device import Precision, describe_device, move_to, place_model, select_device
+from snexp.runtime.device import Precision, move_to, place_model, select_device
 from snexp.runtime.run.checkpointer import Checkpointer
 from snexp.runtime.run.claim import disk_error
 from snexp.runtime.run.data import DataOrder
 from snexp.runtime.run.directory import claim_directory_on_main, new_run_dir
-from snexp.runtime.run.log import RunLog
 from snexp.runtime.run.loop import Loop
 from snexp.runtime.run.resume import RUNTIME_SAFE_KEYS
+from snexp.runtime.run.session import Session
 from snexp.runtime.run.state import RunState
-from snexp.runtime.run.stops import RunStopped, StopSignals
-from snexp.runtime.track import Tracker
+from snexp.runtime.run.stops import StopSignals
 
 __all__ = ["Run"]
 
-logger = logging.getLogger("snexp.runtime.run")  # one logger for the package
-
-# What a write answers on a full disk, past a quota or file-size limit, or a read-only mount.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
 class _Delegated:
@@ -98,7 +88,7 @@ class Run:
         state: Experiment state saved with every checkpoint (plain values and tensors).
         resumed: Whether this run continues from a checkpoint.
         progress: The :class:`RunState` (``step``, ``epoch``, ``best``, ``state``, ...).
-        data, checkpoints, signals, precision, loop: The members doing the work.
+        data, checkpoints, signals, precision, session, loop: The members doing the work.
     """
 
     step = _Delegated("progress")
@@ -108,7 +98,7 @@ class Run:
     generator = _Delegated("data")
     scaler = _Delegated("precision")
     amp_dtype = _Delegated("precision", "dtype")
-    tracker = _Delegated("loop")
+    tracker = _Delegated("session")
 
     def __init__(
         self,
@@ -132,7 +122,7 @@ class Run:
         many = distributed.env_world_size() > 1 or distributed.is_distributed()
         self.device = (distributed.rank_device if many else select_device)(runtime.device)
         self.precision = Precision(runtime.amp, self.device)
-        self._owns_group = distributed.init_from_env(self.device)
+        owns_group = distributed.init_from_env(self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         try:
@@ -143,7 +133,7 @@ class Run:
                 self.dir, runtime, config, experiment=experiment, safe_keys=self.safe_keys,
                 is_main=self.is_main, world_size=self.world_size)
         except BaseException:
-            distributed.destroy(self._owns_group)
+            distributed.destroy(owns_group)
             raise
         self.config = override(config, {"runtime.out": str(self.dir), "runtime.overwrite": False})
         self.runtime: RuntimeConfig = self.config.runtime
@@ -157,126 +147,33 @@ class Run:
             data=self.data, scaler=self.precision.scaler, rank=self.rank,
             world_size=self.world_size, claim=self.claim, prog=prog, resume_from=checkpoint)
         self.signals = StopSignals(self.world_size, self.device)
-        self.loop = Loop(self.progress, self.data, self.checkpoints, self.signals, Tracker(None),
-                         checkpoint_every=runtime.checkpoint_every,
-                         resume_command=f"{prog} --out {self.dir} --resume")
-        self.run_log = RunLog()
-        self._deterministic_before = torch.are_deterministic_algorithms_enabled()
-        self._closed = False
+        self.session = Session(
+            self.config, experiment=experiment, folder=self.dir, device=self.device,
+            rank=self.rank, world_size=self.world_size, owns_group=owns_group, claim=self.claim,
+            progress=self.progress, checkpoints=self.checkpoints, signals=self.signals)
         try:
             restart = self.claim is not None and self.claim.restart
-            self._start(console, overwrite=runtime.overwrite or restart)
+            self.session.start(console, overwrite=runtime.overwrite or restart)
         except OSError as exc:  # a read-only or full disk while creating the directory
             self.close(undo=True)
             raise disk_error(self.dir, exc) from None
         except BaseException as exc:
             self.close(undo=isinstance(exc, ConfigError))
             raise
-
-    def _start(self, console: bool, *, overwrite: bool) -> None:
-        """Create the directory and its log, seed, write config.toml, open the tracker."""
-        runtime = self.runtime
-        if self.is_main:
-            self.claim.start(overwrite=overwrite, resume=self.resumed)
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            self.run_log.open(self.dir, console)
-            if self.claim.note:
-                logger.info(self.claim.note)
-
-        # NOTE: rank r seeds with seed + r, so dropout and augmentation differ across ranks
-        # (in DataLoader workers too: see dataloader()); DDP copies rank 0's initial weights to
-        # all ranks, and the data order has its own seed.
-        seed_everything(runtime.seed + self.rank)
-        if runtime.deterministic:
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        text = to_toml(
-            override(self.config, {"runtime.resume": False}),
-            header=f"{self.experiment} run, resolved config ({stamp})",
-        )
-        if self.is_main:
-            write_text_atomic(self.dir / CONFIG_FILE, text)
-            purge = self.step + 1 if self.resumed else None
-            self.tracker = Tracker(self.dir / "tb", purge_step=purge)
-            self.tracker.text("config", "```toml\n" + text + "```", self.step)
-        self.signals.install()
-        logger.info(
-            "%s run in %s (%s); device %s, amp %s, seed %d%s",
-            self.experiment,
-            self.dir,
-            f"resuming at step {self.step}, epoch {self.epoch}" if self.resumed else "new",
-            describe_device(self.device),
-            runtime.amp,
-            runtime.seed,
-            ", deterministic" if runtime.deterministic else "",
-        )
-        if self.world_size > 1:
-            logger.info("distributed: %d processes (%s backend), rank 0 writes %s%s",
-                        self.world_size, torch.distributed.get_backend(), self.dir,
-                        "; norms synchronized (--sync-norm)" if runtime.sync_norm else "")
+        self.loop = Loop(self.progress, self.data, self.checkpoints, self.signals, self.tracker,
+                         checkpoint_every=runtime.checkpoint_every,
+                         resume_command=f"{prog} --out {self.dir} --resume")
 
     def close(self, *, undo: bool = False) -> None:
-        """Close the tracker and log file, restore signal handlers and global settings,
-        unlock the directory and leave the process group if this run joined it.
-
-        Args:
-            undo: The run was refused (a ConfigError) before its first checkpoint: remove
-                what it wrote and put back the run that ``--overwrite`` set aside.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self.tracker.close()
-        self.signals.restore()
-        torch.use_deterministic_algorithms(self._deterministic_before)
-        self.run_log.close()
-        if self.claim is not None:
-            self.claim.release(undo=undo)
-        distributed.destroy(self._owns_group)
+        """Put the process back as it was (:meth:`snexp.runtime.run.session.Session.close`);
+        ``undo``: the run was refused before its first checkpoint, so remove what it wrote."""
+        self.session.close(undo=undo)
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
-        if self._closed:
-            return
-        # A write that failed for lack of space is refused as a mistake is: one paragraph, and
-        # a new run without a checkpoint is undone (--overwrite's old run put back).
-        full = (self.checkpoints.disk_full(exc)
-                if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS else None)
-        undo = isinstance(exc, ConfigError) or full is not None
-        try:
-            if exc is None:
-                saved = self.checkpoints.saved_at
-                if self.checkpoints.objects and saved != self.progress.position:
-                    try:
-                        self.save()
-                    except ConfigError:
-                        undo = True  # the final checkpoint failed: as if refused
-                        raise
-                if self.claim is not None:
-                    self.claim.commit()
-                logger.info(
-                    "run finished at step %d, epoch %d: %s", self.step, self.epoch, self.dir
-                )
-            elif isinstance(exc, RunStopped):
-                self.run_log.to_file(logging.WARNING, str(exc))
-            else:
-                self.run_log.to_file(logging.ERROR, "run failed", (exc_type, exc, tb))
-            if exc is None or isinstance(exc, RunStopped):
-                # Every rank ends here together (stops are agreed); leaving the process group
-                # while another rank still waits in a collective can abort it (gloo, SIGABRT).
-                distributed.barrier()
-        finally:
-            self.close(undo=undo)
-        if full is not None:
-            raise full from None
+        self.session.end(exc_type, exc, tb, save=self.save)
 
     # The loop's calls (documented where the work is done).
 

@@ -23,8 +23,8 @@ import runtime_toy as toy
 import torch
 from fs_snapshot import snapshot
 
-import snexp.runtime.run.core as core_module
 import snexp.runtime.run.directory as directory_module
+import snexp.runtime.run.session as session_module
 from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 from snexp.runtime.config import ConfigError, parse_args
 from snexp.runtime.marker import LOCK_FILE, MARKER_FILE, REPLACED_DIR, read_marker
@@ -200,7 +200,7 @@ def test_full_disk_at_start_is_one_paragraph_and_leaves_nothing(tmp_path, monkey
     def full(path, text):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(core_module, "write_text_atomic", full)
+    monkeypatch.setattr(session_module, "write_text_atomic", full)
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as info:
         open_run(make_config(out))
@@ -488,12 +488,12 @@ def test_a_really_full_disk_during_overwrite_puts_the_old_run_back(small_disk):
 # tb/), before any checkpoint: what a kill 0.3-1.5 s into a run leaves.
 _KILLED_AT_START = """
 import os, signal
-import snexp.runtime.run.core as core
-started = core.Run._start
+import snexp.runtime.run.session as session
+started = session.Session.start
 def start_then_die(self, *args, **kwargs):
     started(self, *args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-core.Run._start = start_then_die
+session.Session.start = start_then_die
 """
 
 
