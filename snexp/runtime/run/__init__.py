@@ -40,9 +40,11 @@ run directory, logs and TensorBoard. Checkpoints, stops and ``update_best`` are 
 ranks call them at the same points, as the loop above does
 (tests/snexp/runtime/test_distributed.py).
 
-The package: :class:`Run` (:mod:`~snexp.runtime.run.core`) starts and ends a run and holds
-its members, one job each:
+The package: :class:`Run` (:mod:`~snexp.runtime.run.core`) holds its members, one job each,
+and gives the loop their calls:
 
+- :mod:`~snexp.runtime.run.session`: starting and ending the run (directory, ``run.log``,
+  seeds, ``config.toml``, tracker, signals; the final checkpoint; putting the process back);
 - :mod:`~snexp.runtime.run.state`: :class:`RunState`, the counters a checkpoint restores;
 - :mod:`~snexp.runtime.run.data`: the data order (seeded DataLoaders, shards, mid-epoch resume);
 - :mod:`~snexp.runtime.run.checkpointer`: what a checkpoint holds, writing and restoring it;
