@@ -26,9 +26,9 @@ from torch.utils.data import DataLoader
 from snexp import NormSpec
 from snexp.runtime.device import select_device
 from stylize.config import DataConfig
-from stylize.train_loop import build_content
 from stylize.loss import PerceptualLoss
 from stylize.net import TransformerNet
+from stylize.train_loop import build_content
 
 
 def train_curve(norm: NormSpec, criterion: PerceptualLoss, data, args, device) -> list[float]:

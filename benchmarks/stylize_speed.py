@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from stylize_common import loss_network, style_image
 
 from snexp.runtime.device import select_device
-from stylize.train_loop import train_step
 from stylize.loss import PerceptualLoss, gram_matrix, imagenet_normalize
 from stylize.net import TransformerNet
+from stylize.train_loop import train_step
 
 # key: (label, norm, channels_last, where bf16 autocast applies: None, "loss" (VGG16), "all")
 ROWS = {

@@ -28,10 +28,10 @@ Everything lives in the :class:`snexp.runtime.run.Run`; the loop hands numbers t
 
 Under ``torchrun`` the shared child is data-parallel (DDP with ``find_unused_parameters``: a
 step runs one architecture's ops); ``--batch-size`` is per rank and the ranks read shares of
-one shuffled order. The proposer lives on rank 0 (:mod:`nas.broadcast_proposer`) and every rank trains
-and evaluates the architectures it proposes; rewards and derive accuracies are counted over
-the ranks' shares of each batch. Rank 0 alone writes the Optuna trials, ``best_arch.json`` and
-``cells.png``.
+one shuffled order. The proposer lives on rank 0 (:mod:`nas.broadcast_proposer`) and every
+rank trains and evaluates the architectures it proposes; rewards and derive accuracies are
+counted over the ranks' shares of each batch. Rank 0 alone writes the Optuna trials,
+``best_arch.json`` and ``cells.png``.
 """
 
 from __future__ import annotations
@@ -47,13 +47,13 @@ import optuna
 import torch
 from torch import nn
 
+from nas.broadcast_proposer import BroadcastProposer
 from nas.child import ChildNet
 from nas.config import SearchConfig
 from nas.data import build_splits
 from nas.op_importance import format_op_importance, op_importance
 from nas.optim import epoch_loader, param_groups, sgd_with_restarts
 from nas.proposers import Proposer, arch_distributions, arch_params, build_proposer
-from nas.broadcast_proposer import BroadcastProposer
 from nas.space import Architecture
 from snexp.runtime.checkpoint import write_text_atomic
 from snexp.runtime.metrics import top1_accuracy

@@ -17,9 +17,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from snexp.runtime.config import ConfigError, cli_errors, override, parse_args
+from snexp.runtime.device import bf16_is_native as bf16_is_fast  # the one check, same name
 from snexp.runtime.device import describe_device, select_device
 from snexp.runtime.run import Run
 from stylize.config import PRESETS, StylizeConfig
@@ -76,18 +75,6 @@ def check_inputs(cfg: StylizeConfig) -> None:
                 "ideally 256 px or more")
     if cfg.data.content_dir is not None:
         check_content_dir(cfg.data.content_dir)
-
-
-def bf16_is_fast(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 natively (CUDA with bf16; a CPU with AVX512-BF16/AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
 
 
 def fit_precision(cfg: StylizeConfig) -> StylizeConfig:

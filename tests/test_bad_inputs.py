@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 # Patches for the cases that need a broken disk, then the entry point as `python -m` runs it.
 _FULL_DISK = """
 import runpy, sys
-import snexp.runtime.run.core as core
+import snexp.runtime.run.session as core
 def full(path, text):
     raise OSError(28, "No space left on device", str(path))
 core.write_text_atomic = full
@@ -87,8 +87,8 @@ def sn_checkpoints(folder: Path) -> None:
 def images(folder: Path) -> None:
     """A 1x1 and a 1000x3 picture, a folder of truncated photos, and a small model."""
     from stylize.config import ModelConfig
-    from stylize.train_loop import build_network
     from stylize.saved import save_model
+    from stylize.train_loop import build_network
 
     Image.new("RGB", (1, 1)).save(folder / "dot.png")
     Image.new("RGB", (1000, 3)).save(folder / "strip.png")

@@ -1,12 +1,30 @@
-"""Device selection: ``--device auto|cpu|cuda|cuda:N|mps`` with friendly refusals."""
+"""The device a run computes on: ``--device`` selection, ``--amp`` precision, data placement.
+
+:func:`select_device` turns ``--device auto|cpu|cuda|cuda:N|mps`` into a device, with friendly
+refusals; :func:`bf16_is_native` is the one answer to "does this device compute bfloat16"
+(``Run`` refuses ``--amp bf16`` on a CUDA device without it, ``stylize.train`` turns emulated
+bf16 off); :class:`Precision` is ``--amp``: autocast, the fp16 GradScaler and the scaled
+optimizer step; :func:`place_model` and :func:`move_to` put models and (nested) batches on the
+device.
+"""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
 import torch
 
+from snexp.runtime import distributed
 from snexp.runtime.config import ConfigError
 
-__all__ = ["describe_device", "select_device"]
+__all__ = ["AMP_DTYPES", "Precision", "bf16_is_native", "describe_device", "move_to",
+           "place_model", "select_device"]
+
+# --amp: the autocast dtype of each choice (None: no autocast).
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16,
+                                             "fp16": torch.float16}
 
 
 def select_device(spec: str = "auto") -> torch.device:
@@ -43,9 +61,125 @@ def select_device(spec: str = "auto") -> torch.device:
 
 
 def describe_device(device: torch.device) -> str:
+    """The device as the run log shows it: its name and memory, or the CPU's threads."""
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB)"
     if device.type == "cpu":
         return f"cpu ({torch.get_num_threads()} threads)"
     return str(device)
+
+
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 natively (CUDA with bf16; a CPU with AVX512-BF16/AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def move_to(data: Any, device: torch.device, *, channels_last: bool = False) -> Any:
+    """Tensors (also inside lists, tuples, namedtuples and dicts) moved to ``device``.
+
+    The copies are non-blocking; with ``channels_last``, 4-D floating-point tensors (image
+    batches) also get the channels-last memory format.
+    """
+    if isinstance(data, torch.Tensor):
+        data = data.to(device, non_blocking=True)
+        if channels_last and data.dim() == 4 and data.is_floating_point():
+            data = data.contiguous(memory_format=torch.channels_last)
+        return data
+    if isinstance(data, Mapping):
+        return type(data)((k, move_to(v, device, channels_last=channels_last))
+                          for k, v in data.items())
+    if isinstance(data, tuple) and hasattr(data, "_fields"):  # namedtuple
+        return type(data)(*(move_to(v, device, channels_last=channels_last) for v in data))
+    if isinstance(data, (list, tuple)):
+        return type(data)(move_to(v, device, channels_last=channels_last) for v in data)
+    return data
+
+
+def place_model(model: torch.nn.Module, device: torch.device, *, channels_last: bool = False,
+                sync_norm: bool = False, compile: bool = False,
+                find_unused_parameters: bool = False) -> torch.nn.Module:
+    """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
+
+    Under torchrun, the model is wrapped in DistributedDataParallel, after ``sync_norm``
+    (``--sync-norm``) turned its SN/BN layers into synchronized ones (in place: build the
+    optimizer after this call). Train the returned module; checkpoint the one you built (or
+    either: wrappers are unwrapped), so checkpoints hold plain state dict keys. Pass
+    ``find_unused_parameters=True`` when a step uses only some parameters (weight sharing);
+    see :func:`snexp.runtime.distributed.wrap_model`.
+    """
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = distributed.wrap_model(model, device, sync_norm=sync_norm,
+                                   find_unused_parameters=find_unused_parameters)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+class Precision:
+    """``--amp off|bf16|fp16`` on one device: autocast, the GradScaler, the optimizer step.
+
+    Args:
+        amp: ``off``, ``bf16`` (autocast, no scaling) or ``fp16`` (autocast with a GradScaler).
+        device: The device autocast applies to.
+
+    Raises:
+        ConfigError: ``bf16`` on a CUDA device without bfloat16 (on a CPU it is emulated,
+            slowly but correctly).
+
+    Attributes:
+        dtype: The autocast dtype, or ``None`` for ``off``.
+        scaler: The GradScaler, enabled for ``fp16`` only (a checkpoint holds its state).
+    """
+
+    def __init__(self, amp: str, device: torch.device) -> None:
+        if amp == "bf16" and device.type == "cuda" and not bf16_is_native(device):
+            raise ConfigError(f"--amp bf16: {describe_device(device)} lacks bfloat16")
+        self.device = device
+        self.dtype = AMP_DTYPES[amp]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for ``bf16``/``fp16``; a no-op context for ``off``."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def optimizer_step(
+        self,
+        loss: torch.Tensor,
+        optimizer: torch.optim.Optimizer,
+        *,
+        clip_grad_norm: float | None = None,
+        parameters: Iterable[torch.Tensor] | None = None,
+    ) -> float | None:
+        """Backward (scaled for fp16), optional gradient clipping, step, then zero the grads.
+
+        Args:
+            loss: Scalar loss.
+            optimizer: The optimizer to step.
+            clip_grad_norm: Clip the total gradient norm to this (after unscaling).
+            parameters: Parameters to clip (default: the optimizer's).
+
+        Returns:
+            The gradient norm before clipping, when clipping; else ``None``.
+        """
+        self.scaler.scale(loss).backward()
+        norm = None
+        if clip_grad_norm is not None:
+            self.scaler.unscale_(optimizer)
+            params = parameters or [p for g in optimizer.param_groups for p in g["params"]]
+            norm = float(torch.nn.utils.clip_grad_norm_(params, clip_grad_norm))
+        self.scaler.step(optimizer)
+        self.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        return norm

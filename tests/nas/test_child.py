@@ -339,10 +339,10 @@ def test_an_old_checkpoint_config_resumes_with_the_spec(tmp_path):
     # of the same run, and a real difference is still refused
     from nas.config import SearchConfig
     from snexp.runtime.config import ConfigError, flatten, override
-    from snexp.runtime.run.resume import CHECKPOINT_FORMAT, _check_resumable, _plain
+    from snexp.runtime.run.resume import CHECKPOINT_FORMAT, check_resumable, plain_values
 
     cfg = override(SearchConfig(), {"child.norm": snexp.NormSpec("sn", prior="bn:4")})
-    saved = _plain(flatten(cfg))
+    saved = plain_values(flatten(cfg))
     assert saved["child.norm"] == "sn(prior=bn:4)"  # checkpoints hold the text
     saved.pop("child.norm")
     saved.update({"child.norm": "sn", "child.gn_groups": 4, "child.momentum": 0.1,
@@ -350,7 +350,7 @@ def test_an_old_checkpoint_config_resumes_with_the_spec(tmp_path):
     checkpoint = {"format": CHECKPOINT_FORMAT, "config": saved, "step": 0, "epoch": 0,
                   "batch_in_epoch": 0, "best": None, "state": {}, "objects": {}, "scaler": None,
                   "rng": None, "data_rng": None}
-    _check_resumable(checkpoint, cfg, tmp_path / "last.pt", folder=tmp_path, safe_keys=())
+    check_resumable(checkpoint, cfg, tmp_path / "last.pt", folder=tmp_path, safe_keys=())
     with pytest.raises(ConfigError, match=r"child\.norm \('sn\(prior=bn:4\)' -> 'sn'\)"):
-        _check_resumable(checkpoint, override(cfg, {"child.norm": snexp.NormSpec("sn")}),
+        check_resumable(checkpoint, override(cfg, {"child.norm": snexp.NormSpec("sn")}),
                          tmp_path / "last.pt", folder=tmp_path, safe_keys=())

@@ -101,7 +101,7 @@ def test_two_ranks_equal_one_process_on_the_global_batch(ddp_runs, tmp_path, ran
             # the order DistributedSampler deals out to the ranks, as one stream
             sampler = DistributedSampler(dataset, 1, 0, shuffle=shuffle,
                                          seed=run.runtime.seed, drop_last=drop_last)
-            run._samplers.append(sampler)
+            run.data.samplers.append(sampler)
             return DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                               drop_last=drop_last)
 

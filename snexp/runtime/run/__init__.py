@@ -40,26 +40,33 @@ run directory, logs and TensorBoard. Checkpoints, stops and ``update_best`` are 
 ranks call them at the same points, as the loop above does
 (tests/snexp/runtime/test_distributed.py).
 
-The package:
+The package: :class:`Run` (:mod:`~snexp.runtime.run.core`) holds its members, one job each,
+and gives the loop their calls:
 
-- :mod:`snexp.runtime.run.core`: :class:`Run` itself: start (checks, seeding, config.toml, tracker)
-  and close;
-- :mod:`snexp.runtime.run.directory`: the checks of ``--out``/``--resume``/``--overwrite``, new run
-  directory names, ``run.log``;
-- :mod:`snexp.runtime.run.resume`: what a checkpoint holds, writing it, and restoring it on resume
-  (``attach``), with the config keys that may change on resume;
-- :mod:`snexp.runtime.run.training`: device, DDP/compile wrapping, AMP, optimizer steps,
-DataLoaders;
-- :mod:`snexp.runtime.run.loop`: epochs, batches (mid-epoch resume), step accounting, best metric;
-- :mod:`snexp.runtime.run.stops`: SIGINT/SIGTERM, agreed stops, and the exceptions that end a run.
+- :mod:`~snexp.runtime.run.session`: starting and ending the run (directory, ``run.log``,
+  seeds, ``config.toml``, tracker, signals; the final checkpoint; putting the process back);
+- :mod:`~snexp.runtime.run.state`: :class:`RunState`, the counters a checkpoint restores;
+- :mod:`~snexp.runtime.run.data`: the data order (seeded DataLoaders, shards, mid-epoch resume);
+- :mod:`~snexp.runtime.run.checkpointer`: what a checkpoint holds, writing and restoring it;
+- :mod:`~snexp.runtime.run.stops`: SIGINT/SIGTERM, agreed stops, and the exceptions that end a
+  run;
+- :mod:`~snexp.runtime.run.loop`: epochs, batches, step accounting, best metric, stops;
+- :mod:`snexp.runtime.device`: the device and ``--amp`` (autocast, GradScaler, bf16 support);
+
+and before the run starts, :mod:`~snexp.runtime.run.directory` (the checks of
+``--out``/``--resume``/``--overwrite``, new run directory names), :mod:`~snexp.runtime.run.resume`
+(the config keys that may change on resume), :mod:`~snexp.runtime.run.claim` (the lock and a
+reversible ``--overwrite``) and :mod:`~snexp.runtime.run.log` (``run.log``).
 """
 
 from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint, seed_everything
 from snexp.runtime.device import select_device
 from snexp.runtime.run.core import Run
 from snexp.runtime.run.resume import RUNTIME_SAFE_KEYS
+from snexp.runtime.run.state import RunState
 from snexp.runtime.run.stops import NonFiniteLoss, RunInterrupted, RunStopped
 
 # The checkpoint, device and seeding helpers are re-exported: callers import them from here.
-__all__ = ["RUNTIME_SAFE_KEYS", "NonFiniteLoss", "Run", "RunInterrupted", "RunStopped",
-           "load_checkpoint", "save_checkpoint", "seed_everything", "select_device"]
+__all__ = ["RUNTIME_SAFE_KEYS", "NonFiniteLoss", "Run", "RunInterrupted", "RunState",
+           "RunStopped", "load_checkpoint", "save_checkpoint", "seed_everything",
+           "select_device"]

@@ -1,15 +1,15 @@
 """Rank 0's hold on a run directory: the lock, the stamp, and a reversible ``--overwrite``.
 
-Once every input is checked (:mod:`snexp.runtime.run.directory`), :meth:`_Claim.take` creates
+Once every input is checked (:mod:`snexp.runtime.run.directory`), :meth:`Claim.take` creates
 the directory and locks ``<out>/.snexp-lock`` with ``flock`` for the whole run: a second
 process on the same directory (a fresh run, a ``--resume`` or an ``--overwrite``) is refused
 with the holder's pid, host and command, and the lock goes away with the process, even on
-SIGKILL. ``--overwrite`` does not delete the old run at once: :meth:`_Claim.set_aside` moves
+SIGKILL. ``--overwrite`` does not delete the old run at once: :meth:`Claim.set_aside` moves
 the entries snexp wrote (:func:`snexp.runtime.marker.owned_entries`) into ``.snexp-replaced``,
-leaving the user's own files where they are, and :meth:`_Claim.commit` deletes them once the
+leaving the user's own files where they are, and :meth:`Claim.commit` deletes them once the
 new run has written its first checkpoint (or ended cleanly). If the new run is refused before
 that (a :class:`~snexp.runtime.config.ConfigError`: a typo in an input found while building
-the data), :meth:`_Claim.release` puts the old run back; a fresh run refused that way leaves
+the data), :meth:`Claim.release` puts the old run back; a fresh run refused that way leaves
 no directory behind, so the same ``--out`` can be retried.
 """
 
@@ -43,10 +43,12 @@ try:
 except ImportError:  # Windows: no flock; runs are not locked there
     fcntl = None  # type: ignore[assignment]
 
+__all__ = ["Claim", "disk_error", "not_a_file", "refuse_if_locked", "restore_command"]
+
 logger = logging.getLogger("snexp.runtime.run")
 
 
-def _disk_error(folder: Path, exc: OSError) -> ConfigError:
+def disk_error(folder: Path, exc: OSError) -> ConfigError:
     """The one-paragraph message of a directory that cannot be written."""
     return ConfigError(
         f"cannot write the run directory {folder}: {exc.strerror or exc} "
@@ -54,7 +56,7 @@ def _disk_error(folder: Path, exc: OSError) -> ConfigError:
     )
 
 
-def _not_a_file(path: Path) -> ConfigError:
+def not_a_file(path: Path) -> ConfigError:
     """The one-paragraph refusal of a run-directory entry that is a link or not a file."""
     what = (f"a symbolic link (to {os.readlink(path)})" if path.is_symlink()
             else "not a regular file")
@@ -80,7 +82,7 @@ def _describe_holder(text: str) -> str:
         return "another process"
 
 
-def _refuse_if_locked(folder: Path) -> None:
+def refuse_if_locked(folder: Path) -> None:
     """Refuse a directory another process holds, without writing anything (a shared probe)."""
     if fcntl is None:
         return
@@ -118,7 +120,7 @@ def restore_command(folder: Path) -> str:
     return " && ".join(steps)
 
 
-class _Claim:
+class Claim:
     """The lock on a run directory and what ``--overwrite`` set aside (rank 0 only)."""
 
     def __init__(self, folder: Path, experiment: str) -> None:
@@ -134,7 +136,7 @@ class _Claim:
         self.restart = False  # the folder holds only a start killed before its checkpoint
 
     @classmethod
-    def take(cls, folder: Path, experiment: str) -> _Claim:
+    def take(cls, folder: Path, experiment: str) -> Claim:
         """Create ``folder`` if needed and lock it; refuse if another process holds it."""
         claim = cls(folder, experiment)
         try:
@@ -146,8 +148,8 @@ class _Claim:
             fd = open_no_follow(path, os.O_RDWR | os.O_CREAT)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EINVAL):
-                raise _not_a_file(path) from None
-            raise _disk_error(folder, exc) from None
+                raise not_a_file(path) from None
+            raise disk_error(folder, exc) from None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -166,7 +168,7 @@ class _Claim:
             os.pwrite(fd, (json.dumps(_holder()) + "\n").encode(), 0)
         except OSError as exc:
             claim.release(undo=False)
-            raise _disk_error(folder, exc) from None
+            raise disk_error(folder, exc) from None
         return claim
 
     def start(self, *, overwrite: bool, resume: bool) -> None:

@@ -1,52 +1,60 @@
-"""The :class:`Run`: what happens when a run starts and when it ends.
+"""The :class:`Run`: it builds its members and gives the loop their calls.
 
-Starting validates everything a user can get wrong before any work (device, ``--amp``, the
-directory, ``--resume``: :mod:`snexp.runtime.run.directory`), joins the process group under
-torchrun,
-then creates the directory and ``run.log``, seeds, writes ``config.toml``, opens the tracker
-and catches SIGINT/SIGTERM. Ending writes the final checkpoint on a clean exit and always puts
-the process back as it was (writers, signal handlers, deterministic mode, logging, process
-group). The calls the loop makes in between come from the mixins in
-:mod:`snexp.runtime.run.training`,
-:mod:`snexp.runtime.run.loop`, :mod:`snexp.runtime.run.stops` and :mod:`snexp.runtime.run.resume`.
+Creating a run validates everything a user can get wrong before any work (device, ``--amp``,
+the directory, ``--resume``) and joins the process group under torchrun; then its
+:class:`~.session.Session` starts it (directory, ``run.log``, seeds, ``config.toml``, tracker,
+signals) and, when the ``with`` block ends, ends it. In between, the work is the members':
+:class:`~.state.RunState`, :class:`~.data.DataOrder`, :class:`~.checkpointer.Checkpointer`,
+:class:`~.stops.StopSignals`, :class:`~snexp.runtime.device.Precision` and the
+:class:`~.loop.Loop` that ties them together.
 """
 
 from __future__ import annotations
 
-import datetime
-import errno
-import logging
-import os
-import signal
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from snexp.runtime import distributed
-from snexp.runtime.checkpoint import seed_everything, write_text_atomic
-from snexp.runtime.config import CONFIG_FILE, ConfigError, RuntimeConfig, override, to_toml
+from snexp.runtime.config import ConfigError, RuntimeConfig, override
 from snexp.runtime.config.errors import _prog_name
-from snexp.runtime.device import describe_device, select_device
-from snexp.runtime.run.claim import _Claim, _disk_error
-from snexp.runtime.run.directory import _check_directory_on_main, _new_run_dir, _open_log
-from snexp.runtime.run.loop import _Loop
-from snexp.runtime.run.resume import RUNTIME_SAFE_KEYS, _Checkpoints
-from snexp.runtime.run.stops import RunStopped, _Stops
-from snexp.runtime.run.training import _AMP_DTYPES, _Training
-from snexp.runtime.track import Tracker
+from snexp.runtime.device import Precision, move_to, place_model, select_device
+from snexp.runtime.run.checkpointer import Checkpointer
+from snexp.runtime.run.claim import disk_error
+from snexp.runtime.run.data import DataOrder
+from snexp.runtime.run.directory import claim_directory_on_main, new_run_dir
+from snexp.runtime.run.loop import Loop
+from snexp.runtime.run.resume import RUNTIME_SAFE_KEYS
+from snexp.runtime.run.session import Session
+from snexp.runtime.run.state import RunState
+from snexp.runtime.run.stops import StopSignals
 
 __all__ = ["Run"]
 
-logger = logging.getLogger("snexp.runtime.run")  # one logger for the package
-
-# What a write answers on a full disk, past a quota or file-size limit, or a read-only mount.
-_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
 
 
-class Run(_Loop, _Training, _Stops, _Checkpoints):
+class _Delegated:
+    """A :class:`Run` attribute that one of its members holds (``run.step`` is
+    ``run.progress.step``): read and written there, so there is one copy of each value."""
+
+    def __init__(self, member: str, name: str | None = None) -> None:
+        self.member, self.name = member, name
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = self.name or name
+
+    def __get__(self, run: Run | None, owner: type | None = None) -> Any:
+        return self if run is None else getattr(getattr(run, self.member), self.name)
+
+    def __set__(self, run: Run, value: Any) -> None:
+        setattr(getattr(run, self.member), self.name, value)
+
+
+class Run:
     """One run directory and the plumbing of its training loop.
 
     Creating a ``Run`` validates everything a user can get wrong before any work starts (the
@@ -79,7 +87,18 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
         best: Best metric so far (see :meth:`update_best`), or ``None``.
         state: Experiment state saved with every checkpoint (plain values and tensors).
         resumed: Whether this run continues from a checkpoint.
+        progress: The :class:`RunState` (``step``, ``epoch``, ``best``, ``state``, ...).
+        data, checkpoints, signals, precision, session, loop: The members doing the work.
     """
+
+    step = _Delegated("progress")
+    epoch = _Delegated("progress")
+    best = _Delegated("progress")
+    state = _Delegated("progress")
+    generator = _Delegated("data")
+    scaler = _Delegated("precision")
+    amp_dtype = _Delegated("precision", "dtype")
+    tracker = _Delegated("session")
 
     def __init__(
         self,
@@ -95,181 +114,136 @@ class Run(_Loop, _Training, _Stops, _Checkpoints):
             raise TypeError(f"{type(config).__name__} needs a 'runtime: RuntimeConfig' field")
         self.experiment = experiment
         self.safe_keys = RUNTIME_SAFE_KEYS + tuple(safe_keys)
-        self._prog = prog or _prog_name()
-        self._claim: _Claim | None = None  # rank 0's lock on the directory
+        prog = prog or _prog_name()
+        self.claim = None  # rank 0's lock on the directory
 
         # Everything a user can get wrong is checked before the disk is touched. Under
         # torchrun all ranks join the process group first; rank 0 alone checks the directory.
         many = distributed.env_world_size() > 1 or distributed.is_distributed()
         self.device = (distributed.rank_device if many else select_device)(runtime.device)
-        self.amp_dtype = _AMP_DTYPES[runtime.amp]
-        if runtime.amp == "bf16" and self.device.type == "cuda":
-            if not torch.cuda.is_bf16_supported():
-                raise ConfigError(f"--amp bf16: {describe_device(self.device)} lacks bfloat16")
-        self._owns_group = distributed.init_from_env(self.device)
+        self.precision = Precision(runtime.amp, self.device)
+        owns_group = distributed.init_from_env(self.device)
         self.rank, self.world_size = distributed.rank(), distributed.world_size()
         self.is_main = self.rank == 0
         try:
-            folder = runtime.out or (str(_new_run_dir(experiment)) if self.is_main else None)
+            folder = runtime.out or (str(new_run_dir(experiment)) if self.is_main else None)
             self.dir = Path(distributed.broadcast_object(folder))
             self.checkpoint_dir = self.dir / "checkpoints"
-            checkpoint, self._claim = _check_directory_on_main(
+            checkpoint, self.claim = claim_directory_on_main(
                 self.dir, runtime, config, experiment=experiment, safe_keys=self.safe_keys,
                 is_main=self.is_main, world_size=self.world_size)
         except BaseException:
-            distributed.destroy(self._owns_group)
+            distributed.destroy(owns_group)
             raise
         self.config = override(config, {"runtime.out": str(self.dir), "runtime.overwrite": False})
         self.runtime: RuntimeConfig = self.config.runtime
-
         self.resumed = checkpoint is not None
-        self.step = int(checkpoint["step"]) if checkpoint else 0
-        self.epoch = int(checkpoint["epoch"]) if checkpoint else 0
-        self.best: float | None = None
-        self.state: dict[str, Any] = {}
-        self.generator = torch.Generator().manual_seed(runtime.seed)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=runtime.amp == "fp16")
-        self.tracker = Tracker(None)
-        self._samplers: list[DistributedSampler] = []  # their epoch is set by run.epochs()
-        self._file_handler: logging.Handler | None = None
-        self._objects: dict[str, Any] = {}
-        self._checkpoint = checkpoint  # loaded into the objects by attach()
-        self._batch_in_epoch = 0  # batches taken from run.batches() in the current epoch
-        self._skip = 0  # batches to skip on the first run.batches() after a mid-epoch resume
-        self._epoch_rng = self.generator.get_state()  # data-order generator at epoch start
-        self._saved_at = (
-            (self.step, self.epoch, int(checkpoint["batch_in_epoch"])) if checkpoint else None
-        )
-        self._stop_signal: int | None = None
-        self._signal_time = 0.0  # time.monotonic() of the first stop signal
-        self._handlers: dict[int, Any] = {}
-        self._log_handlers: list[logging.Handler] = []
-        self._root_level = logging.getLogger().level
-        self._deterministic_before = torch.are_deterministic_algorithms_enabled()
-        self._closed = False
+
+        self.progress = RunState.starting_at(checkpoint)
+        self.data = DataOrder(runtime.seed, self.device, rank=self.rank,
+                              world_size=self.world_size, progress=self.progress)
+        self.checkpoints = Checkpointer(
+            self.dir, experiment=experiment, config=self.config, progress=self.progress,
+            data=self.data, scaler=self.precision.scaler, rank=self.rank,
+            world_size=self.world_size, claim=self.claim, prog=prog, resume_from=checkpoint)
+        self.signals = StopSignals(self.world_size, self.device)
+        self.session = Session(
+            self.config, experiment=experiment, folder=self.dir, device=self.device,
+            rank=self.rank, world_size=self.world_size, owns_group=owns_group, claim=self.claim,
+            progress=self.progress, checkpoints=self.checkpoints, signals=self.signals)
         try:
-            restart = self._claim is not None and self._claim.restart
-            self._start(console, overwrite=runtime.overwrite or restart)
+            restart = self.claim is not None and self.claim.restart
+            self.session.start(console, overwrite=runtime.overwrite or restart)
         except OSError as exc:  # a read-only or full disk while creating the directory
             self.close(undo=True)
-            raise _disk_error(self.dir, exc) from None
+            raise disk_error(self.dir, exc) from None
         except BaseException as exc:
             self.close(undo=isinstance(exc, ConfigError))
             raise
-
-    def _start(self, console: bool, *, overwrite: bool) -> None:
-        """Create the directory and its log, seed, write config.toml, open the tracker."""
-        runtime = self.runtime
-        if self.is_main:
-            self._claim.start(overwrite=overwrite, resume=self.resumed)
-            self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            self._log_handlers = _open_log(self.dir, console)
-            self._file_handler = self._log_handlers[0]
-            if self._claim.note:
-                logger.info(self._claim.note)
-
-        # NOTE: rank r seeds with seed + r, so dropout and augmentation differ across ranks
-        # (in DataLoader workers too: see dataloader()); DDP copies rank 0's initial weights to
-        # all ranks, and the data order has its own seed.
-        seed_everything(runtime.seed + self.rank)
-        if runtime.deterministic:
-            if self.device.type == "cuda":
-                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-                torch.backends.cudnn.benchmark = False
-            torch.use_deterministic_algorithms(True)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-
-        stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-        text = to_toml(
-            override(self.config, {"runtime.resume": False}),
-            header=f"{self.experiment} run, resolved config ({stamp})",
-        )
-        if self.is_main:
-            write_text_atomic(self.dir / CONFIG_FILE, text)
-            purge = self.step + 1 if self.resumed else None
-            self.tracker = Tracker(self.dir / "tb", purge_step=purge)
-            self.tracker.text("config", "```toml\n" + text + "```", self.step)
-        self._install_signal_handlers()
-        logger.info(
-            "%s run in %s (%s); device %s, amp %s, seed %d%s",
-            self.experiment,
-            self.dir,
-            f"resuming at step {self.step}, epoch {self.epoch}" if self.resumed else "new",
-            describe_device(self.device),
-            runtime.amp,
-            runtime.seed,
-            ", deterministic" if runtime.deterministic else "",
-        )
-        if self.world_size > 1:
-            logger.info("distributed: %d processes (%s backend), rank 0 writes %s%s",
-                        self.world_size, torch.distributed.get_backend(), self.dir,
-                        "; norms synchronized (--sync-norm)" if runtime.sync_norm else "")
+        self.loop = Loop(self.progress, self.data, self.checkpoints, self.signals, self.tracker,
+                         checkpoint_every=runtime.checkpoint_every,
+                         resume_command=f"{prog} --out {self.dir} --resume")
 
     def close(self, *, undo: bool = False) -> None:
-        """Close the tracker and log file, restore signal handlers and global settings,
-        unlock the directory and leave the process group if this run joined it.
-
-        Args:
-            undo: The run was refused (a ConfigError) before its first checkpoint: remove
-                what it wrote and put back the run that ``--overwrite`` set aside.
-        """
-        if self._closed:
-            return
-        self._closed = True
-        self.tracker.close()
-        for signum, handler in self._handlers.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        torch.use_deterministic_algorithms(self._deterministic_before)
-        root = logging.getLogger()
-        for handler in self._log_handlers:
-            root.removeHandler(handler)
-            handler.close()
-        root.setLevel(self._root_level)
-        if self._claim is not None:
-            self._claim.release(undo=undo)
-        distributed.destroy(self._owns_group)
+        """Put the process back as it was (:meth:`snexp.runtime.run.session.Session.close`);
+        ``undo``: the run was refused before its first checkpoint, so remove what it wrote."""
+        self.session.close(undo=undo)
 
     def __enter__(self) -> Run:
         return self
 
     def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: Any) -> None:
-        if self._closed:
-            return
-        # A write that failed for lack of space is refused as a mistake is: one paragraph, and
-        # a new run without a checkpoint is undone (--overwrite's old run put back).
-        full = (self._disk_full(exc) if isinstance(exc, OSError) and exc.errno in _DISK_ERRNOS
-                else None)
-        undo = isinstance(exc, ConfigError) or full is not None
-        try:
-            if exc is None:
-                done = (self.step, self.epoch, self._batch_in_epoch)
-                if self._objects and self._saved_at != done:
-                    try:
-                        self.save()
-                    except ConfigError:
-                        undo = True  # the final checkpoint failed: as if refused
-                        raise
-                if self._claim is not None:
-                    self._claim.commit()
-                logger.info(
-                    "run finished at step %d, epoch %d: %s", self.step, self.epoch, self.dir
-                )
-            elif self._file_handler is None:
-                pass  # not rank 0: no run.log
-            elif isinstance(exc, RunStopped):
-                self._file_handler.handle(self._record(logging.WARNING, str(exc), None))
-            else:
-                info = (exc_type, exc, tb)
-                self._file_handler.handle(self._record(logging.ERROR, "run failed", info))
-            if exc is None or isinstance(exc, RunStopped):
-                # Every rank ends here together (stops are agreed); leaving the process group
-                # while another rank still waits in a collective can abort it (gloo, SIGABRT).
-                distributed.barrier()
-        finally:
-            self.close(undo=undo)
-        if full is not None:
-            raise full from None
+        self.session.end(exc_type, exc, tb, save=self.save)
 
-    def _record(self, level: int, message: str, exc_info: Any) -> logging.LogRecord:
-        return logger.makeRecord(logger.name, level, __file__, 0, message, (), exc_info)
+    # The loop's calls (documented where the work is done).
+
+    def prepare(self, model: torch.nn.Module, *,
+                find_unused_parameters: bool = False) -> torch.nn.Module:
+        """The model on the device, channels-last, DDP-wrapped and compiled as the run asks
+        (:func:`snexp.runtime.device.place_model`); :meth:`attach` the one you built."""
+        runtime = self.runtime
+        return place_model(model, self.device, channels_last=runtime.channels_last,
+                           sync_norm=runtime.sync_norm, compile=runtime.compile,
+                           find_unused_parameters=find_unused_parameters)
+
+    def to_device(self, data: Any) -> Any:
+        """Tensors (also inside lists, tuples and dicts) moved to the device, non-blocking."""
+        return move_to(data, self.device, channels_last=self.runtime.channels_last)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for ``--amp bf16|fp16``; a no-op context for ``--amp off``."""
+        return self.precision.autocast()
+
+    def optimizer_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer, *,
+                       clip_grad_norm: float | None = None,
+                       parameters: Iterable[torch.Tensor] | None = None) -> float | None:
+        """Backward, clip, step and zero the grads under ``--amp``; the norm when clipping
+        (:meth:`snexp.runtime.device.Precision.optimizer_step`)."""
+        return self.precision.optimizer_step(loss, optimizer, clip_grad_norm=clip_grad_norm,
+                                             parameters=parameters)
+
+    def dataloader(self, dataset: Dataset, *, batch_size: int, shuffle: bool = True,
+                   num_workers: int = 0, drop_last: bool = False, **kwargs: Any) -> DataLoader:
+        """A DataLoader ordered by :attr:`generator`, with seeded workers and, under torchrun,
+        a shard per rank (:meth:`snexp.runtime.run.data.DataOrder.dataloader`)."""
+        return self.data.dataloader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                    num_workers=num_workers, drop_last=drop_last, **kwargs)
+
+    def attach(self, **objects: Any) -> None:
+        """Register what every checkpoint holds (models, optimizers, schedulers) and, on
+        ``--resume``, load it back (:meth:`snexp.runtime.run.checkpointer.Checkpointer.attach`).
+        """
+        self.checkpoints.attach(**objects)
+
+    def epochs(self, total: int) -> Iterator[int]:
+        """Epochs up to ``total``, each checkpointed (:meth:`~.loop.Loop.epochs`)."""
+        return self.loop.epochs(total)
+
+    def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
+        """The epoch's batches, after a resume the unused ones (:meth:`~.loop.Loop.batches`)."""
+        return self.loop.batches(loader)
+
+    def step_done(self, loss: float | torch.Tensor | None = None,
+                  metrics: Mapping[str, float | torch.Tensor] | None = None) -> None:
+        """Check the loss, count the step, log ``metrics``, checkpoint, honour signals
+        (:meth:`~.loop.Loop.step_done`)."""
+        self.loop.step_done(loss, metrics)
+
+    def update_best(self, value: float, *, mode: Literal["max", "min"] = "max") -> bool:
+        """Whether ``value`` beats :attr:`best`; if so also write ``best.pt``. Collective."""
+        return self.loop.update_best(value, mode=mode)
+
+    def save(self) -> Path:
+        """Write ``checkpoints/last.pt`` now (rank 0, atomically) and return its path. Collective.
+        """
+        return self.loop.save()
+
+    @property
+    def stop_requested(self) -> bool:
+        """Whether SIGINT/SIGTERM asked the run to stop."""
+        return self.signals.signum is not None
+
+    def check_stop(self, *, where: str | None = None) -> None:
+        """If a signal asked to stop: checkpoint and raise :class:`RunInterrupted`; ``where``
+        names the point for the message (:meth:`~.loop.Loop.check_stop`). Collective."""
+        self.loop.check_stop(where=where)

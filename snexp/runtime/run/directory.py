@@ -1,4 +1,4 @@
-"""The run directory before a run starts: checks of ``--out``, names of new runs, ``run.log``.
+"""The run directory before a run starts: checks of ``--out`` and names of new runs.
 
 Everything a user can get wrong about the directory is refused with a one-paragraph
 :class:`~snexp.runtime.config.ConfigError` before anything is written: a non-empty ``--out``
@@ -7,7 +7,7 @@ checkpoint, which a new run replaces); ``--overwrite`` of a folder without snexp
 (:mod:`snexp.runtime.marker`) or of a symbolic link; an entry snexp writes (the lock,
 ``run.log``, ``checkpoints/``, ...) that is a link or a special file; an ``--out`` that cannot
 be written or named; a ``--resume`` without a checkpoint or with a config that changes unsafe
-keys (:func:`snexp.runtime.run.resume._check_resumable`). Then rank 0 locks the directory
+keys (:func:`snexp.runtime.run.resume.check_resumable`). Then rank 0 locks the directory
 (:mod:`snexp.runtime.run.claim`) and checks again under the lock. Under torchrun rank 0 alone
 looks at the disk and the other ranks get its verdict. New runs go to
 ``runs/<experiment>/<YYYYmmdd-HHMMSS>``.
@@ -16,7 +16,6 @@ looks at the disk and the other ranks get its verdict. New runs go to
 from __future__ import annotations
 
 import datetime
-import logging
 import os
 import stat
 from collections.abc import Sequence
@@ -26,7 +25,6 @@ from typing import Any
 from snexp.runtime import distributed
 from snexp.runtime.checkpoint import load_checkpoint
 from snexp.runtime.config import ConfigError, RuntimeConfig
-from snexp.runtime.files import file_mode, open_no_follow, redact
 from snexp.runtime.marker import (
     LOCK_FILE,
     MARKER_FILE,
@@ -34,11 +32,10 @@ from snexp.runtime.marker import (
     RUNTIME_ENTRIES,
     read_marker,
 )
-from snexp.runtime.run.claim import _Claim, _not_a_file, _refuse_if_locked, restore_command
-from snexp.runtime.run.resume import _check_resumable
-from snexp.runtime.track import TqdmLoggingHandler
+from snexp.runtime.run.claim import Claim, not_a_file, refuse_if_locked, restore_command
+from snexp.runtime.run.resume import check_resumable
 
-_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+__all__ = ["claim_directory_on_main", "killed_start", "new_run_dir"]
 
 
 def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, experiment: str,
@@ -52,7 +49,7 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
     if folder.is_dir():
         _refuse_links(folder)  # before anything opens them, the lock probe included
     if folder.is_dir() and not locked:
-        _refuse_if_locked(folder)  # a live run: say so first, whatever else is asked
+        refuse_if_locked(folder)  # a live run: say so first, whatever else is asked
     if runtime.resume:
         if not runtime.out:
             recent = _latest_run(experiment)
@@ -71,7 +68,7 @@ def _check_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, exper
                         "to start it afresh (the files of the stopped start are replaced)")
             raise ConfigError(f"cannot resume: {folder} {what}{hint}")
         checkpoint = load_checkpoint(last)
-        _check_resumable(checkpoint, config, last, folder=folder, safe_keys=safe_keys)
+        check_resumable(checkpoint, config, last, folder=folder, safe_keys=safe_keys)
         return checkpoint
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file, not a directory")
@@ -157,7 +154,7 @@ def _refuse_links(folder: Path) -> None:
             continue  # absent (or checkpoints/ is no folder): nothing is written through it
         if stat.S_ISLNK(mode) or (path.name in _FILES and path.parent == folder
                                   and not stat.S_ISREG(mode)):
-            raise _not_a_file(path)
+            raise not_a_file(path)
 
 
 def _check_writable(folder: Path) -> None:
@@ -173,13 +170,13 @@ def _check_writable(folder: Path) -> None:
 
 
 def _claim_directory(folder: Path, runtime: RuntimeConfig, config: Any, *, experiment: str,
-                     safe_keys: Sequence[str]) -> tuple[dict | None, _Claim]:
+                     safe_keys: Sequence[str]) -> tuple[dict | None, Claim]:
     """Check the directory, lock it, and check again under the lock (closing the race)."""
     checkpoint = _check_directory(folder, runtime, config, experiment=experiment,
                                   safe_keys=safe_keys)
     last = folder / "checkpoints" / "last.pt"
     seen = _signature(last)
-    claim = _Claim.take(folder, experiment)
+    claim = Claim.take(folder, experiment)
     try:
         if not runtime.resume or _signature(last) != seen:  # another process ran meanwhile
             checkpoint = _check_directory(folder, runtime, config, experiment=experiment,
@@ -200,10 +197,12 @@ def _signature(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _check_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, *,
-                             experiment: str, safe_keys: Sequence[str], is_main: bool,
-                             world_size: int) -> tuple[dict | None, _Claim | None]:
-    """:func:`_claim_directory` on rank 0; the other ranks get its verdict, then read."""
+def claim_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, *,
+                            experiment: str, safe_keys: Sequence[str], is_main: bool,
+                            world_size: int) -> tuple[dict | None, Claim | None]:
+    """Check, lock and check again the run directory on rank 0 (the other ranks get its
+    verdict, then read the checkpoint): ``--resume``'s checkpoint (or ``None``) and the claim.
+    """
     check = {"experiment": experiment, "safe_keys": safe_keys}
     if world_size == 1:
         return _claim_directory(folder, runtime, config, **check)
@@ -221,41 +220,8 @@ def _check_directory_on_main(folder: Path, runtime: RuntimeConfig, config: Any, 
     return checkpoint, claim
 
 
-class _LogFile(logging.FileHandler):
-    """``run.log``: opened without following a link, with the umask's permissions; a password
-    in a logged URL or command line is shown as ``***`` (others may read the file)."""
-
-    def _open(self):  # noqa: ANN202 - logging.FileHandler's hook
-        fd = open_no_follow(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND,
-                            file_mode())
-        return os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors)
-
-    def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
-
-    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
-        # A full disk: the console still shows the line; logging's own report would print a
-        # traceback for every line after it.
-        pass
-
-
-def _open_log(folder: Path, console: bool) -> list[logging.Handler]:
-    """Log INFO and up to ``<folder>/run.log`` (and the console); the file handler is first."""
-    formatter = logging.Formatter(_LOG_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [_LogFile(folder / "run.log", encoding="utf-8")]
-    if console:
-        handlers.append(TqdmLoggingHandler())
-    root = logging.getLogger()
-    for handler in handlers:
-        handler.setFormatter(formatter)
-        handler.setLevel(logging.INFO)
-        root.addHandler(handler)
-    if root.level == logging.NOTSET or root.level > logging.INFO:
-        root.setLevel(logging.INFO)
-    return handlers
-
-
-def _new_run_dir(experiment: str) -> Path:
+def new_run_dir(experiment: str) -> Path:
+    """A new, unused folder ``runs/<experiment>/<YYYYmmdd-HHMMSS>[-n]``."""
     base = Path("runs") / experiment / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder, n = base, 1
     while folder.exists():

@@ -1,11 +1,11 @@
-"""The loop's calls of a run: epochs, batches, step accounting and the best metric.
+"""The loop's calls of a run: epochs, batches, step accounting, the best metric and stops.
 
-:meth:`~_Loop.epochs` counts completed epochs and checkpoints at each end;
-:meth:`~_Loop.batches` skips, after a mid-epoch resume, the batches already used (reloading
-them in the same order and putting the RNG states back, so random transforms continue where
-they stopped); :meth:`~_Loop.step_done` counts a step, checks its loss, logs metrics (the mean
-over ranks under torchrun), checkpoints every ``--checkpoint-every`` steps and honours stops;
-:meth:`~_Loop.update_best` keeps ``best.pt``.
+:meth:`Loop.epochs` counts completed epochs and checkpoints at each end; :meth:`Loop.batches`
+continues a resumed epoch where it stopped (:class:`~snexp.runtime.run.data.DataOrder`);
+:meth:`Loop.step_done` counts a step, checks its loss, logs metrics (the mean over ranks under
+torchrun), checkpoints every ``--checkpoint-every`` steps and honours stops;
+:meth:`Loop.update_best` keeps ``best.pt``; :meth:`Loop.check_stop` ends the run, checkpoint
+written, when SIGINT/SIGTERM asked (:class:`~snexp.runtime.run.stops.StopSignals`).
 """
 
 from __future__ import annotations
@@ -16,33 +16,36 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DistributedSampler
 
 from snexp.runtime import distributed
-from snexp.runtime.checkpoint import rng_state, save_checkpoint, set_rng_state
-from snexp.runtime.config import RuntimeConfig
-from snexp.runtime.run.stops import NonFiniteLoss
+from snexp.runtime.run.checkpointer import Checkpointer
+from snexp.runtime.run.data import DataOrder
+from snexp.runtime.run.state import RunState
+from snexp.runtime.run.stops import StopSignals, interrupted, non_finite
+
+__all__ = ["Loop"]
 
 
-class _Loop:
-    """Epochs, batches and steps of :class:`snexp.runtime.run.Run` (a mixin; ``Run`` sets the
-    state)."""
+class Loop:
+    """Epochs, batches and steps of a run, with the checkpoints and stops between them.
 
-    runtime: RuntimeConfig
-    checkpoint_dir: Path
-    device: torch.device
-    world_size: int
-    step: int
-    epoch: int
-    best: float | None
-    generator: torch.Generator
-    tracker: Any
-    _samplers: list[DistributedSampler]
-    _checkpoint: dict | None
-    _batch_in_epoch: int
-    _skip: int
-    _epoch_rng: torch.Tensor
-    _stop_signal: int | None
+    Args:
+        progress: The run's state (counted here).
+        data: The run's data order.
+        checkpoints: Writes ``last.pt`` and ``best.pt``.
+        signals: The run's stop signals.
+        tracker: Where metrics go (``run.tracker``); replaced when the run directory opens.
+        checkpoint_every: ``--checkpoint-every``: steps between checkpoints (0: epoch ends only).
+        resume_command: The command that resumes this run, for the stop message.
+    """
+
+    def __init__(self, progress: RunState, data: DataOrder, checkpoints: Checkpointer,
+                 signals: StopSignals, tracker: Any, *, checkpoint_every: int,
+                 resume_command: str) -> None:
+        self.progress, self.data, self.checkpoints = progress, data, checkpoints
+        self.signals, self.tracker = signals, tracker
+        self.checkpoint_every, self.resume_command = checkpoint_every, resume_command
+        self.world_size, self.device = data.world_size, data.device
 
     def epochs(self, total: int) -> Iterator[int]:
         """Epoch numbers from the current one up to ``total`` (exclusive).
@@ -51,37 +54,22 @@ class _Loop:
         pending SIGINT/SIGTERM then stops the run.
         """
         self._require_attached()
-        while self.epoch < total:
-            if self._skip == 0:
-                self._epoch_rng = self.generator.get_state()
-            for sampler in self._samplers:
-                sampler.set_epoch(self.epoch)
-            yield self.epoch
-            self.epoch += 1
-            self._batch_in_epoch = 0
+        while self.progress.epoch < total:
+            self.data.begin_epoch(self.progress.epoch)
+            yield self.progress.epoch
+            self.progress.epoch += 1
+            self.progress.batch_in_epoch = 0
             self.save()
             self.check_stop()
 
     def batches(self, loader: Iterable[Any]) -> Iterator[Any]:
         """The loader's batches for this epoch; after a mid-epoch resume, only the unused ones.
 
-        The skipped batches are loaded again (in the same order, since the loader draws its
-        order from :attr:`generator`) and dropped; the global RNG states are put back after
-        skipping, so random transforms continue exactly where they stopped. Use it for the one
-        loader whose batches drive the steps of an epoch.
+        Use it for the one loader whose batches drive the steps of an epoch
+        (:meth:`DataOrder.batches <snexp.runtime.run.data.DataOrder.batches>`).
         """
         self._require_attached()
-        skip, self._skip = self._skip, 0
-        if skip:
-            rng = rng_state(self.device)
-            self.generator.set_state(self._epoch_rng)
-        for index, batch in enumerate(loader):
-            if index < skip:
-                if index == skip - 1:
-                    set_rng_state(rng)
-                continue
-            self._batch_in_epoch = index + 1
-            yield batch
+        yield from self.data.batches(loader)
 
     def step_done(
         self,
@@ -91,9 +79,9 @@ class _Loop:
         """Finish an optimizer step: check the loss, count, log, checkpoint, honour signals.
 
         Args:
-            loss: The step's loss; NaN or infinity stops the run (:class:`NonFiniteLoss`)
+            loss: The step's loss; NaN or infinity stops the run (:class:`~.stops.NonFiniteLoss`)
                 without saving, so ``last.pt`` stays the last good checkpoint.
-            metrics: Scalars logged to TensorBoard at the new :attr:`step`, e.g.
+            metrics: Scalars logged to TensorBoard at the new step, e.g.
                 ``{"loss/total": loss, "lr": lr}``.
 
         Under torchrun, all ranks call it at every step with the same metric keys: a stop or
@@ -107,45 +95,71 @@ class _Loop:
         value = None
         if loss is not None:
             value = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
-        bad = value is not None and not math.isfinite(value)
-        stop = self._stop_signal
-        if self.world_size > 1:
-            flags = distributed.all_reduce([float(bad), float(stop or 0)], self.device, "max")
-            bad = bad or flags[0] > 0
-            stop = int(flags[1]) or None
+        bad, stop = self.signals.agree(bad=value is not None and not math.isfinite(value))
         if bad:
-            raise NonFiniteLoss(self._non_finite_message(
-                value if value is not None and not math.isfinite(value) else "non-finite"))
-        self.step += 1
+            shown = value if value is not None and not math.isfinite(value) else "non-finite"
+            saved = self.checkpoints.saved_at
+            raise non_finite(shown, step=self.progress.step, epoch=self.progress.epoch,
+                             last=self.checkpoints.last,
+                             saved_step=saved[0] if saved is not None else None)
+        self.progress.step += 1
         if metrics:
             if self.world_size > 1:
                 numbers = [float(v.detach().item() if isinstance(v, torch.Tensor) else v)
                            for v in metrics.values()]
                 total = distributed.all_reduce(numbers, self.device, "sum")
                 metrics = {k: v / self.world_size for k, v in zip(metrics, total)}
-            self.tracker.scalars(metrics, self.step)
-        every = self.runtime.checkpoint_every
-        if every and self.step % every == 0:
+            self.tracker.scalars(metrics, self.progress.step)
+        every = self.checkpoint_every
+        if every and self.progress.step % every == 0:
             self.save()
         self._stop_if(stop)
 
-    def _require_attached(self) -> None:
-        if self._checkpoint is not None:
-            raise RuntimeError(
-                "resuming: call run.attach(model=..., optimizer=...) before the loop"
-            )
-
     def update_best(self, value: float, *, mode: Literal["max", "min"] = "max") -> bool:
-        """Record a metric; when it beats :attr:`best`, write ``best.pt`` and return True.
+        """Record a metric; when it beats the best so far, write ``best.pt`` and return True.
 
         Under torchrun all ranks call it together; rank 0's ``value`` counts.
         """
         if self.world_size > 1:
             value = distributed.broadcast_object(float(value))
-        better = self.best is None or (value > self.best if mode == "max" else value < self.best)
-        if better:
-            self.best = float(value)
-            checkpoint = self._checkpoint_dict()
-            if checkpoint is not None:
-                save_checkpoint(checkpoint, self.checkpoint_dir / "best.pt")
-        return better
+        best = self.progress.best
+        if best is None or (value > best if mode == "max" else value < best):
+            self.progress.best = float(value)
+            self.checkpoints.save_best()
+            return True
+        return False
+
+    def save(self) -> Path:
+        """Write ``checkpoints/last.pt`` now and flush the metrics up to it. Collective."""
+        path = self.checkpoints.save()
+        self.tracker.flush()
+        return path
+
+    def check_stop(self, *, where: str | None = None) -> None:
+        """If a signal asked to stop: write a checkpoint and raise :class:`~.stops.RunInterrupted`.
+
+        :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
+        (e.g. after a long evaluation; under torchrun on all ranks at once: a signal on any
+        rank stops all).
+
+        Args:
+            where: Where the loop stopped, for the message, when its own count is not
+                the step (e.g. ``"step 19 of trial 3"``).
+        """
+        self._stop_if(self.signals.agree()[1], where=where)
+
+    def _stop_if(self, signum: int | None, *, where: str | None = None) -> None:
+        """Stop for ``signum`` (agreed by all ranks), if any: checkpoint, then raise."""
+        if signum is None:
+            return
+        self.signals.adopt(signum)
+        path = self.save()
+        step, epoch = self.progress.step, self.progress.epoch
+        raise interrupted(signum, where=where or f"step {step} ({epoch} epochs completed)",
+                          path=path, command=self.resume_command, world_size=self.world_size)
+
+    def _require_attached(self) -> None:
+        if self.checkpoints.pending is not None:
+            raise RuntimeError(
+                "resuming: call run.attach(model=..., optimizer=...) before the loop"
+            )

@@ -21,7 +21,7 @@ import torch
 from snexp.runtime import distributed
 from snexp.runtime.config import CliError
 
-__all__ = ["NonFiniteLoss", "RunInterrupted", "RunStopped"]
+__all__ = ["NonFiniteLoss", "RunInterrupted", "RunStopped", "StopSignals"]
 
 logger = logging.getLogger("snexp.runtime.run")  # one logger for the package
 
@@ -47,94 +47,89 @@ class NonFiniteLoss(RunStopped):
     exit_code = 1
 
 
-class _Stops:
-    """Signal handling and stops of :class:`snexp.runtime.run.Run` (a mixin; ``Run`` sets the
-    state)."""
+class StopSignals:
+    """SIGINT/SIGTERM of one run: caught while it runs, and agreed across ranks.
 
-    dir: Path
-    checkpoint_dir: Path
-    device: torch.device
-    world_size: int
-    step: int
-    epoch: int
-    _prog: str
-    _saved_at: tuple[int, int, int] | None
-    _stop_signal: int | None
-    _signal_time: float
-    _handlers: dict[int, Any]
+    Args:
+        world_size: The number of ranks training together (a stop on any rank stops all).
+        device: The device the ranks agree on (one all-reduce).
 
-    def _install_signal_handlers(self) -> None:
+    Attributes:
+        signum: The first stop signal received (or agreed with another rank), or ``None``.
+    """
+
+    def __init__(self, world_size: int, device: torch.device) -> None:
+        self.world_size, self.device = world_size, device
+        self.signum: int | None = None
+        self.time = 0.0  # time.monotonic() of the first stop signal
+        self.previous: dict[int, Any] = {}  # the handlers install() replaced
+
+    def install(self) -> None:
+        """Catch SIGINT and SIGTERM (in the main thread; elsewhere Python cannot)."""
         if threading.current_thread() is not threading.main_thread():
             logger.warning("not in the main thread: SIGINT/SIGTERM will not stop gracefully")
             return
         for signum in (signal.SIGINT, signal.SIGTERM):
-            self._handlers[signum] = signal.signal(signum, self._on_signal)
+            self.previous[signum] = signal.signal(signum, self.on_signal)
 
-    def _on_signal(self, signum: int, frame: Any) -> None:
+    def restore(self) -> None:
+        """Put back the handlers :meth:`install` replaced."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+    def on_signal(self, signum: int, frame: Any) -> None:
+        """The handler: the first signal asks to stop after the step; a second Ctrl-C aborts."""
         name = signal.Signals(signum).name
-        if self._stop_signal is not None:
+        if self.signum is not None:
             # Under torchrun a Ctrl-C reaches each rank twice, from the terminal and forwarded
             # by torchrun: only a Ctrl-C seconds later means "abort now".
-            echo = self.world_size > 1 and time.monotonic() - self._signal_time < 5.0
+            echo = self.world_size > 1 and time.monotonic() - self.time < 5.0
             if signum == signal.SIGINT and not echo:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
                 raise KeyboardInterrupt
             return
-        self._stop_signal, self._signal_time = signum, time.monotonic()
+        self.signum, self.time = signum, time.monotonic()
         logger.warning(
             "%s received: finishing the current step, then saving a checkpoint%s",
             name,
             " (Ctrl-C again aborts without saving)" if signum == signal.SIGINT else "",
         )
 
-    def _non_finite_message(self, value: float | str) -> str:
-        last = self.checkpoint_dir / "last.pt"
-        kept = (
-            f"the last good checkpoint, {last} (step {self._saved_at[0]}), is kept"
-            if self._saved_at is not None
-            else "no checkpoint had been written yet"
-        )
-        return (
-            f"the loss became {value} at step {self.step + 1} ({self.epoch} epochs completed); "
-            "the run "
-            f"stopped and {kept}. Try a lower learning rate, gradient clipping or --amp off."
-        )
+    def agree(self, *, bad: bool = False) -> tuple[bool, int | None]:
+        """(any rank's ``bad``, the stop signal of any rank): one all-reduce under torchrun.
 
-    @property
-    def stop_requested(self) -> bool:
-        """Whether SIGINT/SIGTERM asked the run to stop."""
-        return self._stop_signal is not None
-
-    def check_stop(self, *, where: str | None = None) -> None:
-        """If a signal asked to stop: write a checkpoint and raise :class:`RunInterrupted`.
-
-        :meth:`step_done` and :meth:`epochs` call it; call it yourself at other safe points
-        (e.g. after a long evaluation; under torchrun on all ranks at once: a signal on any
-        rank stops all).
-
-        Args:
-            where: Where the loop stopped, for the message, when its own count is not
-                :attr:`step` (e.g. ``"step 19 of trial 3"``).
+        Collective: all ranks call it at the same points.
         """
-        stop = self._stop_signal
+        stop = self.signum
         if self.world_size > 1:
-            stop = int(distributed.all_reduce([float(stop or 0)], self.device, "max")[0]) or None
-        self._stop_if(stop, where=where)
+            flags = distributed.all_reduce([float(bad), float(stop or 0)], self.device, "max")
+            bad, stop = bad or flags[0] > 0, int(flags[1]) or None
+        return bad, stop
 
-    def _stop_if(self, signum: int | None, *, where: str | None = None) -> None:
-        """Stop for ``signum`` (agreed by all ranks), if any: checkpoint, then raise."""
-        if signum is None:
-            return
-        if self._stop_signal is None:  # agreed on another rank's signal
-            self._stop_signal, self._signal_time = signum, time.monotonic()
-        path = self.save()
-        name = signal.Signals(signum).name
-        command = f"{self._prog} --out {self.dir} --resume"
-        if self.world_size > 1 and command.startswith("python "):
-            command = "torchrun [your torchrun options] " + command[len("python "):]
-        raise RunInterrupted(
-            f"received {name}, so the run stopped after "
-            f"{where or f'step {self.step} ({self.epoch} epochs completed)'}; checkpoint saved "
-            f"to {path}. Resume with: {command}",
-            signum,
-        )
+    def adopt(self, signum: int) -> None:
+        """Stop for ``signum`` as if received here (agreed on another rank's signal)."""
+        if self.signum is None:
+            self.signum, self.time = signum, time.monotonic()
+
+
+def interrupted(signum: int, *, where: str, path: Path, command: str,
+                world_size: int) -> RunInterrupted:
+    """The :class:`RunInterrupted` of a stop after ``where``, saved to ``path``."""
+    if world_size > 1 and command.startswith("python "):
+        command = "torchrun [your torchrun options] " + command[len("python "):]
+    return RunInterrupted(
+        f"received {signal.Signals(signum).name}, so the run stopped after {where}; checkpoint "
+        f"saved to {path}. Resume with: {command}",
+        signum,
+    )
+
+
+def non_finite(value: float | str, *, step: int, epoch: int, last: Path,
+               saved_step: int | None) -> NonFiniteLoss:
+    """The :class:`NonFiniteLoss` of a loss that became ``value`` in step ``step + 1``."""
+    kept = (f"the last good checkpoint, {last} (step {saved_step}), is kept"
+            if saved_step is not None else "no checkpoint had been written yet")
+    return NonFiniteLoss(
+        f"the loss became {value} at step {step + 1} ({epoch} epochs completed); the run "
+        f"stopped and {kept}. Try a lower learning rate, gradient clipping or --amp off."
+    )

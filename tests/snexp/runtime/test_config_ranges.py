@@ -10,7 +10,7 @@ from typing import Annotated
 import pytest
 
 from snexp.runtime.config import ConfigError, Range, RuntimeConfig, flatten, resolve_config
-from snexp.runtime.run.resume import _check_resumable, _plain
+from snexp.runtime.run.resume import check_resumable, plain_values
 
 
 @dataclass(frozen=True)
@@ -64,20 +64,20 @@ def test_values_inside_ranges_and_opted_out_non_finite_floats_pass(tmp_path):
 def test_a_config_holding_nan_can_be_resumed():
     # nan != nan, yet a run whose config holds nan (where allowed) resumes.
     cfg = resolve_config(Cfg, sets=["opt.floor=nan"])
-    checkpoint = {"format": 1, "config": _plain(flatten(cfg)), "step": 0, "epoch": 0,
+    checkpoint = {"format": 1, "config": plain_values(flatten(cfg)), "step": 0, "epoch": 0,
                   "batch_in_epoch": 0, "best": None, "state": {}, "objects": {}, "scaler": {},
                   "rng": {}, "data_rng": {}}
-    _check_resumable(checkpoint, cfg, Path("last.pt"), folder=Path("run"), safe_keys=())
+    check_resumable(checkpoint, cfg, Path("last.pt"), folder=Path("run"), safe_keys=())
     changed = resolve_config(Cfg, sets=["opt.floor=1"])
     with pytest.raises(ConfigError, match=r"opt.floor \(nan -> 1.0\)"):
-        _check_resumable(checkpoint, changed, Path("last.pt"), folder=Path("run"), safe_keys=())
+        check_resumable(checkpoint, changed, Path("last.pt"), folder=Path("run"), safe_keys=())
 
 
 def test_a_checkpoint_missing_keys_is_refused_on_resume():
     cfg = resolve_config(Cfg)
-    checkpoint = {"format": 1, "config": _plain(flatten(cfg)), "step": 3}
+    checkpoint = {"format": 1, "config": plain_values(flatten(cfg)), "step": 3}
     with pytest.raises(ConfigError) as info:
-        _check_resumable(checkpoint, cfg, Path("run/last.pt"), folder=Path("run"), safe_keys=())
+        check_resumable(checkpoint, cfg, Path("run/last.pt"), folder=Path("run"), safe_keys=())
     assert str(info.value) == (
         "cannot resume from run/last.pt: the checkpoint lacks epoch, batch_in_epoch, best, "
         "state, objects, scaler, rng, data_rng, so it was not written by a complete snexp run; "

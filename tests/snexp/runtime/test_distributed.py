@@ -62,7 +62,7 @@ def _train(run: Run, *, stop_at: int | None = None) -> nn.Module:
             loss = nn.functional.cross_entropy(net(run.to_device(x)), run.to_device(y))
             run.optimizer_step(loss, optimizer)
             if run.step + 1 == stop_at and run.rank == run.world_size - 1:
-                run._on_signal(signal.SIGTERM, None)
+                run.signals.on_signal(signal.SIGTERM, None)
             run.step_done(loss, {"loss": loss, "rank": float(run.rank)})
     return model
 

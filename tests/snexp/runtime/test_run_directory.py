@@ -23,8 +23,8 @@ import runtime_toy as toy
 import torch
 from fs_snapshot import snapshot
 
-import snexp.runtime.run.core as core_module
 import snexp.runtime.run.directory as directory_module
+import snexp.runtime.run.session as session_module
 from snexp.runtime.checkpoint import load_checkpoint, save_checkpoint, write_text_atomic
 from snexp.runtime.config import ConfigError, parse_args
 from snexp.runtime.marker import LOCK_FILE, MARKER_FILE, REPLACED_DIR, read_marker
@@ -200,7 +200,7 @@ def test_full_disk_at_start_is_one_paragraph_and_leaves_nothing(tmp_path, monkey
     def full(path, text):
         raise OSError(28, "No space left on device", str(path))
 
-    monkeypatch.setattr(core_module, "write_text_atomic", full)
+    monkeypatch.setattr(session_module, "write_text_atomic", full)
     out = tmp_path / "run"
     with pytest.raises(ConfigError) as info:
         open_run(make_config(out))
@@ -212,14 +212,14 @@ def test_full_disk_at_start_is_one_paragraph_and_leaves_nothing(tmp_path, monkey
 
 
 def test_full_disk_at_a_checkpoint_says_how_to_resume(tmp_path, monkeypatch):
-    import snexp.runtime.run.resume as resume_module
+    import snexp.runtime.run.checkpointer as checkpointer_module
 
     def full(obj, path):
         raise OSError(28, "No space left on device")
 
     with open_run(make_config(tmp_path, "--set", "train.steps=2")) as run:
         toy.train(run)
-    monkeypatch.setattr(resume_module, "save_checkpoint", full)
+    monkeypatch.setattr(checkpointer_module, "save_checkpoint", full)
     with pytest.raises(ConfigError) as info:
         with open_run(make_config(tmp_path, "--resume", "--set", "train.steps=4")) as run:
             toy.train(run)
@@ -385,14 +385,14 @@ def test_a_link_planted_in_a_run_directory_is_refused_and_its_target_kept(tmp_pa
 
 def test_the_lock_is_never_opened_through_a_link(tmp_path):
     # Even when the checks are passed by (a link planted after them), the lock's open refuses.
-    from snexp.runtime.run.claim import _Claim
+    from snexp.runtime.run.claim import Claim
 
     victim = tmp_path / "victim.txt"
     victim.write_bytes(b"KEEP\n")
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / LOCK_FILE).symlink_to(victim)
     with pytest.raises(ConfigError, match="is a symbolic link"):
-        _Claim.take(tmp_path / "run", "toy")
+        Claim.take(tmp_path / "run", "toy")
     assert victim.read_bytes() == b"KEEP\n"
 
 
@@ -488,12 +488,12 @@ def test_a_really_full_disk_during_overwrite_puts_the_old_run_back(small_disk):
 # tb/), before any checkpoint: what a kill 0.3-1.5 s into a run leaves.
 _KILLED_AT_START = """
 import os, signal
-import snexp.runtime.run.core as core
-started = core.Run._start
+import snexp.runtime.run.session as session
+started = session.Session.start
 def start_then_die(self, *args, **kwargs):
     started(self, *args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
-core.Run._start = start_then_die
+session.Session.start = start_then_die
 """
 
 
