@@ -37,8 +37,8 @@ runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """
 _READ_ONLY_APPLY = """
 import runpy, sys
-import stylize.apply as apply
-apply.os.access = lambda path, mode: False  # what a read-only folder answers (root ignores it)
+import stylize.apply_loop as apply_loop
+apply_loop.os.access = lambda path, mode: False  # a read-only folder's answer (root ignores it)
 sys.argv = [sys.argv[1], *sys.argv[2:]]
 runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
 """

@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from snexp.runtime import distributed
 from snexp.runtime.config import ConfigError
 
 __all__ = ["AMP_DTYPES", "Precision", "bf16_is_native", "describe_device", "move_to",
-           "place_model", "select_device"]
+           "select_device"]
 
 # --amp: the autocast dtype of each choice (None: no autocast).
 AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16,
@@ -101,28 +100,6 @@ def move_to(data: Any, device: torch.device, *, channels_last: bool = False) -> 
     if isinstance(data, (list, tuple)):
         return type(data)(move_to(v, device, channels_last=channels_last) for v in data)
     return data
-
-
-def place_model(model: torch.nn.Module, device: torch.device, *, channels_last: bool = False,
-                sync_norm: bool = False, compile: bool = False,
-                find_unused_parameters: bool = False) -> torch.nn.Module:
-    """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
-
-    Under torchrun, the model is wrapped in DistributedDataParallel, after ``sync_norm``
-    (``--sync-norm``) turned its SN/BN layers into synchronized ones (in place: build the
-    optimizer after this call). Train the returned module; checkpoint the one you built (or
-    either: wrappers are unwrapped), so checkpoints hold plain state dict keys. Pass
-    ``find_unused_parameters=True`` when a step uses only some parameters (weight sharing);
-    see :func:`snexp.runtime.distributed.wrap_model`.
-    """
-    model = model.to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = distributed.wrap_model(model, device, sync_norm=sync_norm,
-                                   find_unused_parameters=find_unused_parameters)
-    if compile:
-        model = torch.compile(model)
-    return model
 
 
 class Precision:

@@ -37,8 +37,8 @@ from snexp.runtime.config import ConfigError
 
 __all__ = ["ShardedSampler", "all_gather_object", "all_reduce", "barrier", "broadcast_buffers",
            "broadcast_object", "destroy", "env_world_size", "init_from_env", "is_distributed",
-           "is_main_process", "local_rank", "rank", "rank_device", "sync_norms", "world_size",
-           "wrap_model"]
+           "is_main_process", "local_rank", "place_model", "rank", "rank_device", "sync_norms",
+           "world_size", "wrap_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -260,3 +260,25 @@ def rank_device(spec: str) -> torch.device:
         raise ConfigError(f"LOCAL_RANK={index} but this node has {count} CUDA device(s): start "
                           f"at most {count} processes per node (torchrun --nproc-per-node)")
     return torch.device("cuda", index)
+
+
+def place_model(model: torch.nn.Module, device: torch.device, *, channels_last: bool = False,
+                sync_norm: bool = False, compile: bool = False,
+                find_unused_parameters: bool = False) -> torch.nn.Module:
+    """Move a model to the device (channels-last if asked) and ``torch.compile`` it if asked.
+
+    Under torchrun, the model is wrapped in DistributedDataParallel, after ``sync_norm``
+    (``--sync-norm``) turned its SN/BN layers into synchronized ones (in place: build the
+    optimizer after this call). Train the returned module; checkpoint the one you built (or
+    either: wrappers are unwrapped), so checkpoints hold plain state dict keys. Pass
+    ``find_unused_parameters=True`` when a step uses only some parameters (weight sharing);
+    see :func:`wrap_model`.
+    """
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = wrap_model(model, device, sync_norm=sync_norm,
+                                   find_unused_parameters=find_unused_parameters)
+    if compile:
+        model = torch.compile(model)
+    return model

@@ -8,6 +8,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -409,8 +410,11 @@ def test_cuda_is_refused_where_there_is_none(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_tiny_cpu_run_goes_through_every_step_and_writes_the_table(tmp_path):
     out = tmp_path / "check"
+    # the benchmark scripts import the project: from the install, or from this checkout
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        p for p in (str(SCRIPT.parents[1]), os.environ.get("PYTHONPATH")) if p)}
     done = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--out",
-                           str(out)], capture_output=True, text=True, timeout=1500)
+                           str(out)], capture_output=True, text=True, timeout=1500, env=env)
     results = {r["name"]: r for r in json.loads((out / "results.json").read_text())}
     statuses = {n: r["status"] for n, r in results.items()}
     # every step ran and passed, except the two that need CUDA

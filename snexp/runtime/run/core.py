@@ -22,7 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from snexp.runtime import distributed
 from snexp.runtime.config import ConfigError, RuntimeConfig, override
 from snexp.runtime.config.errors import _prog_name
-from snexp.runtime.device import Precision, move_to, place_model, select_device
+from snexp.runtime.device import Precision, move_to, select_device
+from snexp.runtime.distributed import place_model
 from snexp.runtime.run.checkpointer import Checkpointer
 from snexp.runtime.run.claim import disk_error
 from snexp.runtime.run.data import DataOrder
@@ -180,7 +181,7 @@ class Run:
     def prepare(self, model: torch.nn.Module, *,
                 find_unused_parameters: bool = False) -> torch.nn.Module:
         """The model on the device, channels-last, DDP-wrapped and compiled as the run asks
-        (:func:`snexp.runtime.device.place_model`); :meth:`attach` the one you built."""
+        (:func:`snexp.runtime.distributed.place_model`); :meth:`attach` the one you built."""
         runtime = self.runtime
         return place_model(model, self.device, channels_last=runtime.channels_last,
                            sync_norm=runtime.sync_norm, compile=runtime.compile,
