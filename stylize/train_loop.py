@@ -118,8 +118,8 @@ def train_step(net: nn.Module, criterion: PerceptualLoss, content: Tensor, style
 
     ``--amp`` (``run.autocast()``) covers the loss network; the transformation network runs
     under it only with ``amp_network``. By default it stays float32: it is the smaller part of
-    a step (about 30 of 72 GMACs at 256 px, forward and backward), and on CPU autocast added
-    casts around each of its norm layers (measured slower than float32).
+    a step, and autocast adds casts around each of its norm layers, which can cost more than
+    the lower precision saves (docs/stylize.md, "Precision and memory format").
     """
     weights = style_weights(style, criterion.num_styles, device=content.device)
     with run.autocast() if amp_network else contextlib.nullcontext():
