@@ -31,9 +31,10 @@ import torch
 from torch import nn
 
 from snexp import reference
+from snexp.norm import _backend
 from snexp.norm.factory import make_norm
 
-__all__ = ["DEFAULT_SHAPES", "run_benchmark", "format_table"]
+__all__ = ["DEFAULT_SHAPES", "describe_backend", "format_table", "run_benchmark"]
 
 DEFAULT_SHAPES = ((32, 64, 32, 32), (8, 64, 56, 56), (128, 16, 32, 32), (4, 256, 14, 14))
 LAYERS = ("SN", "SSN", "BN", "GN32", "IN", "reference")
@@ -204,6 +205,23 @@ def _parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+
+def describe_backend(x: torch.Tensor) -> str:
+    """Which passes SN runs for tensors like ``x`` in eager mode, in words."""
+    from snexp.norm import _cpu
+
+    if _backend.setting() not in ("aten", "cpu"):
+        try:
+            from snexp.norm import _triton
+        except ImportError:
+            _triton = None
+        if _triton is not None and _triton.usable(x):
+            return "Triton kernels"
+    if _cpu.usable(x):
+        return "C++ CPU passes (snexp_cpu) + ATen (N, C) mixing"
+    return "ATen ops"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m snexp.bench", description=__doc__.split(
         "\n\n")[0])
@@ -236,13 +254,11 @@ def main(argv: list[str] | None = None) -> int:
           f"{', channels_last' if args.channels_last else ''}"
           f"{', glibc malloc tuned' if tuned else ''}; ratios to BatchNorm2d "
           f"(lower is faster)\n")
-    from snexp.norm import _backend
-
     shape = (args.shape or DEFAULT_SHAPES)[0]
     probe = torch.zeros(shape, device=args.device, dtype=dtype)
     if args.channels_last:
         probe = probe.contiguous(memory_format=torch.channels_last)
-    print(f"# SN backend (SNEXP_BACKEND={_backend.setting()}): eager {_backend.describe(probe)}"
+    print(f"# SN backend (SNEXP_BACKEND={_backend.setting()}): eager {describe_backend(probe)}"
           f"; compiled: inductor over the decomposed ATen equations\n")
     print(format_table(rows))
     return 0

@@ -1,4 +1,5 @@
-"""Which backend runs SN's passes: the ``SNEXP_BACKEND`` setting, and a description for logs.
+"""Which backend runs SN's passes: the ``SNEXP_BACKEND`` setting (a leaf: the backends read it,
+it imports none of them; :func:`snexp.bench.describe_backend` says in words what runs).
 
 ``SNEXP_BACKEND`` is one of ``auto`` (default: Triton kernels for CUDA tensors where Triton is
 installed, the C++ CPU passes for contiguous float32/float64 CPU tensors, ATen ops for the
@@ -13,9 +14,7 @@ from __future__ import annotations
 
 import os
 
-from torch import Tensor
-
-__all__ = ["BACKENDS", "describe", "setting"]
+__all__ = ["BACKENDS", "setting"]
 
 BACKENDS = ("auto", "aten", "cpu", "triton")
 
@@ -30,22 +29,3 @@ def setting() -> str:
                          f"{', '.join(BACKENDS)} (auto picks Triton on CUDA, the C++ passes "
                          f"on CPU, ATen ops elsewhere), or unset it")
     return value
-
-
-def _triton_usable(x: Tensor) -> bool:
-    try:
-        from snexp.norm import _triton
-    except ImportError:
-        return False
-    return bool(_triton.usable(x))
-
-
-def describe(x: Tensor) -> str:
-    """Which passes SN runs for tensors like ``x`` in eager mode, in words."""
-    from snexp.norm import _cpu
-
-    if setting() not in ("aten", "cpu") and _triton_usable(x):
-        return "Triton kernels"
-    if _cpu.usable(x):
-        return "C++ CPU passes (snexp_cpu) + ATen (N, C) mixing"
-    return "ATen ops"
