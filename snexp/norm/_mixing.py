@@ -17,15 +17,15 @@ and for each pooled candidate (pooling P_k is self-adjoint)
 then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - p mu_in``.
 The code is in pieces, each one pass or one (N, C)-sized step: :func:`stats` ->
 :func:`mix` -> :func:`normalize` forward, :func:`grad_sums` -> :func:`mix_backward` ->
-:func:`input_grad` backward; :func:`forward` and :func:`backward` compose them and are the one
-dispatch point of every backend (the C++ CPU passes plug in inside the full-size pieces).
-``snexp.norm.op`` wraps them into the ``snexp::switch_norm`` op and its eager form.
+:func:`input_grad` backward; :func:`forward` and :func:`backward` compose them (the C++ CPU
+passes plug in inside the full-size pieces). :mod:`snexp.norm._dispatch` chooses between them and
+the Triton kernels; ``snexp.norm.op`` wraps that into the ``snexp::switch_norm`` op and its
+eager form.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -331,26 +331,11 @@ def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor | None, q: Tensor | N
     return _input_grad_aten(x, dy, a.view(shape), p.view(shape), q.view(shape))
 
 
-def _triton(x: Tensor):
-    """The Triton backend when it takes ``x`` (CUDA, or any device with SNEXP_BACKEND=triton),
-    else None; imported on first use there, so ``import snexp`` and CPU calls load no Triton."""
-    if not (x.is_cuda or os.environ.get("SNEXP_BACKEND") == "triton"):
-        return None
-    from snexp.norm import _triton
-
-    return _triton if _triton.usable(x) else None
-
-
 def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     """y (statistics dtype), BN batch statistics (2, C) or None, their count, saved tensors.
 
-    The one dispatch point of every backend's forward: stats -> mix -> normalize (the Triton
-    kernels take the whole forward where they apply).
+    stats -> mix -> normalize (the C++ CPU passes plug in inside the full-size pieces).
     """
-    triton_backend = _triton(x)
-    if triton_backend is not None:
-        return triton_backend.forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var,
-                                      spec=spec, logits=logits)
     st, xc = stats(x, spec)
     a, b, batch, count, mixed, cands, probs = mix(
         st, weight, bias, mean_w, var_w, bn_mean, bn_var, math.prod(x.shape[2:]), spec=spec,
@@ -363,13 +348,8 @@ def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
 def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
     """dx (statistics dtype), dweight, dbias, dmean_w, dvar_w (None where not needed).
 
-    The one dispatch point of every backend's backward: grad_sums -> mix_backward ->
-    input_grad (the Triton kernels take the whole backward where they apply).
+    grad_sums -> mix_backward -> input_grad.
     """
-    triton_backend = _triton(x)
-    if triton_backend is not None:
-        return triton_backend.backward(saved, x, dy, weight, spec=spec, logits=logits,
-                                       n_total=n_total, need=need)
     s1, s2 = grad_sums(dy, x, saved[0])
     a, p, q, *grads = mix_backward(s1, s2, saved, weight, math.prod(x.shape[2:]), spec=spec,
                                    logits=logits, n_total=n_total, need=need)

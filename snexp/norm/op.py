@@ -22,8 +22,9 @@ implementations. How each path runs them:
   purpose.
 
 The equations live once, in :mod:`snexp.norm._mixing` (``forward``: stats -> mix -> normalize,
-``backward``: grad_sums -> mix_backward -> input_grad; ATen ops on any device), which is also
-the one dispatch point of the backends. ``SNEXP_BACKEND`` picks them (:mod:`snexp.norm._backend`):
+``backward``: grad_sums -> mix_backward -> input_grad; ATen ops on any device);
+:mod:`snexp.norm._dispatch` is the one dispatch point of the backends. ``SNEXP_BACKEND`` picks
+them (:mod:`snexp.norm._backend`):
 ``auto`` (default: Triton kernels on CUDA where Triton is installed, the C++ CPU passes of
 :mod:`snexp.norm._cpu` for contiguous float32/float64 CPU tensors, ATen ops elsewhere),
 ``aten``, ``cpu`` (a failed C++ build raises) or ``triton`` (on any device). The (N, C)-sized
@@ -45,7 +46,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from snexp.norm import _mixing
+from snexp.norm import _dispatch, _mixing
 
 __all__ = ["switch_norm_op", "switch_norm_backward_op", "update_running_stats"]
 
@@ -148,7 +149,7 @@ def switch_norm_op(
     use_batch = training or running_mean is None
     bn_mean = None if use_batch else running_mean
     bn_var = None if use_batch else running_var
-    y, batch, count, (mu, mixed, cands, probs) = _mixing.forward(
+    y, batch, count, (mu, mixed, cands, probs) = _dispatch.forward(
         x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec=spec, logits=logits)
     m = math.prod(x.shape[2:])
     if isinstance(count, Tensor):  # SyncSwitchNorm: all ranks' samples, kept on the device
@@ -201,7 +202,7 @@ def switch_norm_backward_op(
     """
     spec = _options(candidates, eps, official, official_2d, group)
     n_total = (n_bn if spec.sync else int(x.shape[0])) if bn_batch else None
-    dx, *grads = _mixing.backward((mu, mixed, cands, probs), x, dy.contiguous(), weight,
+    dx, *grads = _dispatch.backward((mu, mixed, cands, probs), x, dy.contiguous(), weight,
                                   spec=spec, logits=logits, n_total=n_total,
                                   need=(need[0], need[1], need[2], need[3], need[4]))
     return (x.new_empty(0) if dx is None else dx.to(x.dtype),
@@ -310,7 +311,7 @@ class _SwitchNormFunction(torch.autograd.Function):
         use_batch = training or running_mean is None
         bn_mean = None if use_batch else running_mean
         bn_var = None if use_batch else running_var
-        y, batch, count, saved = _mixing.forward(x, weight, bias, mean_w, var_w, bn_mean,
+        y, batch, count, saved = _dispatch.forward(x, weight, bias, mean_w, var_w, bn_mean,
                                                  bn_var, spec=spec, logits=logits)
         if update is not None and batch is not None:
             num_batches_tracked, momentum = update
@@ -330,7 +331,7 @@ class _SwitchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, *saved = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:5])
-        dx, *grads = _mixing.backward(tuple(saved), x, dy.contiguous(), weight, spec=ctx.spec,
+        dx, *grads = _dispatch.backward(tuple(saved), x, dy.contiguous(), weight, spec=ctx.spec,
                                       logits=ctx.logits, n_total=ctx.n_total, need=need)
         out = [None if dx is None else dx.to(x.dtype)]
         for g, dtype in zip(grads, ctx.dtypes):
