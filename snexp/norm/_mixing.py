@@ -18,9 +18,9 @@ then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - 
 The code is in pieces, each one pass or one (N, C)-sized step: :func:`stats` ->
 :func:`mix` -> :func:`normalize` forward, :func:`grad_sums` -> :func:`mix_backward` ->
 :func:`input_grad` backward; :func:`forward` and :func:`backward` compose them (the C++ CPU
-passes plug in inside the full-size pieces). :mod:`snexp.norm._dispatch` chooses between them and
-the Triton kernels; ``snexp.norm.op`` wraps that into the ``snexp::switch_norm`` op and its
-eager form.
+passes plug in inside the full-size pieces). ``snexp.norm.op`` chooses between them and the
+Triton kernels (which are built from these pieces, so this module imports no backend) and wraps
+that into the ``snexp::switch_norm`` op and its eager form.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ implementations. How each path runs them:
 
 The equations live once, in :mod:`snexp.norm._mixing` (``forward``: stats -> mix -> normalize,
 ``backward``: grad_sums -> mix_backward -> input_grad; ATen ops on any device);
-:mod:`snexp.norm._dispatch` is the one dispatch point of the backends. ``SNEXP_BACKEND`` picks
+:func:`_passes_for` here is the one dispatch point of the backends. ``SNEXP_BACKEND`` picks
 them (:mod:`snexp.norm._backend`):
 ``auto`` (default: Triton kernels on CUDA where Triton is installed, the C++ CPU passes of
 :mod:`snexp.norm._cpu` for contiguous float32/float64 CPU tensors, ATen ops elsewhere),
@@ -41,14 +41,28 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
-from snexp.norm import _dispatch, _mixing
+from snexp.norm import _mixing
 
 __all__ = ["switch_norm_op", "switch_norm_backward_op", "update_running_stats"]
+
+
+def _passes_for(x: Tensor):
+    """The one dispatch point of SN's passes: the Triton kernels where they take ``x`` (CUDA,
+    or any device with ``SNEXP_BACKEND=triton``; imported only then, so ``import snexp`` and
+    CPU calls load no Triton), else the ATen equations of ``_mixing`` with the C++ CPU passes
+    inside them. ``_mixing`` itself imports no backend: the Triton one is built from it."""
+    if x.is_cuda or os.environ.get("SNEXP_BACKEND") == "triton":
+        from snexp.norm import _triton
+
+        if _triton.usable(x):
+            return _triton
+    return _mixing
 
 
 def _process_group(group: str):
@@ -149,7 +163,7 @@ def switch_norm_op(
     use_batch = training or running_mean is None
     bn_mean = None if use_batch else running_mean
     bn_var = None if use_batch else running_var
-    y, batch, count, (mu, mixed, cands, probs) = _dispatch.forward(
+    y, batch, count, (mu, mixed, cands, probs) = _passes_for(x).forward(
         x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec=spec, logits=logits)
     m = math.prod(x.shape[2:])
     if isinstance(count, Tensor):  # SyncSwitchNorm: all ranks' samples, kept on the device
@@ -202,9 +216,9 @@ def switch_norm_backward_op(
     """
     spec = _options(candidates, eps, official, official_2d, group)
     n_total = (n_bn if spec.sync else int(x.shape[0])) if bn_batch else None
-    dx, *grads = _dispatch.backward((mu, mixed, cands, probs), x, dy.contiguous(), weight,
-                                  spec=spec, logits=logits, n_total=n_total,
-                                  need=(need[0], need[1], need[2], need[3], need[4]))
+    dx, *grads = _passes_for(x).backward((mu, mixed, cands, probs), x, dy.contiguous(), weight,
+                                         spec=spec, logits=logits, n_total=n_total,
+                                         need=(need[0], need[1], need[2], need[3], need[4]))
     return (x.new_empty(0) if dx is None else dx.to(x.dtype),
             *(x.new_empty(0) if g is None else g for g in grads))
 
@@ -311,8 +325,9 @@ class _SwitchNormFunction(torch.autograd.Function):
         use_batch = training or running_mean is None
         bn_mean = None if use_batch else running_mean
         bn_var = None if use_batch else running_var
-        y, batch, count, saved = _dispatch.forward(x, weight, bias, mean_w, var_w, bn_mean,
-                                                 bn_var, spec=spec, logits=logits)
+        y, batch, count, saved = _passes_for(x).forward(x, weight, bias, mean_w, var_w,
+                                                        bn_mean, bn_var, spec=spec,
+                                                        logits=logits)
         if update is not None and batch is not None:
             num_batches_tracked, momentum = update
             _blend(running_mean, running_var, batch, count, num_batches_tracked, momentum,
@@ -331,8 +346,9 @@ class _SwitchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, *saved = ctx.saved_tensors
         need = tuple(ctx.needs_input_grad[:5])
-        dx, *grads = _dispatch.backward(tuple(saved), x, dy.contiguous(), weight, spec=ctx.spec,
-                                      logits=ctx.logits, n_total=ctx.n_total, need=need)
+        dx, *grads = _passes_for(x).backward(tuple(saved), x, dy.contiguous(), weight,
+                                             spec=ctx.spec, logits=ctx.logits,
+                                             n_total=ctx.n_total, need=need)
         out = [None if dx is None else dx.to(x.dtype)]
         for g, dtype in zip(grads, ctx.dtypes):
             out.append(g if g is None or dtype is None else g.to(dtype))
