@@ -37,7 +37,6 @@ from snexp.runtime.run.stops import StopSignals
 __all__ = ["Run"]
 
 
-
 class _Delegated:
     """A :class:`Run` attribute that one of its members holds (``run.step`` is
     ``run.progress.step``): read and written there, so there is one copy of each value."""
