@@ -84,13 +84,7 @@ class ChildConfig:
 def _check_norm(norm: NormSpec, filters: int) -> None:
     """Build one norm of the narrowest width (every width of the child is a multiple of
     ``filters``) so that a bad option fails before the run, with the fix."""
-    options = dict(norm.options)
-    momentum = options.get("momentum")
-    if isinstance(momentum, (int, float)) and not 0 <= momentum <= 1:
-        raise ValueError(f"child.norm '{norm}': momentum must be in [0, 1] (PyTorch "
-                         f"convention: the SN authors' 0.9 is our 0.1), got {momentum}; e.g. "
-                         f"--norm '{norm.kind}(momentum=0.1)'")
-    groups = options.get("groups")
+    groups = dict(norm.options).get("groups")
     if norm.kind == "gn" and (not isinstance(groups, int) or groups < 1 or filters % groups):
         fits = [g for g in range(1, filters + 1) if filters % g == 0]
         good = max((g for g in fits if g <= _GN_GROUPS), default=1)

@@ -38,12 +38,6 @@ def check_norm(norm: NormSpec | str, width: float, num_styles: int = 1) -> None:
         ValueError: The spec does not make a layer at some width.
     """
     norm, widths = NormSpec.parse(norm), _widths(width)
-    momentum = dict(norm.options).get("momentum")
-    if momentum is not None and not (isinstance(momentum, (int, float))
-                                     and 0 <= momentum <= 1):
-        # BN does not check its own: the range SN refuses, for every kind
-        raise ValueError(f"norm {norm}: momentum must be in [0, 1] (PyTorch convention: the "
-                         f"SN authors' 0.9 is our 0.1), got {momentum!r}")
     groups = dict(norm.options).get("groups", 32)
     if norm.kind == "gn" and isinstance(groups, int) and groups > 0 and any(
             w % groups for w in widths):

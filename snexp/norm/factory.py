@@ -55,6 +55,19 @@ def _instance_norm(cls):
     return build
 
 
+def _batch_norm(cls):
+    def build(num_features: int, momentum: float | None = 0.1, **options) -> nn.Module:
+        # NOTE: torch's BatchNorm takes any momentum; outside [0, 1] its running statistics
+        # diverge silently, so the registry refuses it as the SN layers do.
+        if momentum is not None and not (isinstance(momentum, (int, float))
+                                         and not isinstance(momentum, bool)
+                                         and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"bn: momentum must be in [0, 1] (PyTorch convention: the SN "
+                             f"authors' 0.9 is our 0.1) or None, got {momentum!r}")
+        return cls(num_features, momentum=momentum, **options)
+    return build
+
+
 def _identity(num_features: int, **options) -> nn.Identity:
     return nn.Identity()
 
@@ -63,7 +76,7 @@ def _identity(num_features: int, **options) -> nn.Identity:
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], ...]] = {
     "sn": (SwitchNorm1d, SwitchNorm2d, SwitchNorm3d),
     "ssn": (SparseSwitchNorm1d, SparseSwitchNorm2d, SparseSwitchNorm3d),
-    "bn": (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d),
+    "bn": tuple(_batch_norm(c) for c in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)),
     "in": tuple(_instance_norm(c) for c in
                 (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)),
     "ln": (_layer_norm,),

@@ -42,6 +42,17 @@ def test_gn_groups_must_divide():
         snexp.make_norm("gn", 20)
 
 
+@pytest.mark.parametrize("momentum", [1.5, -0.1, True])
+def test_bn_momentum_outside_unit_interval_is_refused(momentum):
+    # BatchNorm itself takes any momentum (its running statistics then diverge): the registry
+    # refuses what the SN layers refuse, so every kind reads momentum the same way
+    with pytest.raises(ValueError, match=r"bn: momentum must be in \[0, 1\]"):
+        snexp.make_norm("bn", 8, momentum=momentum)
+    bn = snexp.make_norm("bn", 8, momentum=None, eps=1e-3)  # cumulative average, as torch
+    assert type(bn) is nn.BatchNorm2d and bn.momentum is None and bn.eps == 1e-3
+    assert snexp.make_norm("bn", 8, dims=1, momentum=0.01).momentum == 0.01
+
+
 def test_norm_layer_accepts_callables_and_none():
     layer = snexp.norm_layer(functools.partial(nn.GroupNorm, 4))
     assert isinstance(layer(8), nn.GroupNorm)
