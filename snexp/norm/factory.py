@@ -49,21 +49,27 @@ def _layer_norm(num_features: int, **options) -> nn.GroupNorm:
     return nn.GroupNorm(1, num_features, **options)
 
 
+def _check_momentum(kind: str, momentum: object) -> None:
+    # NOTE: torch's BatchNorm/InstanceNorm take any momentum; outside [0, 1] running statistics
+    # diverge silently, so the registry refuses it as the SN layers do.
+    if momentum is not None and not (isinstance(momentum, (int, float))
+                                     and not isinstance(momentum, bool)
+                                     and 0.0 <= momentum <= 1.0):
+        raise ValueError(f"{kind}: momentum must be in [0, 1] (PyTorch convention: the SN "
+                         f"authors' 0.9 is our 0.1) or None, got {momentum!r}")
+
+
 def _instance_norm(cls):
-    def build(num_features: int, affine: bool = True, **options) -> nn.Module:
-        return cls(num_features, affine=affine, **options)
+    def build(num_features: int, affine: bool = True, momentum: float | None = 0.1,
+              **options) -> nn.Module:
+        _check_momentum("in", momentum)
+        return cls(num_features, affine=affine, momentum=momentum, **options)
     return build
 
 
 def _batch_norm(cls):
     def build(num_features: int, momentum: float | None = 0.1, **options) -> nn.Module:
-        # NOTE: torch's BatchNorm takes any momentum; outside [0, 1] its running statistics
-        # diverge silently, so the registry refuses it as the SN layers do.
-        if momentum is not None and not (isinstance(momentum, (int, float))
-                                         and not isinstance(momentum, bool)
-                                         and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"bn: momentum must be in [0, 1] (PyTorch convention: the SN "
-                             f"authors' 0.9 is our 0.1) or None, got {momentum!r}")
+        _check_momentum("bn", momentum)
         return cls(num_features, momentum=momentum, **options)
     return build
 

@@ -51,6 +51,8 @@ def test_bn_momentum_outside_unit_interval_is_refused(momentum):
     bn = snexp.make_norm("bn", 8, momentum=None, eps=1e-3)  # cumulative average, as torch
     assert type(bn) is nn.BatchNorm2d and bn.momentum is None and bn.eps == 1e-3
     assert snexp.make_norm("bn", 8, dims=1, momentum=0.01).momentum == 0.01
+    with pytest.raises(ValueError, match=r"in: momentum must be in \[0, 1\]"):
+        snexp.make_norm("in", 8, momentum=momentum)
 
 
 def test_norm_layer_accepts_callables_and_none():
