@@ -93,6 +93,11 @@ def _worker(rank: int, init: str, tmp: str) -> None:
               "after": model.norm.running_mean.tolist(),
               "weights": torch.cat([p.detach().flatten() for p in model.parameters()]).tolist()}
     (Path(tmp) / f"rank{rank}.json").write_text(json.dumps(report))
+    # Free the DDP wrapper (its reducer holds the process group and may still own gloo work)
+    # while every rank is alive; then leave together. Leaving with the wrapper still alive made
+    # a rank abort on exit (SIGABRT, "terminate called without an active exception") once in
+    # CI, after its report was written.
+    del net, opt
     dist.barrier()
     dist.destroy_process_group()
 
