@@ -8,22 +8,24 @@ over steps 351-400 per seed, the SN importance at the end and the wall time of e
 The arms:
 
 - ``sn-prior``: the quick preset as it is: SN in every norm of the cells with the importance
-  prior ``bn:4`` (``sn(prior=bn:4)``), importance logits at 10x lr without the L2 term
+  priors ``bn:4`` on the mean weights and ``bn:6`` on the variance weights
+  (``sn(prior=bn:4, var_prior=bn:6)``), importance logits at 10x lr without the L2 term
   (docs/nas.md);
 - ``bn``: ``--norm bn`` (the SN paper's ENAS child);
 - ``sn-uniform``: SN cells as the SN paper starts them (equal importance, logits at the
   common lr with the L2 term): ``--norm sn --set train.importance_lr_mult=1
   --set train.importance_l2=true``;
-- ``sn-prior6`` (only when asked for): the stronger prior ``--norm 'sn(prior=bn:6)'`` (BN
-  share 0.995), which left the plateau sooner with seed 1 in a 400-step check but barely lets
-  the importance move (docs/nas.md).
+- ``sn-prior4`` and ``sn-prior6`` (only when asked for): one prior on both rows,
+  ``--norm 'sn(prior=bn:4)'`` (the earlier default; BN share 0.965) and ``'sn(prior=bn:6)'``
+  (0.995), which barely lets the importance move (docs/nas.md).
 
 The data sets: ``embedded`` (the default) and ``shapes``, the 1,800-image folder
 ``nas.data.write_shapes_folder(<out>/shapes-1800, 1800)`` (written once) with
 ``--dataset imagefolder``::
 
     python benchmarks/nas_norms.py --out runs/nas-norms --jobs 16
-        [--arms sn-prior,bn,sn-uniform[,sn-prior6]] [--data embedded,shapes] [--seeds 0,1,2]
+        [--arms sn-prior,bn,sn-uniform[,sn-prior4,sn-prior6]] [--data embedded,shapes]
+        [--seeds 0,1,2]
         [--epochs N] [--set KEY=VALUE ...] [--time-limit SECONDS] [--report-only]
 
 Finished runs (``search.json`` present) are read, not rerun; an interrupted one resumes from
@@ -54,6 +56,7 @@ ARMS = {
     "bn": ["--norm", "bn"],
     "sn-uniform": ["--norm", "sn", "--set", "train.importance_lr_mult=1",
                    "--set", "train.importance_l2=true"],
+    "sn-prior4": ["--norm", "sn(prior=bn:4)"],
     "sn-prior6": ["--norm", "sn(prior=bn:6)"],
 }
 DEFAULT_ARMS = ("sn-prior", "bn", "sn-uniform")
@@ -204,10 +207,11 @@ def report(jobs: list[Job]) -> str:
         if found is not None:
             rows.setdefault((job.data, job.arm), []).append((job.seed, found))
     lines = ["# SN cells vs BN cells in the quick search (benchmarks/nas_norms.py)", "",
-             "sn-prior: SN cells, importance prior bn:4, logits at 10x lr, no L2 (the quick "
-             "preset); bn: --norm bn; sn-uniform: SN cells from equal importance (the SN "
-             "paper's start). Accuracy: best of the derive step's architectures on the valid "
-             "split with the shared weights.", ""]
+             "sn-prior: SN cells, importance priors bn:4 (mean weights) and bn:6 (variance "
+             "weights), logits at 10x lr, no L2 (the quick preset); bn: --norm bn; "
+             "sn-uniform: SN cells from equal importance (the SN paper's start); sn-prior4, "
+             "sn-prior6: one prior bn:4 or bn:6 on both. Accuracy: best of the derive step's "
+             "architectures on the valid split with the shared weights.", ""]
     if not rows:
         return "\n".join(lines + ["No run folders yet."]) + "\n"
     for data in dict.fromkeys(j.data for j in jobs):

@@ -37,7 +37,8 @@ class ChildConfig:
     """The child network (search: 6 layers x 20 filters; retraining: 15 x 36)."""
 
     # e.g. "bn", "sn(prior=bn:4)" (SN importance logits (in, ln, bn) = (0, 0, 4): BN share
-    # 0.965; no prior: equal weights, the SN paper), "sn(momentum=0.003)" (PyTorch's momentum
+    # 0.965; no prior: equal weights, the SN paper), "sn(prior=bn:4, var_prior=bn:6)" (the
+    # variance logits their own prior: the quick preset), "sn(momentum=0.003)" (PyTorch's momentum
     # convention: the SN authors' 0.9 is 0.1), "gn(groups=4)" (a bare "gn" gets 4 groups)
     norm: NormSpec = NormSpec("sn")  # every norm of the child, with its options (snexp.NormSpec)
     layers: int = 6  # normal cells; two reduction cells are added between the stages
@@ -51,13 +52,15 @@ class ChildConfig:
     @classmethod
     def upgrade_legacy(cls, fields: dict, old: dict) -> dict:
         """``norm`` with the old keys folded in: ``gn_groups`` only for gn, ``prior`` only for
-        SN/SSN (``""``: none, the uniform start), ``momentum`` for SN/SSN/BN (the layers'
-        default 0.1 adds nothing, so an old default file reads as a new one)."""
+        SN/SSN (both rows' logits; ``""``: none, the uniform start), ``momentum`` for
+        SN/SSN/BN (the layers' default 0.1 adds nothing, so an old default file reads as a new
+        one)."""
         spec: NormSpec = fields["norm"]
         options = dict(spec.options)
         if spec.kind == "gn" and "gn_groups" in old:
             options["groups"] = old["gn_groups"]
         if spec.kind in ("sn", "ssn") and "prior" in old:
+            options.pop("var_prior", None)  # the old key set both rows' logits
             if old["prior"]:
                 options["prior"] = old["prior"]
             else:

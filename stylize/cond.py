@@ -75,8 +75,8 @@ class ConditionalSwitchNorm2d(SwitchNormBase, StyleNorm):
     Args:
         num_features: Channel count C.
         num_styles: Number of styles S.
-        eps, momentum, candidates, compat, prior: As :class:`snexp.SwitchNorm2d` (the prior
-            starts every style's logits).
+        eps, momentum, candidates, compat, prior, var_prior: As :class:`snexp.SwitchNorm2d`
+            (the priors start every style's logits).
 
     Example:
         >>> norm = ConditionalSwitchNorm2d(16, num_styles=2)
@@ -97,9 +97,10 @@ class ConditionalSwitchNorm2d(SwitchNormBase, StyleNorm):
         candidates: tuple[str, ...] = ("in", "ln", "bn"),
         compat: str = "paper",
         prior: Prior = None,
+        var_prior: Prior = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, candidates, copies=(num_styles,),
-                         compat=compat, prior=prior)
+                         compat=compat, prior=prior, var_prior=var_prior)
         self.num_styles = num_styles
 
     def forward(self, x: Tensor, style: Tensor) -> Tensor:

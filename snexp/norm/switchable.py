@@ -127,7 +127,8 @@ class SwitchNormBase(nn.Module):
         eps, momentum, candidates: as :class:`SwitchNorm2d`.
         copies: ``()`` (the default) for one set of parameters and buffers; ``(S,)`` keeps S
             sets along a leading dimension (keyword-only from here on).
-        affine, last_gamma, compat, prior, device, dtype: as :class:`SwitchNorm2d`.
+        affine, last_gamma, compat, prior, var_prior, device, dtype: as
+            :class:`SwitchNorm2d`.
 
     Example:
         >>> class PerTask(SwitchNormBase):  # one SN parameter set per task
@@ -156,6 +157,7 @@ class SwitchNormBase(nn.Module):
         last_gamma: bool = False,
         compat: str = "paper",
         prior: Prior = None,
+        var_prior: Prior = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -172,8 +174,11 @@ class SwitchNormBase(nn.Module):
         self.last_gamma = last_gamma
         self.affine = affine
         self.compat = compat
-        # initial logits (mean and variance alike); all zeros is the paper's uniform start
+        # initial logits; all zeros is the paper's uniform start. The variance logits follow
+        # the mean logits unless var_prior gives their own.
         self.prior = parse_prior(prior, self.candidates)
+        self.var_prior = (self.prior if var_prior is None
+                          else parse_prior(var_prior, self.candidates))
         channels, k = (*copies, num_features), (*copies, len(self.candidates))
         if affine:
             self.weight = nn.Parameter(torch.empty(channels, **factory))
@@ -209,8 +214,8 @@ class SwitchNormBase(nn.Module):
             nn.init.constant_(self.weight, 0.0 if self.last_gamma else 1.0)
             nn.init.zeros_(self.bias)
         with torch.no_grad():
-            for logits in self.importance_logits():
-                logits.copy_(torch.tensor(self.prior, dtype=logits.dtype))
+            for logits, prior in zip(self.importance_logits(), (self.prior, self.var_prior)):
+                logits.copy_(torch.tensor(prior, dtype=logits.dtype))
 
     def importance_logits(self) -> tuple[Tensor, Tensor]:
         """The mean and variance importance logits (*copies, K), the parameters themselves."""
@@ -247,11 +252,13 @@ class _SwitchNorm(SwitchNormBase):
         affine: bool = True,
         compat: str = "paper",
         prior: Prior = None,
+        var_prior: Prior = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(num_features, eps, momentum, candidates, last_gamma=last_gamma,
-                         affine=affine, compat=compat, prior=prior, device=device, dtype=dtype)
+                         affine=affine, compat=compat, prior=prior, var_prior=var_prior,
+                         device=device, dtype=dtype)
         self.moving_average = moving_average
         self._warned_batch1 = False
 
@@ -323,6 +330,8 @@ class _SwitchNorm(SwitchNormBase):
             s += f", compat={self.compat!r}"
         if any(self.prior):
             s += f", prior={format_prior(self.prior, self.candidates)!r}"
+        if self.var_prior != self.prior:
+            s += f", var_prior={format_prior(self.var_prior, self.candidates)!r}"
         return s
 
 
@@ -350,6 +359,11 @@ class SwitchNorm2d(_SwitchNorm):
             NOTE: the paper starts every layer uniform; a prior is this library's option for
             networks that cannot afford SN's uniform start (the weight-sharing NAS child,
             docs/nas.md). The weights stay learned.
+        var_prior: the variance logits' own prior, in the same forms; ``None``: the same as
+            ``prior``. SN mixes variances additively, so a small IN or LN share in the
+            variance weights (whose variances exceed BN's by the spread of the means) shrinks
+            every channel, while the same share in the mean weights costs little: the quick
+            NAS preset starts the variance weights nearer BN than the mean weights.
         device, dtype: factory keywords for parameters and buffers.
 
     Example:

@@ -57,6 +57,7 @@ class SyncSwitchNorm(_SwitchNorm):
                       moving_average=module.moving_average, last_gamma=module.last_gamma,
                       affine=module.affine, compat=module.compat, process_group=process_group,
                       prior=dict(zip(module.candidates, module.prior)),
+                      var_prior=dict(zip(module.candidates, module.var_prior)),
                       device=module.mean_weight.device, dtype=module.mean_weight.dtype)
             out.load_state_dict(module.state_dict())
             out.train(module.training)

@@ -34,8 +34,10 @@ def test_plan_builds_one_search_per_arm_data_and_seed(tmp_path):
     assert strong.argv[4:6] == ("--norm", "sn(prior=bn:6)")
 
 
-@pytest.mark.parametrize("arm, norm", [("sn-prior", "sn(prior=bn:4)"), ("bn", "bn"),
-                                       ("sn-uniform", "sn"), ("sn-prior6", "sn(prior=bn:6)")])
+@pytest.mark.parametrize("arm, norm", [("sn-prior", "sn(prior=bn:4, var_prior=bn:6)"),
+                                       ("bn", "bn"), ("sn-uniform", "sn"),
+                                       ("sn-prior4", "sn(prior=bn:4)"),
+                                       ("sn-prior6", "sn(prior=bn:6)")])
 def test_each_arm_gives_nas_search_its_norm_spec(arm, norm):
     # what nas.search makes of an arm's flags on top of the quick preset: one norm spec
     from nas.config import PRESETS, SearchConfig

@@ -106,3 +106,52 @@ def test_importance_param_groups_without_sn_is_one_group():
     assert len(groups) == 1 and len(groups[0]["params"]) == 4 and "lr" not in groups[0]
     with pytest.raises(ValueError, match="lr_scale"):
         snexp.importance_param_groups(nn.Linear(2, 2), lr_scale=-1)
+
+
+# softmax of logits (0, 0, 6)
+BN6 = (0.0024665, 0.0024665, 0.9950670)
+
+
+@pytest.mark.parametrize("build", [
+    lambda: snexp.SwitchNorm2d(8, prior="bn:4", var_prior={"bn": 6.0}),
+    lambda: snexp.SparseSwitchNorm2d(8, prior="bn:4", var_prior="bn:6"),
+    lambda: snexp.SyncSwitchNorm(8, prior="bn:4", var_prior="bn:6"),
+    lambda: snexp.norm_layer("sn(prior=bn:4, var_prior=bn:6)")(8),
+    lambda: snexp.SyncSwitchNorm.convert_sync_switchnorm(
+        snexp.SwitchNorm2d(8, prior="bn:4", var_prior="bn:6")),
+])
+def test_var_prior_sets_the_variance_logits_alone_and_survives_reset(build):
+    layer = build()
+    torch.testing.assert_close(layer.mean_weight.detach(), torch.tensor([0.0, 0.0, 4.0]))
+    torch.testing.assert_close(layer.var_weight.detach(), torch.tensor([0.0, 0.0, 6.0]))
+    with torch.no_grad():
+        layer.mean_weight.zero_()
+        layer.var_weight.zero_()
+    layer.reset_parameters()
+    torch.testing.assert_close(layer.mean_weight.detach(), torch.tensor([0.0, 0.0, 4.0]))
+    torch.testing.assert_close(layer.var_weight.detach(), torch.tensor([0.0, 0.0, 6.0]))
+    assert "prior='bn:4', var_prior='bn:6'" in repr(layer)
+    if type(layer) is not snexp.SparseSwitchNorm2d:
+        mean_p, var_p = layer.importance_weights()
+        torch.testing.assert_close(mean_p.detach(), torch.tensor(BN4))
+        torch.testing.assert_close(var_p.detach(), torch.tensor(BN6))
+
+
+def test_var_prior_alone_leaves_the_mean_logits_uniform_and_its_spec_round_trips():
+    layer = snexp.SwitchNorm2d(8, candidates=("ln", "bn"), var_prior="bn:6")
+    torch.testing.assert_close(layer.mean_weight.detach(), torch.zeros(2))
+    torch.testing.assert_close(layer.var_weight.detach(), torch.tensor([0.0, 6.0]))
+    assert "var_prior='bn:6'" in repr(layer) and "prior='" not in repr(layer).replace(
+        "var_prior='", "")
+    spec = snexp.NormSpec.parse("sn(prior=bn:4, var_prior=bn:6)")
+    assert str(spec) == "sn(prior=bn:4, var_prior=bn:6)"
+    assert snexp.NormSpec.parse(str(spec)) == spec
+    with pytest.raises(ValueError, match="not a candidate of this layer"):
+        snexp.SwitchNorm2d(8, candidates=("ln", "bn"), var_prior="in:1")
+
+
+def test_conditional_sn_takes_the_variance_prior_for_every_style():
+    layer = style_norm_layer("sn(prior=bn:4, var_prior=bn:6)", 2)(8)
+    mean_p, var_p = layer.importance_weights()  # (S, K)
+    torch.testing.assert_close(mean_p.detach(), torch.tensor([BN4] * 2))
+    torch.testing.assert_close(var_p.detach(), torch.tensor([BN6] * 2))
