@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--norm", default=None,
                         help="the child's norm spec, e.g. 'sn(candidates=ln+bn)' (uniform "
                              "start), 'sn(prior=bn:6)', or bn for the reference (default: the "
-                             "quick preset's, sn(prior=bn:4))")
+                             "quick preset's)")
     parser.add_argument("--importance-lr-mult", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
