@@ -205,7 +205,7 @@ def grad_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     n, c = mu.shape
     if (type(x) is Tensor and type(dy) is Tensor and x.dtype == mu.dtype
             and dy.dtype == x.dtype and x.is_contiguous() and dy.is_contiguous()
-            and x.device.type == "cpu"):
+            and x.is_cpu):
         # The native batch-norm backward on a (1, N*C, M) view computes both per-row sums in
         # one fused read of dy and x (grad_weight = s2 with invstd 1, grad_bias = s1).
         rows = n * c
