@@ -127,6 +127,15 @@ def test_uncovered_cases_keep_the_python_pieces():
         assert not _mixing._native(_mixing.Options(("in", "bn")), fake)
 
 
+@pytest.mark.parametrize("env", [("SNEXP_CPU_KERNEL", "0"), ("SNEXP_BACKEND", "aten")])
+def test_aten_setting_switches_the_cpp_middle_off(env, monkeypatch):
+    # SNEXP_CPU_KERNEL=0 (or SNEXP_BACKEND=aten) turns off every C++ piece, the middle too
+    monkeypatch.delenv("SNEXP_BACKEND", raising=False)
+    monkeypatch.setenv(*env)
+    monkeypatch.setattr(_cpu, "_state", {})
+    assert not _mixing._native(_mixing.Options(("in", "bn")), torch.rand(2, 4, 8))
+
+
 def test_cpp_middle_refuses_bad_arguments():
     # shape, dtype and group checks raise instead of reading out of bounds
     _cpu.load(strict=True)
