@@ -218,7 +218,7 @@ def describe_backend(x: torch.Tensor) -> str:
         if _triton is not None and _triton.usable(x):
             return "Triton kernels"
     if _cpu.usable(x):
-        return "C++ CPU passes (snexp_cpu) + ATen (N, C) mixing"
+        return "C++ CPU passes and (N, C) mixing (snexp_cpu)"
     return "ATen ops"
 
 

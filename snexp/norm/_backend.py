@@ -5,9 +5,9 @@ it imports none of them; :func:`snexp.bench.describe_backend` says in words what
 installed, the C++ CPU passes for contiguous float32/float64 CPU tensors, ATen ops for the
 rest), ``aten`` (ATen ops everywhere; no C++ build), ``cpu`` (the C++ passes wherever they
 apply; a failed build raises instead of falling back) and ``triton`` (the Triton kernels on any
-device, e.g. on CPU under ``TRITON_INTERPRET=1``). The (N, C)-sized mixing is the same
-:mod:`snexp.norm._mixing` code on every backend, and under ``torch.compile`` the ops decompose
-into it whatever the setting.
+device, e.g. on CPU under ``TRITON_INTERPRET=1``). The (N, C)-sized mixing is the
+:mod:`snexp.norm._mixing` code (in C++ with the CPU passes, tested against it), and under
+``torch.compile`` the ops decompose into its ATen form whatever the setting.
 """
 
 from __future__ import annotations

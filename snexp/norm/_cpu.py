@@ -50,6 +50,7 @@ __all__ = ["available", "load", "usable"]
 
 SOURCE = Path(__file__).with_name("csrc") / "switch_norm_cpu.cpp"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+_DTYPES = (torch.float32, torch.float64)
 _LOCK = "snexp-build.lock"  # ours (flock); "lock" is torch's own
 _state: dict[str, object] = {}
 
@@ -276,10 +277,12 @@ def usable(*tensors: torch.Tensor) -> bool:
     """Whether the C++ passes apply: plain, contiguous float32/float64 CPU tensors of one
     dtype (traced ones, e.g. under ``torch.compile``, take the ATen ops, which inductor fuses).
     """
+    # called a few times per SN call: plain loops and attribute checks, no generator
     x = tensors[0]
-    if (type(x) is not torch.Tensor or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64)):
+    if type(x) is not torch.Tensor or not x.is_cpu or x.dtype not in _DTYPES:
         return False
-    if not all(t.is_contiguous() and t.dtype == x.dtype for t in tensors):
-        return False
-    return available()
+    dtype = x.dtype
+    for t in tensors:
+        if t.dtype != dtype or not t.is_contiguous():
+            return False
+    return _state.get("loaded") is True or available()

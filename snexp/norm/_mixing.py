@@ -17,14 +17,18 @@ and for each pooled candidate (pooling P_k is self-adjoint)
 then ``dx = a dy + p x + q`` with ``p = 2 dvar_in / M'`` and ``q = dmu_in / M - p mu_in``.
 The code is in pieces, each one pass or one (N, C)-sized step: :func:`stats` ->
 :func:`mix` -> :func:`normalize` forward, :func:`grad_sums` -> :func:`mix_backward` ->
-:func:`input_grad` backward; :func:`forward` and :func:`backward` compose them (the C++ CPU
-passes plug in inside the full-size pieces). ``snexp.norm.op`` chooses between them and the
-Triton kernels (which are built from these pieces, so this module imports no backend) and wraps
-that into the ``snexp::switch_norm`` op and its eager form.
+:func:`input_grad` backward; :func:`forward` and :func:`backward` compose them. The C++ CPU
+passes plug in inside the pieces: the full-size ones, and on plain CPU tensors the (N, C)
+middle too (``snexp_cpu.mix``/``mix_backward``: these equations as loops, without ~60 small
+ATen calls per direction; tested against the ATen code here, which stays the reference).
+``snexp.norm.op`` chooses between them and the Triton kernels (which are built from these
+pieces, so this module imports no backend) and wraps that into the ``snexp::switch_norm`` op
+and its eager form.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -62,6 +66,21 @@ def bessel(cand: str, n: int, c: int) -> float:
     """Unbiased-variance factor for official-mode (N, C) input (pooled count k -> k/(k-1))."""
     k = {"ln": c, "bn": n}.get(cand, c // int(cand[2:]) if cand.startswith("gn") else 1)
     return k / (k - 1) if k > 1 else 1.0
+
+
+def _native(spec, t: Tensor) -> bool:
+    """Whether the C++ (N, C) middle (``snexp_cpu.mix``/``mix_backward``) replaces the ATen
+    one: the C++ passes apply to ``t`` (plain CPU tensors: traced ones keep the ATen ops) and
+    the layer pools locally, in paper or official mode on (N, C, *S) input (SyncSwitchNorm's
+    all-reduce and official (N, C) Bessel factors stay here)."""
+    return not (spec.sync or spec.official_2d) and _cpu.usable(t)
+
+
+@functools.lru_cache(maxsize=256)
+def _codes(candidates: tuple[str, ...]) -> tuple[int, ...]:
+    """The C++ middle's candidate codes: 0 = in, 1 = ln, 2 = bn, 2 + G = gn<G>."""
+    return tuple({"in": 0, "ln": 1, "bn": 2}[c] if c in ("in", "ln", "bn") else 2 + int(c[2:])
+                 for c in candidates)
 
 
 def _sync_sums(t: Tensor, spec) -> Tensor:
@@ -186,7 +205,7 @@ def grad_sums(dy: Tensor, x: Tensor, mu: Tensor) -> tuple[Tensor, Tensor]:
     n, c = mu.shape
     if (type(x) is Tensor and type(dy) is Tensor and x.dtype == mu.dtype
             and dy.dtype == x.dtype and x.is_contiguous() and dy.is_contiguous()
-            and x.device.type == "cpu"):
+            and x.is_cpu):
         # The native batch-norm backward on a (1, N*C, M) view computes both per-row sums in
         # one fused read of dy and x (grad_weight = s2 with invstd 1, grad_bias = s1).
         rows = n * c
@@ -230,15 +249,12 @@ def _rows(x: Tensor) -> tuple[int, ...]:
 def stats(x: Tensor, spec) -> tuple[Tensor, Tensor | None]:
     """[mu_in; var_in] (2, N, C) per (n, c), and the centered input for :func:`normalize`
     (None where the C++ pass reads x again instead)."""
-    if _cpu.usable(x):  # one C++ pass per row: mean, then the centered sum of squares
-        mu, ss = torch.ops.snexp_cpu.row_stats(x)
-        xc = None
-    else:
-        mu, nrm, xc = centered(x)
-        ss = nrm.pow_(2)
     m = math.prod(x.shape[2:])
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
-    return torch.stack([mu, ss.div_(denom)]), xc
+    if _cpu.usable(x):  # one C++ pass per row: mean, then the centered sum of squares
+        return torch.ops.snexp_cpu.in_stats(x, denom), None
+    mu, nrm, xc = centered(x)
+    return torch.stack([mu, nrm.pow_(2).div_(denom)]), xc
 
 
 def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spec, logits):
@@ -247,8 +263,16 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
     Returns ``a``, ``b`` (N, C) with ``y = a (x - mu_in) + b``, the BN batch statistics (2, C)
     or None and their count, and what the backward needs: ``mixed`` [mu - mu_in; var]
     (2, N, C), ``cands`` every candidate's [mu_k - mu_in; var_k] (2, K, N, C), ``probs`` (2, K).
+    The C++ form takes the cases :func:`_native` allows; the ATen code below is the reference.
     """
     _, n, c = st.shape
+    if _native(spec, st):
+        a, b, batch, mixed, cands, probs = torch.ops.snexp_cpu.mix(
+            st, weight, bias, mean_w, var_w, bn_mean, bn_var, _codes(spec.candidates),
+            spec.eps, logits)
+        if batch.numel() == 0:  # no BN candidate, or BN on running statistics
+            return a, b, None, 0, mixed, cands, probs
+        return a, b, batch, n * m, mixed, cands, probs
     cands, batch, count = _candidate_stats(st, bn_mean, bn_var, m, spec)
     k = cands.shape[1]
     probs = torch.stack([mean_w, var_w]).to(st.dtype)  # (2, K)
@@ -281,8 +305,15 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
                  need):
     """The (N, C)-sized middle of the backward: ``(a, p, q)`` with ``dx = a dy + p x + q``
     (``p``, ``q`` None when dx is not needed, ``p`` None when dx = a dy), then dweight,
-    dbias, dmean_w, dvar_w (None where not needed)."""
+    dbias, dmean_w, dvar_w (None where not needed; both importance gradients where one is).
+    The C++ form takes the cases :func:`_native` allows; the ATen code below is the reference.
+    """
     mu, mixed, cands, probs = saved
+    if _native(spec, mu):
+        denom = m - 1 if (spec.unbiased_in and m > 1) else m
+        return torch.ops.snexp_cpu.mix_backward(
+            s1, s2, mu, mixed, cands, probs, weight, _codes(spec.candidates), spec.eps, logits,
+            m, denom, n_total is not None, need)
     n, c = mu.shape
     k = probs.shape[1]
     rstd = torch.rsqrt(mixed[1] + spec.eps)

@@ -28,8 +28,8 @@ them (:mod:`snexp.norm._backend`):
 ``auto`` (default: Triton kernels on CUDA where Triton is installed, the C++ CPU passes of
 :mod:`snexp.norm._cpu` for contiguous float32/float64 CPU tensors, ATen ops elsewhere),
 ``aten``, ``cpu`` (a failed C++ build raises) or ``triton`` (on any device). The (N, C)-sized
-mixing is the same ATen code on every path. ``snexp.reference`` holds the plain-autograd
-equations that the tests compare against.
+mixing is ``_mixing``'s ATen code, or on eager CPU tensors its C++ form (tested against it).
+``snexp.reference`` holds the plain-autograd equations that the tests compare against.
 
 Arguments of the op that are not tensors are the layer's static options: ``candidates`` is one
 comma-separated string (``"in,ln,bn"``), ``momentum < 0`` means a cumulative average over
