@@ -4,7 +4,8 @@ Runs ``python -m nas.search`` (the ``quick`` preset, its full budget unless ``--
 every arm x data set x seed, each as its own process with one thread (``--jobs`` at a time),
 and writes ``<out>/report.md``: per arm and data set, the derived valid accuracy of every
 epoch (mean +- std over seeds), the final and the best derived accuracy, the mean child loss
-over steps 351-400 per seed, the SN importance at the end and the wall time of each run.
+over steps 351-400 per seed, the SN importance at the end (BN's share of the mean / variance
+weights) and the wall time of each run.
 The arms:
 
 - ``sn-prior``: the quick preset as it is: SN in every norm of the cells with the importance
@@ -175,7 +176,12 @@ def read_run(job: Job) -> dict | None:
     window = [losses[s] for s in range(lo, hi + 1) if s in losses]
     timing = job.out.parent.parent / "logs" / f"{job.name}.time.json"
     imp = (summary or {}).get("importance") or {}
-    bn_shares = [op["mean"]["bn"] for op in imp.get("ops", []) if op.get("mean")]
+    shared = imp.get("shared") or {}
+
+    def lowest(row: str) -> float | None:
+        shares = [op[row]["bn"] for op in imp.get("ops", []) if op.get(row)]
+        return min(shares) if shares else None
+
     return {
         "finished": summary is not None, "derived": derived,
         "final": derived[-1] if summary is not None and derived else None,
@@ -183,8 +189,9 @@ def read_run(job: Job) -> dict | None:
         "loss400": statistics.mean(window) if len(window) == hi - lo + 1 else None,
         "steps": max(losses, default=0),
         "wall_s": json.loads(timing.read_text())["wall_s"] if timing.exists() else None,
-        "bn_shared": (imp.get("shared") or {}).get("mean", {}).get("bn") if imp else None,
-        "bn_min_op": min(bn_shares) if bn_shares else None,
+        # BN's share of the mean and of the variance weights
+        "bn_shared": tuple((shared.get(row) or {}).get("bn") for row in ("mean", "var")),
+        "bn_min_op": (lowest("mean"), lowest("var")),
     }
 
 
@@ -197,6 +204,13 @@ def _ms(values: list[float]) -> str:
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _pair(values: tuple[float | None, float | None]) -> str:
+    """``mean / var`` shares, ``-`` where neither is known."""
+    if all(v is None for v in values):
+        return "-"
+    return " / ".join(_fmt(v) for v in values)
 
 
 def report(jobs: list[Job]) -> str:
@@ -231,15 +245,16 @@ def report(jobs: list[Job]) -> str:
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines += ["", f"## {data}: per run", "",
                   "| arm | seed | finished | steps | final derived acc | best derived acc | "
-                  f"loss, steps {LOSS_WINDOW[0]}-{LOSS_WINDOW[1]} | BN share: shared norms | "
-                  "BN share: lowest op | wall (min) |", "|---" * 10 + "|"]
+                  f"loss, steps {LOSS_WINDOW[0]}-{LOSS_WINDOW[1]} | BN share (mean / var "
+                  "weights): shared norms | BN share: lowest op | wall (min) |", "|---" * 10 + "|"]
         for arm, runs in arms:
             for seed, r in sorted(runs, key=lambda sr: sr[0]):
                 wall = None if r["wall_s"] is None else r["wall_s"] / 60
                 lines.append(
                     f"| {arm} | {seed} | {'yes' if r['finished'] else 'no'} | {r['steps']} | "
                     f"{_fmt(r['final'])} | {_fmt(r['best'])} | {_fmt(r['loss400'])} | "
-                    f"{_fmt(r['bn_shared'])} | {_fmt(r['bn_min_op'])} | {_fmt(wall, '.1f')} |")
+                    f"{_pair(r['bn_shared'])} | {_pair(r['bn_min_op'])} | "
+                    f"{_fmt(wall, '.1f')} |")
             finals = [r["final"] for _, r in runs if r["final"] is not None]
             losses = [r["loss400"] for _, r in runs if r["loss400"] is not None]
             lines.append(f"| {arm} | all | | | {_ms(finals)} | "

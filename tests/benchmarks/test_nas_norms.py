@@ -60,8 +60,10 @@ def _fake_run(out: Path, job, derived: list[float], loss400: float, *, finished:
         writer.add_scalar("search/derive_acc", acc, 200 * epoch)
     writer.close()
     if finished:
-        report = {"candidates": ["in", "ln", "bn"], "shared": {"mean": {"bn": 0.9}},
-                  "ops": [{"mean": {"bn": 0.8}}, {"mean": None}, {"mean": {"bn": 0.7}}]}
+        report = {"candidates": ["in", "ln", "bn"],
+                  "shared": {"mean": {"bn": 0.9}, "var": {"bn": 0.95}},
+                  "ops": [{"mean": {"bn": 0.8}, "var": {"bn": 0.6}}, {"mean": None, "var": None},
+                          {"mean": {"bn": 0.7}, "var": {"bn": 0.99}}]}
         (job.out / "search.json").write_text(json.dumps(
             {"best_valid_acc": max(derived), "derived": derived, "importance": report}))
     if wall is not None:
@@ -81,8 +83,10 @@ def test_report_tabulates_finished_and_unfinished_runs(tmp_path):
     # per epoch over seeds: (0.2, 0.4) and (0.5, 0.7): means 0.3, 0.6, std 0.141
     assert "| sn-prior | 0.300 ± 0.141 (n=2) | 0.600 ± 0.141 (n=2) |" in text
     assert "| bn | 0.300 ± 0.000 (n=1) | - |" in text
-    # per run: finished, steps, final, best, loss of steps 351-400, BN shares, wall minutes
-    assert "| sn-prior | 0 | yes | 400 | 0.500 | 0.500 | 1.800 | 0.900 | 0.700 | 10.0 |" in text
+    # per run: finished, steps, final, best, loss of steps 351-400, BN shares (mean / var
+    # weights: the shared norms', the lowest over the ops), wall minutes
+    assert ("| sn-prior | 0 | yes | 400 | 0.500 | 0.500 | 1.800 | 0.900 / 0.950 | "
+            "0.700 / 0.600 | 10.0 |") in text
     assert "| bn | 0 | no | 400 | - | 0.300 | 1.900 | - | - | - |" in text
     assert "| sn-prior | all | | | 0.600 ± 0.141 (n=2) |" in text
     assert "1.900 ± 0.141 (n=2)" in text  # the loss at step 400 over seeds
