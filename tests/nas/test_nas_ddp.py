@@ -154,7 +154,11 @@ def _agree(two: dict, one: dict, loss_tag: str, two_dir: Path, one_dir: Path) ->
     # the logged loss of each step (the ranks' mean) is the global batch's
     two_loss, one_loss = (_scalars(d / "tb", loss_tag) for d in (two_dir, one_dir))
     assert len(two_loss) == len(one_loss) >= 6
-    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    # NOTE: float32, and the two runs round SN's (N, C) mixing differently from the first step
+    # (the ranks pool BN statistics with SyncSwitchNorm's ATen pieces, one process runs the C++
+    # middle), which training carries: up to 1.4e-5 apart after 10 steps. A wrong averaging of
+    # gradients or statistics across ranks moves the loss by ~1e-2.
+    assert two_loss == pytest.approx(one_loss, rel=1e-4)
     a, b, init = two["state"], one["state"], one["initial"]
     assert a.keys() == b.keys()
     keys = [k for k in a if a[k].is_floating_point()]
