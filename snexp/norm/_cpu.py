@@ -262,7 +262,7 @@ def load(*, strict: bool = False, verbose: bool = False) -> bool:
                 raise RuntimeError(_state["error"]) from e
             warnings.warn(_state["error"], stacklevel=3)
             return False
-    if not hasattr(torch.ops.snexp_cpu, "row_stats"):  # cpp_extension.load may have loaded it
+    if not hasattr(torch.ops.snexp_cpu, "in_stats"):  # cpp_extension.load may have loaded it
         torch.ops.load_library(str(lib))
     _state["loaded"] = True
     return True

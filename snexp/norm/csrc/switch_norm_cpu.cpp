@@ -1,10 +1,10 @@
 // The full-size passes of Switchable Normalization on CPU, one row (n, c) at a time.
 //
-// Registered as torch.ops.snexp_cpu.{row_stats, in_stats, normalize, input_grad, mix,
-// mix_backward}; used by snexp/norm/_mixing.py for contiguous float32/float64 input on CPU.
+// Registered as torch.ops.snexp_cpu.{in_stats, normalize, input_grad, mix, mix_backward};
+// used by snexp/norm/_mixing.py for contiguous float32/float64 input on CPU.
 //
-//   row_stats(x)                 -> (mu, ss)   mu = mean of the row, ss = sum (x - mu)^2
-//   in_stats(x, denom)           -> st         [mu; ss / denom] as one (2, N, C) tensor
+//   in_stats(x, denom)           -> st         [mu; ss / denom] as one (2, N, C) tensor, with
+//                                              mu the mean of each row, ss = sum (x - mu)^2
 //   normalize(x, mu, a, b)       -> y          y = a (x - mu) + b
 //   input_grad(x, dy, a, p, q)   -> dx         dx = a dy + p x + q
 //
@@ -115,20 +115,6 @@ void dispatch(const at::Tensor& t, Fn&& fn) {
   } else {
     fn(static_cast<double*>(nullptr));
   }
-}
-
-std::tuple<at::Tensor, at::Tensor> row_stats(const at::Tensor& x) {
-  check_rows(x, "x");
-  const int64_t rows = x.size(0) * x.size(1);
-  const int64_t m = rows ? x.numel() / rows : 0;
-  auto mu = at::empty({x.size(0), x.size(1)}, x.options());
-  auto ss = at::empty({x.size(0), x.size(1)}, x.options());
-  dispatch(x, [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    row_stats_impl<T>(x.const_data_ptr<T>(), mu.data_ptr<T>(), ss.data_ptr<T>(), rows, m,
-                      T(1));
-  });
-  return {mu, ss};
 }
 
 at::Tensor in_stats(const at::Tensor& x, int64_t denom) {
@@ -554,7 +540,6 @@ mix_backward(const at::Tensor& s1_, const at::Tensor& s2_, const at::Tensor& mu_
 }  // namespace
 
 TORCH_LIBRARY(snexp_cpu, m) {
-  m.def("row_stats(Tensor x) -> (Tensor, Tensor)");
   m.def("normalize(Tensor x, Tensor mu, Tensor a, Tensor b) -> Tensor");
   m.def("input_grad(Tensor x, Tensor dy, Tensor a, Tensor p, Tensor q) -> Tensor");
   m.def("in_stats(Tensor x, int denom) -> Tensor");
@@ -568,7 +553,6 @@ TORCH_LIBRARY(snexp_cpu, m) {
 }
 
 TORCH_LIBRARY_IMPL(snexp_cpu, CPU, m) {
-  m.impl("row_stats", &row_stats);
   m.impl("normalize", &normalize);
   m.impl("input_grad", &input_grad);
   m.impl("in_stats", &in_stats);

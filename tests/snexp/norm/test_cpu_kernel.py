@@ -22,16 +22,17 @@ needs_compiler = pytest.mark.skipif(_cpu._compiler() is None, reason="no C++ com
 def test_builds_where_a_compiler_exists():
     # a broken source must fail here, not pass as "no compiler" (strict raises the build error)
     assert _cpu.load(strict=True)
-    assert hasattr(torch.ops.snexp_cpu, "row_stats")
+    assert hasattr(torch.ops.snexp_cpu, "in_stats")
 
 
 @needs_compiler
 def test_row_passes_by_hand():
-    # row_stats: mean and centered sum of squares; normalize: a (x - mu) + b; input_grad
+    # in_stats: [mean; centered sum of squares / denom]; normalize: a (x - mu) + b; input_grad
     x = torch.tensor([[[1.0, 2.0, 3.0, 6.0]], [[-1.0, -1.0, 1.0, 1.0]]])  # (2, 1, 4)
-    mu, ss = torch.ops.snexp_cpu.row_stats(x)
+    mu, ss = torch.ops.snexp_cpu.in_stats(x, 1)
     torch.testing.assert_close(mu, torch.tensor([[3.0], [0.0]]))
     torch.testing.assert_close(ss, torch.tensor([[14.0], [4.0]]))
+    torch.testing.assert_close(torch.ops.snexp_cpu.in_stats(x, 2)[1], ss / 2)
     a, b = torch.tensor([2.0, 0.5]), torch.tensor([1.0, -1.0])
     y = torch.ops.snexp_cpu.normalize(x, mu.view(-1), a, b)
     torch.testing.assert_close(y[0, 0], torch.tensor([-3.0, -1.0, 1.0, 7.0]))
@@ -46,9 +47,9 @@ def test_row_passes_refuse_bad_tensors():
     # tensor checks, not silent garbage: a non-contiguous or half input is refused
     _cpu.load(strict=True)
     with pytest.raises(RuntimeError, match="contiguous"):
-        torch.ops.snexp_cpu.row_stats(torch.randn(4, 3, 5).transpose(0, 1))
+        torch.ops.snexp_cpu.in_stats(torch.randn(4, 3, 5).transpose(0, 1), 1)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        torch.ops.snexp_cpu.row_stats(torch.randn(2, 3, 5).half())
+        torch.ops.snexp_cpu.in_stats(torch.randn(2, 3, 5).half(), 1)
 
 
 @needs_compiler
