@@ -6,7 +6,8 @@ of SN, SSN, BatchNorm2d, GroupNorm(32), InstanceNorm2d, the plain-autograd refer
 measured in the same process, plus compiled SN against compiled BatchNorm2d. The first line
 names the CPU (model, vector ISA) or GPU, the second the backend SN's passes ran on
 (``SNEXP_BACKEND``). Implementations are timed
-round-robin (one repetition of each in turn) and summarized by the median, so that a noisy
+round-robin (one repetition of each in turn, in a new order every round, so that none
+always runs right after the same neighbour) and summarized by the median, so that a noisy
 shared machine slows all of them alike. Ratios < 1 mean faster than BatchNorm2d.
 
 On Linux/glibc the benchmark first turns off heap trimming and mmap for buffers up to 32 MiB
@@ -22,6 +23,7 @@ import argparse
 import ctypes
 import os
 import platform
+import random
 import statistics
 import sys
 import time
@@ -132,6 +134,11 @@ def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.flo
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         dy = torch.randn(shape, generator=gen).to(dev, dtype)
+        if any(name.endswith(" compiled") for name in layers):
+            # NOTE: each shape compiles afresh, with static shapes, as a layer inside a compiled
+            # model is; otherwise dynamo's automatic dynamic shapes recompile the second and
+            # later shapes with symbolic sizes (slower code for both SN and BN).
+            torch._dynamo.reset()
         mods = {name: _build(name, shape[1]).to(dev) for name in layers}
         xg = x.detach().clone().requires_grad_()
 
@@ -151,8 +158,16 @@ def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.flo
             for _ in range(2):
                 train_step(m)
                 eval_step(m)
+        order = list(mods)
+        shuffle = random.Random(0).shuffle
         for _ in range(repeats):
-            for n, m in mods.items():
+            # NOTE: a fresh order every round. A layer timed right after a slow eager one (the
+            # reference, SSN) pays ~0.1-0.5 ms more at the small shape; in a fixed order the
+            # same layer always paid it (compiled SN, listed after the reference, measured
+            # 1.8x compiled BN; with the two compiled layers swapped, 0.8x).
+            shuffle(order)
+            for n in order:
+                m = mods[n]
                 times[(n, "train")].append(_timed(lambda: train_step(m), dev))
                 times[(n, "eval")].append(_timed(lambda: eval_step(m), dev))
         med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
