@@ -34,14 +34,16 @@ mixing is ``_mixing``'s ATen code, or on eager CPU tensors its C++ form (tested 
 Arguments of the op that are not tensors are the layer's static options: ``candidates`` is one
 comma-separated string (``"in,ln,bn"``), ``momentum < 0`` means a cumulative average over
 ``num_batches_tracked`` batches, ``group`` names the process group whose ranks pool the BN
-statistics (SyncSwitchNorm; ``""`` for none).
+statistics (SyncSwitchNorm; ``""`` for none), ``source`` is :data:`SOURCE` (see there).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -49,7 +51,23 @@ from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from snexp.norm import _mixing
 
-__all__ = ["switch_norm_op", "switch_norm_backward_op", "update_running_stats"]
+__all__ = ["SOURCE", "switch_norm_op", "switch_norm_backward_op", "update_running_stats"]
+
+
+def _source_digest() -> str:
+    """sha256 (16 hex digits) of this module and :mod:`snexp.norm._mixing`."""
+    digest = hashlib.sha256()
+    for path in (Path(__file__), Path(_mixing.__file__)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# The digest of the code that the op decomposes into under torch.compile, passed to every
+# call as the op's last argument. torch.compile's caches (AOTAutograd's and inductor's, on
+# disk, shared by all processes of a user) are keyed by dynamo's graph, in which the op is
+# one opaque call, not by the Python it decomposes into; without this, a changed or upgraded
+# snexp kept running the graphs compiled from the old code (checked on torch 2.14.1).
+SOURCE = _source_digest()
 
 
 def _passes_for(x: Tensor):
@@ -149,6 +167,7 @@ def switch_norm_op(
     official: bool,
     official_2d: bool,
     group: str,
+    source: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """SN forward of ``x`` (N, C, *S): ``(y, batch, n_bn, mu_in, mixed, cands, probs)``.
 
@@ -178,7 +197,7 @@ def switch_norm_op(
 
 @switch_norm_op.register_fake
 def _(x, weight, bias, mean_w, var_w, running_mean, running_var, candidates, eps, training,
-      logits, official, official_2d, group):
+      logits, official, official_2d, group, source):
     n, c = x.shape[:2]
     names = candidates.split(",")
     k = len(names)
@@ -239,7 +258,7 @@ def _(dy, x, weight, mu, mixed, cands, probs, n_bn, candidates, eps, logits, off
 
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, mean_w, var_w, running_mean, _running_var, candidates, eps, training,
-     logits, official, official_2d, group) = inputs
+     logits, official, official_2d, group, _source) = inputs
     _y, batch, n_bn, mu, mixed, cands, probs = output
     ctx.save_for_backward(x, weight, mu, mixed, cands, probs, n_bn)
     ctx.options = (candidates, eps, logits, official, official_2d, group,
@@ -251,7 +270,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, *_unused):
     if dy is None:
-        return (None,) * 14
+        return (None,) * 15
     x, weight, mu, mixed, cands, probs, n_bn = ctx.saved_tensors
     candidates, eps, logits, official, official_2d, group, bn_batch = ctx.options
     need = [bool(b) for b in ctx.needs_input_grad[:5]]
@@ -261,7 +280,7 @@ def _backward(ctx, dy, *_unused):
     for i, dtype in enumerate(ctx.dtypes, start=1):
         if out[i] is not None and dtype is not None:
             out[i] = out[i].to(dtype)
-    return (*out, *(None,) * 9)
+    return (*out, *(None,) * 10)
 
 
 switch_norm_op.register_autograd(_backward, setup_context=_setup_context)
@@ -385,7 +404,7 @@ def switch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, mean_w: T
         return _SwitchNormFunction.forward(_NoContext(), *args)
     y, batch, n_bn, *_ = switch_norm_op(
         x, weight, bias, mean_w, var_w, running_mean, running_var, candidates, eps, training,
-        logits, official, official_2d, group)
+        logits, official, official_2d, group, SOURCE)
     if update is not None:
         num_batches_tracked, momentum = update
         update_running_stats(running_mean, running_var, batch, n_bn * math.prod(x.shape[2:]),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 import snexp
-from snexp.norm import op
+from snexp.norm import _mixing, op
 
 
 def _op_args(x, candidates="in,ln,bn", training=True, running=True, logits=True):
@@ -21,7 +23,8 @@ def _op_args(x, candidates="in,ln,bn", training=True, running=True, logits=True)
     vw = torch.randn(k, dtype=x.dtype, requires_grad=True)
     rm = torch.randn(c, dtype=x.dtype) if running else None
     rv = torch.rand(c, dtype=x.dtype) + 0.5 if running else None
-    return (x, w, b, mw, vw, rm, rv, candidates, 1e-5, training, logits, False, False, "")
+    return (x, w, b, mw, vw, rm, rv, candidates, 1e-5, training, logits, False, False, "",
+            op.SOURCE)
 
 
 @pytest.mark.parametrize("candidates,training", [
@@ -138,6 +141,23 @@ def test_compile_decomposes_the_op_with_dynamic_shapes(fresh_dynamo):
         torch.testing.assert_close(b2, b1, msg=name)
     assert targets and not [t for t in targets if "snexp" in t]
     assert any("lerp" in t for t in targets)  # the running statistics, inside the graph
+
+
+def test_compiled_graph_carries_the_digest_of_the_decomposed_code(fresh_dynamo):
+    # torch.compile's on-disk caches key on dynamo's graph, where SN is one opaque op call: the
+    # digest of the code it decomposes into is an argument there, so changed code recompiles
+    files = Path(op.__file__).read_bytes() + Path(_mixing.__file__).read_bytes()
+    digest = hashlib.sha256(files).hexdigest()[:16]
+    calls = []
+
+    def backend(gm, _inputs):
+        calls.extend(node.args for node in gm.graph.nodes
+                     if node.target is torch.ops.snexp.switch_norm.default)
+        return gm.forward
+
+    torch.compile(_net(), fullgraph=True, backend=backend)(torch.randn(2, 3, 6, 6))
+    assert op.SOURCE == digest
+    assert len(calls) == 2 and all(args[-1] == digest for args in calls)
 
 
 @pytest.mark.slow
