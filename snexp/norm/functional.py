@@ -184,21 +184,22 @@ def sparsemax(z: Tensor) -> Tensor:
 
 
 def sparsestmax(z: Tensor, radius: Tensor | float) -> Tensor:
-    """SparsestMax of a 1-D logit vector ``z`` with sphere radius ``radius`` in [0, 1].
+    """SparsestMax of logits ``z`` along the last dim, with sphere radius ``radius`` in [0, 1].
 
     With ``w = sparsemax(z)`` and ``u`` uniform over the support of ``w``: if
     ``||w - u|| < radius``, ``w`` is pushed out to the sphere of that radius around ``u`` and
     projected back onto the simplex (which shrinks the support), and the step repeats.
-    Branch-free (no host synchronization): at most ``len(z) - 1`` rounds, each of which either
-    leaves ``w`` unchanged or shrinks its support.
+    Branch-free (no host synchronization): at most ``K - 1`` rounds, each of which either
+    leaves ``w`` unchanged or shrinks its support. Rows of a batch are independent (an SSN
+    layer takes its mean and variance logits in one call).
 
     Args:
-        z: logits of shape (K,).
+        z: logits of shape (..., K).
         radius: 0 gives :func:`sparsemax`; 1 a one-hot vector (unless the logits are exactly
             tied).
 
     Returns:
-        Weights (K,) on the probability simplex.
+        Weights of the same shape, on the probability simplex along the last dim.
 
     Example:
         >>> sparsestmax(torch.tensor([1.0, 0.5, -1.0]), 1.0)
@@ -208,10 +209,10 @@ def sparsestmax(z: Tensor, radius: Tensor | float) -> Tensor:
     w = sparsemax(z)
     for _ in range(z.shape[-1] - 1):
         inside = w > 0
-        k = inside.sum()
+        k = inside.sum(-1, keepdim=True)
         u = inside.to(z.dtype) / k
         d = w - u
-        dist = torch.linalg.vector_norm(d)
+        dist = torch.linalg.vector_norm(d, dim=-1, keepdim=True)
         # NOTE: a point exactly at the centre (tied logits) has no direction to move in; it
         # stays put until training breaks the tie.
         push = (dist < r) & (k > 1) & (dist > 0)

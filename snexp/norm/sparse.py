@@ -39,16 +39,21 @@ class _Sparse(_SwitchNorm):
 
     def importance_weights(self) -> tuple[Tensor, Tensor]:
         """SparsestMax weights; once a weight vector is one-hot it is frozen for good."""
-        out = []
-        for logits, fixed in zip(self.importance_logits(), (self.mean_fixed, self.var_fixed)):
-            w = sparsestmax(logits, self.radius)
-            frozen = fixed.sum() > 0
-            if self.training:
-                with torch.no_grad():
-                    onehot = (w.detach().max() >= 1) & ~frozen
-                    fixed.copy_(torch.where(onehot, w.detach(), fixed))
-                    frozen = fixed.sum() > 0
-            out.append(torch.where(frozen, fixed, w))
+        fixed = torch.stack([self.mean_fixed, self.var_fixed])
+        if (not torch.is_grad_enabled() and fixed.is_cpu and not torch.compiler.is_compiling()
+                and bool((fixed.sum(-1) > 0).all())):
+            # inference with both rows frozen: sparsestmax would be computed to be discarded
+            # (a host read, so CPU only; a trained SSN model has every layer frozen)
+            return fixed[0], fixed[1]
+        # mean and variance rows in one (2, K) batch: half the small ops of two calls
+        w = sparsestmax(torch.stack(self.importance_logits()), self.radius)
+        if self.training:
+            with torch.no_grad():
+                free = fixed.sum(-1, keepdim=True) == 0  # rows not yet frozen
+                onehot = (w.detach().amax(-1, keepdim=True) >= 1) & free
+                fixed = torch.where(onehot, w.detach(), fixed)
+                torch._foreach_copy_([self.mean_fixed, self.var_fixed], list(fixed.unbind(0)))
+        out = torch.where(fixed.sum(-1, keepdim=True) > 0, fixed, w)
         return out[0], out[1]
 
     def extra_repr(self) -> str:

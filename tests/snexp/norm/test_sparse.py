@@ -98,6 +98,28 @@ def test_ssn_reaches_one_hot_at_radius_one_and_freezes():
     assert imp["1"].mean == (0.0, 1.0, 0.0)
 
 
+def test_ssn_inference_weights_of_frozen_and_half_frozen_layers():
+    # under no_grad a fully frozen layer skips sparsestmax; the weights and outputs are the
+    # ones the full computation gives, and a layer with one free row still computes it
+    m = snexp.SparseSwitchNorm2d(4).eval()
+    x = torch.randn(2, 4, 3, 3)
+    with torch.no_grad():
+        m.mean_weight.copy_(torch.tensor([0.3, 0.1, 0.2]))
+        m.var_weight.copy_(torch.tensor([0.1, 0.5, 0.2]))
+        m.var_fixed.copy_(torch.tensor([0.0, 0.0, 1.0]))
+    snexp.set_sparsity(m, 0.1)
+    full = [w.detach() for w in m.importance_weights()]  # grad enabled: the full computation
+    with torch.no_grad():
+        half = m.importance_weights()
+    assert torch.equal(half[0], full[0]) and torch.equal(half[1], torch.tensor([0.0, 0.0, 1.0]))
+    assert float(full[0].max()) < 1.0  # the free row is sparsestmax, not a frozen one-hot
+    with torch.no_grad():
+        m.mean_fixed.copy_(torch.tensor([0.0, 1.0, 0.0]))
+        y_fast = m(x)
+        assert torch.equal(m.importance_weights()[0], torch.tensor([0.0, 1.0, 0.0]))
+    torch.testing.assert_close(y_fast, m(x).detach(), atol=0, rtol=0)
+
+
 def test_set_sparsity_validates_radius():
     with pytest.raises(ValueError, match="radius"):
         snexp.set_sparsity(snexp.SparseSwitchNorm2d(4), 1.5)
