@@ -1,0 +1,57 @@
+"""benchmarks/compiled_overhead.py: its kernel timing and buffer count, its table, its flags."""
+
+from __future__ import annotations
+
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+
+import compiled_overhead as co  # noqa: E402
+
+
+def test_instrument_times_kernels_and_counts_buffers_of_generated_modules():
+    calls = []
+    mod = types.ModuleType("generated")
+    mod.call = lambda args: None
+    mod.cpp_fused_add_0 = lambda *a: calls.append(a) or "out"
+    mod.empty_strided_cpu = lambda *a: ("buffer", a)
+    mod.other = lambda: "untouched"
+    tally = {"kernel_s": 0.0, "buffers": 0}
+    co.instrument([mod], tally)
+    assert mod.cpp_fused_add_0(1, 2) == "out" and calls == [(1, 2)]
+    assert mod.empty_strided_cpu((2,), (1,)) == ("buffer", ((2,), (1,)))
+    mod.empty_strided_cpu((3,), (1,))
+    assert tally["buffers"] == 2 and tally["kernel_s"] > 0.0
+    assert mod.other() == "untouched"
+
+
+def test_generated_modules_finds_only_inductor_cpu_output(monkeypatch):
+    mod = types.ModuleType("fake_output_code")
+    mod.call = lambda args: None
+    mod.cpp_fused_mul_1 = lambda *a: None
+    plain = types.ModuleType("fake_plain")
+    plain.call = lambda: None
+    monkeypatch.setitem(co.sys.modules, "fake_output_code", mod)
+    monkeypatch.setitem(co.sys.modules, "fake_plain", plain)
+    found = co.generated_modules()
+    assert found["fake_output_code"] is mod and "fake_plain" not in found
+
+
+def test_table_and_ratios():
+    rows = {"sn": {"step_us": 300.0, "kernel_us": 60.0, "rest_us": 240.0, "buffers": 28},
+            "bn": {"step_us": 250.0, "kernel_us": 75.0, "rest_us": 175.0, "buffers": 8}}
+    text = co.format_rows(rows)
+    assert "| SN | 300 | 60 | 240 | 28 |" in text and "| BN | 250 | 75 | 175 | 8 |" in text
+    assert text.endswith("SN / BN: step 1.20, kernels 0.80, rest 1.37")
+
+
+@pytest.mark.parametrize("argv", [["--shape", "4,256,14"], ["--shape", "a,b,c,d"],
+                                  ["--steps", "0"]])
+def test_bad_flags_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        co.main(argv)
+    assert "--" in capsys.readouterr().err
