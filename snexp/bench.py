@@ -58,9 +58,10 @@ class _ReferenceSN(nn.Module):
                                      training=self.training, momentum=s.momentum, eps=s.eps)
 
 
-def _build(name: str, channels: int) -> nn.Module:
+def _build(name: str, channels: int, dynamic: bool = False) -> nn.Module:
     if name.endswith(" compiled"):
-        return torch.compile(_build(name.split()[0], channels), fullgraph=True)
+        # dynamic=False: static shapes, not dynamo's default "static first, then symbolic"
+        return torch.compile(_build(name.split()[0], channels), fullgraph=True, dynamic=dynamic)
     if name == "SN":
         return make_norm("sn", channels)
     if name == "SSN":
@@ -120,7 +121,8 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 
 def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.float32,
-                  repeats: int = 25, layers=LAYERS, channels_last: bool = False) -> list[dict]:
+                  repeats: int = 25, layers=LAYERS, channels_last: bool = False,
+                  dynamic: bool = False) -> list[dict]:
     """Time every layer on every shape; returns one row per (shape, layer).
 
     Each row: shape, layer, train_ms and eval_ms (medians), train_ratio and eval_ratio (to
@@ -139,7 +141,7 @@ def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.flo
             # model is; otherwise dynamo's automatic dynamic shapes recompile the second and
             # later shapes with symbolic sizes (slower code for both SN and BN).
             torch._dynamo.reset()
-        mods = {name: _build(name, shape[1]).to(dev) for name in layers}
+        mods = {name: _build(name, shape[1], dynamic).to(dev) for name in layers}
         xg = x.detach().clone().requires_grad_()
 
         def train_step(m):
@@ -251,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep glibc's default heap trimming (noisier CPU timings)")
     parser.add_argument("--no-compile", action="store_true",
                         help="skip the torch.compile'd SN and BN rows (compiling takes minutes)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="compile with dynamic=True (symbolic shapes; default: static)")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
@@ -262,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     tuned = False if args.no_malloc_tune else tune_glibc_malloc()
     layers = LAYERS if args.no_compile else LAYERS + COMPILED
     rows = run_benchmark(args.shape or DEFAULT_SHAPES, device=args.device, dtype=dtype,
-                         repeats=args.repeats, channels_last=args.channels_last, layers=layers)
+                         repeats=args.repeats, channels_last=args.channels_last, layers=layers,
+                         dynamic=args.dynamic)
     name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
             else f"{cpu_description()}, {torch.get_num_threads()} torch threads")
     print(f"# snexp.bench: torch {torch.__version__}, {name}, {args.dtype}"
@@ -274,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.channels_last:
         probe = probe.contiguous(memory_format=torch.channels_last)
     print(f"# SN backend (SNEXP_BACKEND={_backend.setting()}): eager {describe_backend(probe)}"
-          f"; compiled: inductor over the decomposed ATen equations\n")
+          f"; compiled: inductor over the decomposed ATen equations"
+          f"{' (dynamic=True)' if args.dynamic else ''}\n")
     print(format_table(rows))
     return 0
 

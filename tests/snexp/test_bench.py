@@ -33,3 +33,11 @@ def test_compiled_rows_and_cpu_description():
     desc = bench.cpu_description()
     assert "ATen kernels:" in desc and any(isa in desc for isa in
                                            ("AVX-512", "AVX2", "NEON", "baseline"))
+
+
+def test_compiled_layers_are_built_static_unless_dynamic_is_asked(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench.torch, "compile", lambda m, **kw: seen.append(kw) or m)
+    bench._build("SN compiled", 8)
+    bench._build("BN compiled", 8, dynamic=True)
+    assert seen == [{"fullgraph": True, "dynamic": False}, {"fullgraph": True, "dynamic": True}]
