@@ -145,6 +145,9 @@ def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.flo
         xg = x.detach().clone().requires_grad_()
 
         def train_step(m):
+            # as a training step: gradients set to None first (optimizer.zero_grad's default),
+            # so that backward stores them instead of adding to the last step's
+            m.zero_grad(set_to_none=True)
             m.train()
             y = m(xg)
             y.backward(dy)
