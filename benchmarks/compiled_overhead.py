@@ -74,6 +74,10 @@ def measure(kind: str, shape: tuple[int, ...], steps: int) -> dict[str, float]:
         step()
     tally = {"kernel_s": 0.0, "buffers": 0}
     mods = [m for name, m in generated_modules().items() if name not in before]
+    if not mods:  # e.g. TORCHINDUCTOR_CPP_WRAPPER=1: no Python wrapper whose kernels to time
+        raise SystemExit(f"error: found no inductor-generated Python module with CPU kernels "
+                         f"for compiled {kind}; run without TORCHINDUCTOR_CPP_WRAPPER and on "
+                         f"CPU, where inductor emits them")
     instrument(mods, tally)
     times, kernels, buffers = [], [], []
     for _ in range(steps):
@@ -86,7 +90,7 @@ def measure(kind: str, shape: tuple[int, ...], steps: int) -> dict[str, float]:
     step_us = statistics.median(times) * 1e6
     kernel_us = statistics.median(kernels) * 1e6
     return {"step_us": step_us, "kernel_us": kernel_us, "rest_us": step_us - kernel_us,
-            "buffers": statistics.median(buffers), "graphs": len(mods)}
+            "buffers": statistics.median(buffers)}
 
 
 def format_rows(rows: dict[str, dict[str, float]]) -> str:
@@ -125,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=FutureWarning, module="torch.jit")

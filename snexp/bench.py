@@ -259,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dynamic", action="store_true",
                         help="compile with dynamic=True (symbolic shapes; default: static)")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
               file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads is not None:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     tuned = False if args.no_malloc_tune else tune_glibc_malloc()

@@ -49,9 +49,19 @@ def test_table_and_ratios():
     assert text.endswith("SN / BN: step 1.20, kernels 0.80, rest 1.37")
 
 
-@pytest.mark.parametrize("argv", [["--shape", "4,256,14"], ["--shape", "a,b,c,d"],
-                                  ["--steps", "0"]])
-def test_bad_flags_are_refused(argv, capsys):
+@pytest.mark.parametrize("argv,flag", [(["--shape", "4,256,14"], "--shape"),
+                                       (["--shape", "a,b,c,d"], "--shape"),
+                                       (["--steps", "0"], "--steps"),
+                                       (["--threads", "0"], "--threads")])
+def test_bad_flags_are_refused(argv, flag, capsys):
     with pytest.raises(SystemExit):
         co.main(argv)
-    assert "--" in capsys.readouterr().err
+    assert flag in capsys.readouterr().err
+
+
+def test_no_generated_kernels_is_an_error_not_a_zero(monkeypatch):
+    # a compiled step whose kernels cannot be found must not report 0 us inside kernels
+    monkeypatch.setattr(co, "generated_modules", dict)
+    monkeypatch.setattr(co.torch, "compile", lambda m, **kw: m)
+    with pytest.raises(SystemExit, match="no inductor-generated"):
+        co.measure("bn", (2, 4, 3, 3), 1)

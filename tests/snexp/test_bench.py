@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from snexp import bench
 
 
@@ -41,3 +43,10 @@ def test_compiled_layers_are_built_static_unless_dynamic_is_asked(monkeypatch):
     bench._build("SN compiled", 8)
     bench._build("BN compiled", 8, dynamic=True)
     assert seen == [{"fullgraph": True, "dynamic": False}, {"fullgraph": True, "dynamic": True}]
+
+
+def test_threads_below_one_is_refused(capsys):
+    # --threads 0 used to be dropped silently (the run went on with the default)
+    with pytest.raises(SystemExit):
+        bench.main(["--threads", "0", "--no-compile", "--shape", "2,8,4,4"])
+    assert "--threads must be at least 1" in capsys.readouterr().err
