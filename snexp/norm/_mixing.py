@@ -155,14 +155,20 @@ def _candidate_stats(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | Non
     return cands, batch, count
 
 
-def _pooled_grads(d: Tensor, spec, n_total: int | None) -> tuple[Tensor | None, list[int]]:
-    """Each candidate's pooling adjoint applied to ``d`` (2, N, C), stacked (2, K', N, C).
+def _adjoint_sums(d: Tensor, w: Tensor, offsets: Tensor, spec, n_total: int | None
+                  ) -> tuple[Tensor, Tensor | None] | None:
+    """The pooled adjoints of ``d`` (2, N, C), summed over the candidates with weights ``w``
+    (2, K): ``e = sum_k w_k P_k(d)`` (2, N, C) and ``corr = sum_k offsets_k w_1k P_k(d_1)``
+    (N, C; None when no candidate has an offset), ``offsets`` being the candidates'
+    ``mu_k - mu_in`` (K, N, C). A BN candidate on running statistics (``n_total is None``) is
+    constant and left out; None when nothing is left.
 
-    A BN candidate on running statistics (``n_total is None``) is constant and left out; the
-    second value lists the candidates kept.
+    Each term stays in its candidate's broadcast shape ((2, N, 1) for LN, (2, 1, C) for BN):
+    no (2, K, N, C) stack, whose in-place weighting was one more full copy of it under
+    torch.compile.
     """
     _, n, c = d.shape
-    rows, kept = [], []
+    e = corr = None
     for i, cand in enumerate(spec.candidates):
         if cand == "in":
             t = d
@@ -179,9 +185,14 @@ def _pooled_grads(d: Tensor, spec, n_total: int | None) -> tuple[Tensor | None, 
             g = int(cand[2:])
             t = d.view(2, n, g, c // g).mean(3, keepdim=True).expand(2, n, g, c // g)
             t = t.reshape(2, n, c)
-        rows.append(t.expand(2, n, c))
-        kept.append(i)
-    return (torch.stack(rows, 1) if rows else None), kept
+        t = t * w[:, i].view(2, 1, 1)  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
+        e = t if e is None else e + t
+        if cand != "in":  # IN's offset is exactly 0
+            term = offsets[i] * t[1]
+            corr = term if corr is None else corr + term
+    if e is None:
+        return None
+    return e.expand(2, n, c), corr
 
 
 def centered(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -349,22 +360,18 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     grads = (dweight, dbias, dmean_w, dvar_w)
     if not need[0]:
         return (a, None, None, *grads)
-    pooled, kept = _pooled_grads(d, spec, n_total)
-    if not kept:  # only BN on running statistics: dx = a dy
-        return (a, None, None, *grads)
-    offsets, w = cands[0], probs
-    if len(kept) < k:
-        offsets, w = offsets[kept], probs[:, kept]
+    w = probs
     if spec.official_2d:
-        w = w * torch.tensor([[1.0] * len(kept),
-                              [bessel(spec.candidates[i], n, c) for i in kept]],
+        w = w * torch.tensor([[1.0] * k, [bessel(cand, n, c) for cand in spec.candidates]],
                              dtype=w.dtype, device=w.device)
-    pooled.mul_(w.view(2, -1, 1, 1))  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
-    e = pooled.sum(1)  # -[mixed adjoint of dmu; 2 dvar_in]
-    corr = (offsets * pooled[1]).sum(0)  # sum_k 2 (mu_in - mu_k) q_k P_k(dvar)
+    sums = _adjoint_sums(d, w, cands[0], spec, n_total)
+    if sums is None:  # only BN on running statistics: dx = a dy
+        return (a, None, None, *grads)
+    e, corr = sums  # -[mixed adjoint of dmu; 2 dvar_in], sum_k 2 (mu_in - mu_k) q_k P_k(dvar)
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
     p = e[1] * (-1.0 / denom)
-    q = torch.sub(corr, e[0]).mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
+    q = e[0].neg() if corr is None else torch.sub(corr, e[0])
+    q = q.mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
     return (a, p, q, *grads)
 
 
