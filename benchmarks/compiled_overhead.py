@@ -2,7 +2,8 @@
 
     python benchmarks/compiled_overhead.py --shape 4,256,14,14
 
-For each layer (SN, BatchNorm2d; ``fullgraph=True``, static shapes, inductor) it times one
+For each layer (SN, BatchNorm2d; compiled as ``nn.Sequential(layer)`` with ``fullgraph=True``,
+static shapes, inductor, as ``python -m snexp.bench`` compiles them) it times one
 fwd+bwd step in a loop and, by wrapping the kernels inductor generated for it, the part of the
 step spent inside those kernels; the rest is per-call overhead (dynamo's guards, AOTAutograd's
 wrappers, autograd, and the generated Python that allocates the graphs' buffers and calls the
@@ -62,11 +63,13 @@ def instrument(modules, tally: dict[str, float]) -> None:
 def measure(kind: str, shape: tuple[int, ...], steps: int) -> dict[str, float]:
     """Median step time, kernel time and buffers per fwd+bwd step of compiled ``kind``."""
     before = set(generated_modules())
-    layer = torch.compile(make_norm(kind, shape[1]), fullgraph=True)
+    # a one-layer model, as snexp.bench compiles it (the same traced harness for both layers)
+    layer = torch.compile(torch.nn.Sequential(make_norm(kind, shape[1])), fullgraph=True)
     x = torch.randn(shape, requires_grad=True)
     dy = torch.randn(shape)
 
-    def step():
+    def step():  # a training step, as snexp.bench times it
+        layer.zero_grad(set_to_none=True)
         layer(x).backward(dy)
         x.grad = None
 

@@ -40,9 +40,13 @@ def test_compiled_rows_and_cpu_description():
 def test_compiled_layers_are_built_static_unless_dynamic_is_asked(monkeypatch):
     seen = []
     monkeypatch.setattr(bench.torch, "compile", lambda m, **kw: seen.append(kw) or m)
-    bench._build("SN compiled", 8)
-    bench._build("BN compiled", 8, dynamic=True)
+    sn = bench._build("SN compiled", 8)
+    bn = bench._build("BN compiled", 8, dynamic=True)
     assert seen == [{"fullgraph": True, "dynamic": False}, {"fullgraph": True, "dynamic": True}]
+    # both compiled as one-layer models, so that torch.compile traces the same harness around
+    # them (it traces a bare torch.nn layer's Module.__call__, but not a bare SN's)
+    assert [type(m).__name__ for m in (sn, bn)] == ["Sequential", "Sequential"]
+    assert [type(m[0]).__name__ for m in (sn, bn)] == ["SwitchNorm2d", "BatchNorm2d"]
 
 
 def test_threads_below_one_is_refused(capsys):
