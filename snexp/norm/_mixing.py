@@ -123,16 +123,32 @@ def _batch_stats(stats: Tensor, m: int, spec) -> tuple[Tensor, int | Tensor]:
     return torch.stack([mean, var]).view(2, 1, c), total[0] * m
 
 
-def _candidate_stats(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, m: int,
-                     spec) -> tuple[Tensor, Tensor | None, int | Tensor]:
-    """Every candidate's [mu_k - mu_in; var_k] as one (2, K, N, C) tensor, BN batch stats."""
+def _candidate_terms(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | None, m: int,
+                     spec, cands: Tensor | None = None, n_total=0
+                     ) -> tuple[list[tuple[Tensor | None, Tensor]], Tensor | None, int | Tensor]:
+    """Every candidate's ``(mu_k - mu_in, var_k)``, each in its broadcast shape ((N, C) for IN
+    and GN, (N, 1) for LN, (1, C) for BN; IN's offset is None: exactly 0), the BN batch
+    statistics (2, C) or None, and their count.
+
+    Means are mixed as offsets from mu_in (sum_k p_k = 1): a constant input then gives exactly
+    mu = mu_in instead of a rounding error amplified by 1/sqrt(eps). The backward derives the
+    terms again from the saved IN statistics, except a BN candidate that is not a function of
+    them (running statistics: ``n_total`` None; SyncSwitchNorm's pooled ones), which it reads
+    from the forward's stacked candidates ``cands``. Under torch.compile the stack is then
+    dead code: no (2, K, N, C) buffer and no copies into it.
+    """
     _, n, c = stats.shape
-    rows = []
+    mu_in = stats[0]
+    terms: list[tuple[Tensor | None, Tensor]] = []
     batch, count = None, 0
-    for cand in spec.candidates:
+    for i, cand in enumerate(spec.candidates):
         if cand == "in":
-            t = stats
-        elif cand == "bn" and bn_mean is not None:
+            terms.append((None, stats[1]))
+            continue
+        if cand == "bn" and cands is not None and (spec.sync or n_total is None):
+            terms.append((cands[0, i], cands[1, i]))
+            continue
+        if cand == "bn" and bn_mean is not None:
             t = torch.stack([bn_mean, bn_var]).view(2, 1, c).to(stats.dtype)
         else:
             if cand == "bn":
@@ -147,25 +163,35 @@ def _candidate_stats(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | Non
                 t[1].mul_(bessel(cand, n, c))
             if cand == "bn":
                 batch = t.view(2, c)
-        rows.append(t.expand(2, n, c))
-    cands = torch.stack(rows, 1)  # (2, K, N, C)
-    # Means are mixed as offsets from mu_in (sum_k p_k = 1): a constant input then gives
-    # exactly mu = mu_in instead of a rounding error amplified by 1/sqrt(eps).
-    cands[0].sub_(stats[0])
-    return cands, batch, count
+        terms.append((t[0] - mu_in, t[1]))
+    return terms, batch, count
 
 
-def _adjoint_sums(d: Tensor, w: Tensor, offsets: Tensor, spec, n_total: int | None
+def _mixed(terms, probs: Tensor) -> tuple[Tensor, Tensor]:
+    """[mu - mu_in, var] = sum_k [p_k (mu_k - mu_in), q_k var_k], each row by its own weights
+    (``probs`` (2, K)), in the terms' broadcast shape."""
+    mean = var = None
+    for i, (off, v) in enumerate(terms):
+        if off is not None:
+            t = off * probs[0, i]
+            mean = t if mean is None else mean + t
+        t = v * probs[1, i]
+        var = t if var is None else var + t
+    if mean is None:  # IN alone: mu = mu_in
+        mean = torch.zeros_like(var)
+    return mean, var
+
+
+def _adjoint_sums(d: Tensor, w: Tensor, terms, spec, n_total: int | None
                   ) -> tuple[Tensor, Tensor | None] | None:
     """The pooled adjoints of ``d`` (2, N, C), summed over the candidates with weights ``w``
-    (2, K): ``e = sum_k w_k P_k(d)`` (2, N, C) and ``corr = sum_k offsets_k w_1k P_k(d_1)``
-    (N, C; None when no candidate has an offset), ``offsets`` being the candidates'
-    ``mu_k - mu_in`` (K, N, C). A BN candidate on running statistics (``n_total is None``) is
+    (2, K): ``e = sum_k w_k P_k(d)`` (2, N, C) and ``corr = sum_k off_k w_1k P_k(d_1)``
+    (N, C, None when no candidate has an offset), ``off_k = mu_k - mu_in`` from ``terms``
+    (:func:`_candidate_terms`). A BN candidate on running statistics (``n_total is None``) is
     constant and left out; None when nothing is left.
 
-    Each term stays in its candidate's broadcast shape ((2, N, 1) for LN, (2, 1, C) for BN):
-    no (2, K, N, C) stack, whose in-place weighting was one more full copy of it under
-    torch.compile.
+    Each term stays in its candidate's broadcast shape ((2, N, 1) for LN, (2, 1, C) for BN): no
+    (2, K, N, C) stack, which under torch.compile is one more buffer per step.
     """
     _, n, c = d.shape
     e = corr = None
@@ -187,8 +213,9 @@ def _adjoint_sums(d: Tensor, w: Tensor, offsets: Tensor, spec, n_total: int | No
             t = t.reshape(2, n, c)
         t = t * w[:, i].view(2, 1, 1)  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
         e = t if e is None else e + t
-        if cand != "in":  # IN's offset is exactly 0
-            term = offsets[i] * t[1]
+        off = terms[i][0]
+        if off is not None:  # (IN's offset is exactly 0)
+            term = off * t[1]
             corr = term if corr is None else corr + term
     if e is None:
         return None
@@ -280,6 +307,15 @@ def stats(x: Tensor, spec) -> tuple[Tensor, Tensor | None]:
     denom = m - 1 if (spec.unbiased_in and m > 1) else m
     if _cpu.usable(x):  # one C++ pass per row: mean, then the centered sum of squares
         return torch.ops.snexp_cpu.in_stats(x, denom), None
+    if type(x) is not Tensor and x.device.type == "cpu":
+        # A traced CPU graph: the variance reduction's result is its final value (1 / denom
+        # inside the sum), so inductor writes it straight into the stack's row instead of
+        # copying it there in one more loop nest, whose OpenMP barrier costs more than the
+        # copy (docs/layers.md, "Compiled SN at small shapes")
+        dims = tuple(range(2, x.dim()))
+        mu = x.mean(dims, dtype=torch.promote_types(x.dtype, torch.float32))
+        xc = torch.sub(x, mu.view(_rows(x)))
+        return torch.stack([mu, xc.square().mul(1.0 / denom).sum(dims)]), xc
     mu, nrm, xc = centered(x)
     return torch.stack([mu, nrm.pow_(2).div_(denom)]), xc
 
@@ -288,9 +324,11 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
     """The (N, C)-sized middle: every candidate's statistics, mixed; the affine coefficients.
 
     Returns ``a``, ``b`` (N, C) with ``y = a (x - mu_in) + b``, the BN batch statistics (2, C)
-    or None and their count, and what the backward needs: ``mixed`` [mu - mu_in; var]
-    (2, N, C), ``cands`` every candidate's [mu_k - mu_in; var_k] (2, K, N, C), ``probs`` (2, K).
-    The C++ form takes the cases :func:`_native` allows; the ATen code below is the reference.
+    or None and their count, and, for the backward, ``mixed`` [mu - mu_in; var] (2, N, C),
+    ``cands`` every candidate's [mu_k - mu_in; var_k] (2, K, N, C) and ``probs`` (2, K) (the
+    C++ and Triton backwards read them; :func:`mix_backward`'s ATen code derives them again
+    from the IN statistics). The C++ form takes the cases :func:`_native` allows; the ATen code
+    below is the reference.
     """
     _, n, c = st.shape
     if _native(spec, st):
@@ -300,8 +338,7 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
         if batch.numel() == 0:  # no BN candidate, or BN on running statistics
             return a, b, None, 0, mixed, cands, probs
         return a, b, batch, n * m, mixed, cands, probs
-    cands, batch, count = _candidate_stats(st, bn_mean, bn_var, m, spec)
-    k = cands.shape[1]
+    terms, batch, count = _candidate_terms(st, bn_mean, bn_var, m, spec)
     probs = torch.stack([mean_w, var_w]).to(st.dtype)  # (2, K)
     # NOTE: softmax and the mixing as elementwise ops and reductions, not torch.softmax and
     # torch.bmm: on these tiny tensors those two enter OpenMP parallel regions, and on a busy
@@ -309,15 +346,55 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
     if logits:
         probs = probs.sub(probs.amax(1, keepdim=True)).exp_()
         probs = probs.div_(probs.sum(1, keepdim=True))
-    # [mu - mu_in; var]: each row mixed by its own weights
-    mixed = torch.mul(probs.view(2, k, 1, 1), cands).sum(1)  # (2, N, C)
-    a = torch.rsqrt(mixed[1] + spec.eps)
-    if weight is not None:
-        a = a * weight.to(a.dtype)
-    b = torch.mul(mixed[0], a).neg_()
+    mean, var = _mixed(terms, probs)
+    a, b, _ = _affine(mean, var, weight, bias, spec.eps, n, c)
+    # What the other backends' backward reads. Under torch.compile these are dead code: the
+    # ATen backward derives everything from ``st`` (and reads ``cands`` only where BN's
+    # statistics are not a function of it), so inductor keeps no (2, K, N, C) buffer.
+    mixed = torch.stack([mean.expand(n, c), var.expand(n, c)])  # (2, N, C)
+    return a, b, batch, count, mixed, _stacked(terms, n, c), probs
+
+
+def _weight_grads(terms, d: Tensor) -> Tensor:
+    """dp (2, K): each candidate's [mu_k - mu_in; var_k] times ``d`` (2, N, C), summed over
+    (n, c), row by row (not bmm: see :func:`mix`).
+
+    Each row is one reduction over (K, N, C) of a one-hot sum of the terms, a pointwise
+    expression: under torch.compile one loop nest and one (K,) buffer per row, where a stack of
+    the terms is materialized and K separate sums are K buffers.
+    """
+    k = len(terms)
+    eye = torch.eye(k, dtype=d.dtype, device=d.device)
+    rows = []
+    for r in (0, 1):
+        e = None
+        for i, term in enumerate(terms):
+            if term[r] is None:  # IN's mean offset: exactly 0
+                continue
+            t = eye[i].view(k, 1, 1) * term[r]
+            e = t if e is None else e + t
+        rows.append(d.new_zeros(k) if e is None else (e * d[r]).sum((1, 2)))
+    return torch.stack(rows)
+
+
+def _stacked(terms, n: int, c: int) -> Tensor:
+    """The terms of :func:`_candidate_terms` as one (2, K, N, C) tensor."""
+    zero = terms[0][1].new_zeros(()).expand(n, c)
+    return torch.stack([torch.stack([zero if off is None else off.expand(n, c)
+                                     for off, _ in terms]),
+                        torch.stack([v.expand(n, c) for _, v in terms])])
+
+
+def _affine(mean: Tensor, var: Tensor, weight, bias, eps: float, n: int, c: int
+            ) -> tuple[Tensor, Tensor, Tensor]:
+    """``a = weight rstd`` and ``b = bias - (mu - mu_in) a`` (N, C), and ``rstd``, from the
+    mixed ``mean`` (mu - mu_in) and ``var`` (broadcastable to (N, C))."""
+    rstd = torch.rsqrt(var + eps)
+    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    b = torch.mul(mean, a).neg_()
     if bias is not None:
         b = b + bias.to(b.dtype)
-    return a, b, batch, count, mixed, cands, probs
+    return a.expand(n, c), b.expand(n, c), rstd
 
 
 def normalize(x: Tensor, xc: Tensor | None, mu: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -335,8 +412,15 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     (``p``, ``q`` None when dx is not needed, ``p`` None when dx = a dy), then dweight,
     dbias, dmean_w, dvar_w (None where not needed; both importance gradients where one is).
     The C++ form takes the cases :func:`_native` allows; the ATen code below is the reference.
+
+    ``saved`` is the forward's (IN statistics, mixed, candidates, probabilities). Eager, the
+    ATen code reads the mixing and the candidates from there, in the fewest calls. Traced
+    (torch.compile), it derives them again from the IN statistics and groups its reductions,
+    so that inductor emits fewer buffers and loop nests, each nest ending in an OpenMP barrier
+    on CPU (the same equations; the compile-vs-eager tests hold them equal).
     """
-    mu, mixed, cands, probs = saved
+    st, mixed, cands, probs = saved
+    mu = st[0]
     if _native(spec, mu):
         denom = m - 1 if (spec.unbiased_in and m > 1) else m
         return torch.ops.snexp_cpu.mix_backward(
@@ -344,19 +428,37 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
             m, denom, n_total is not None, need)
     n, c = mu.shape
     k = probs.shape[1]
-    rstd = torch.rsqrt(mixed[1] + spec.eps)
-    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
-    h = torch.mul(mixed[0], s1).neg_().add_(s2).mul_(rstd)  # g rstd
-    dweight = h.sum(0) if need[1] else None
-    dbias = s1.sum(0) if need[2] else None
+    eager = type(st) is Tensor
+    if eager:  # what the forward saved
+        terms = [(None if cand == "in" else cands[0, i], cands[1, i])
+                 for i, cand in enumerate(spec.candidates)]
+        mean, var = mixed[0], mixed[1]
+    else:  # reading the (2, K, N, C) candidates would keep them materialized
+        terms, _, _ = _candidate_terms(st, None, None, m, spec, cands=cands, n_total=n_total)
+        mean, var = _mixed(terms, probs)
+    a, _, rstd = _affine(mean, var, weight, None, spec.eps, n, c)
+    h = torch.mul(mean, s1).neg_().add_(s2).mul_(rstd)  # g rstd
+    if eager:
+        dweight = h.sum(0) if need[1] else None
+        dbias = s1.sum(0) if need[2] else None
+    else:  # one reduction over N for both: one loop nest
+        dweight, dbias = torch.stack([h, s1]).sum(1).unbind(0)
+        dweight, dbias = (dweight if need[1] else None), (dbias if need[2] else None)
     # d = -[dmu; 2 dvar] = [a s1; a rstd h]: the signs and the 2 go into the scalars below
     d = torch.stack([s1, h * rstd]).mul_(a)  # (2, N, C)
     dmean_w = dvar_w = None
     if need[3] or need[4]:
-        dp = torch.mul(cands, d.view(2, 1, n, c)).sum((2, 3))  # (2, K); not bmm: see mix
+        if eager:  # not bmm: see mix
+            dp = torch.mul(cands, d.view(2, 1, n, c)).sum((2, 3))  # (2, K)
+        else:
+            dp = _weight_grads(terms, d)
         if logits:  # softmax Jacobian, row by row
             dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
-        dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
+        if eager:
+            dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
+        else:  # as views of one tensor: one loop nest
+            dmean_w, dvar_w = dp.mul(torch.tensor([[-1.0], [-0.5]], dtype=dp.dtype,
+                                                  device=dp.device)).unbind(0)
     grads = (dweight, dbias, dmean_w, dvar_w)
     if not need[0]:
         return (a, None, None, *grads)
@@ -364,7 +466,7 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     if spec.official_2d:
         w = w * torch.tensor([[1.0] * k, [bessel(cand, n, c) for cand in spec.candidates]],
                              dtype=w.dtype, device=w.device)
-    sums = _adjoint_sums(d, w, cands[0], spec, n_total)
+    sums = _adjoint_sums(d, w, terms, spec, n_total)
     if sums is None:  # only BN on running statistics: dx = a dy
         return (a, None, None, *grads)
     e, corr = sums  # -[mixed adjoint of dmu; 2 dvar_in], sum_k 2 (mu_in - mu_k) q_k P_k(dvar)
@@ -396,9 +498,8 @@ def forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, *, spec, logits):
     a, b, batch, count, mixed, cands, probs = mix(
         st, weight, bias, mean_w, var_w, bn_mean, bn_var, math.prod(x.shape[2:]), spec=spec,
         logits=logits)
-    mu = st[0]
-    y = normalize(x, xc, mu, a, b)
-    return y, batch, count, (mu, mixed, cands, probs)
+    y = normalize(x, xc, st[0], a, b)
+    return y, batch, count, (st, mixed, cands, probs)
 
 
 def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
@@ -406,7 +507,7 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
 
     grad_sums -> mix_backward -> input_grad.
     """
-    s1, s2 = grad_sums(dy, x, saved[0])
+    s1, s2 = grad_sums(dy, x, saved[0][0])
     a, p, q, *grads = mix_backward(s1, s2, saved, weight, math.prod(x.shape[2:]), spec=spec,
                                    logits=logits, n_total=n_total, need=need)
     dx = input_grad(x, dy, a, p, q) if need[0] else None

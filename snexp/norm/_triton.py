@@ -218,7 +218,7 @@ def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
             lay.chunk, *lay.v.stride(), *y.stride(), I_IN=_index(spec, "in"),
             I_LN=_index(spec, "ln"), I_BN=i_bn, HAS_W=weight is not None,
             HAS_B=bias is not None, BC=lay.bc, BM=lay.bm)
-        return y.view(x.shape), batch, count, (stats[0], mixed, cands, probs)
+        return y.view(x.shape), batch, count, (stats, mixed, cands, probs)
     # group candidates, sync, official (N, C): _mixing's own (N, C) mixing between the passes
     a, b, batch, count, mixed, cands, probs = _mixing.mix(
         stats, weight, bias, mean_w, var_w, bn_mean, bn_var, m, spec=spec, logits=logits)
@@ -227,7 +227,7 @@ def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
     y = lay.new_like()
     _normalize_kernel[lay.grid](lay.v, y, mu, ab, c, m, lay.chunk, n * c, *lay.v.stride(),
                                 *y.stride(), BC=lay.bc, BM=lay.bm)
-    return y.view(x.shape), batch, count, (mu, mixed, cands, probs)
+    return y.view(x.shape), batch, count, (stats, mixed, cands, probs)
 
 
 def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
@@ -237,7 +237,8 @@ def backward(saved, x, dy, weight, *, spec, logits, n_total, need):
 
 
 def _backward(saved, x, dy, weight, spec, logits, n_total, need):
-    mu, mixed, cands, probs = (t.contiguous() for t in saved)
+    st, mixed, cands, probs = (t.contiguous() for t in saved)
+    mu = st[0]
     weight = None if weight is None else weight.contiguous()
     lay = _Layout(x)
     n, c, m = lay.n, lay.c, lay.m
@@ -278,7 +279,7 @@ def _backward(saved, x, dy, weight, spec, logits, n_total, need):
             HAS_W=weight is not None, KP=4, BC=lay.bc, BM=lay.bm)
         return (dx.view(x.shape), *grads)
     s1, s2 = part.sum(1)
-    a, p, q, *grads = _mixing.mix_backward(s1, s2, (mu, mixed, cands, probs), weight, m,
+    a, p, q, *grads = _mixing.mix_backward(s1, s2, (st, mixed, cands, probs), weight, m,
                                            spec=spec, logits=logits, n_total=n_total,
                                            need=need)
     if not need[0]:

@@ -169,30 +169,32 @@ def switch_norm_op(
     group: str,
     source: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """SN forward of ``x`` (N, C, *S): ``(y, batch, n_bn, mu_in, mixed, cands, probs)``.
+    """SN forward of ``x`` (N, C, *S): ``(y, batch, n_bn, stats, mixed, cands, probs)``.
 
     ``y`` is the output (dtype of ``x``); ``batch`` the BN candidate's batch [mean; var] (2, C)
     (biased; (2, 0) when BN uses running statistics or is no candidate) and ``n_bn`` the
     samples it pooled (a 0-d tensor, all ranks together under SyncSwitchNorm), for
-    :func:`update_running_stats`. The rest is what the backward needs: per-(n, c) means
-    (N, C), the mixed [mu - mu_in; var] (2, N, C), every candidate's [mu_k - mu_in; var_k]
-    (2, K, N, C) and the importance probabilities (2, K).
+    :func:`update_running_stats`. The rest is what the backward needs: the per-(n, c)
+    statistics [mu_in; var_in] (2, N, C), the mixed [mu - mu_in; var] (2, N, C), every
+    candidate's [mu_k - mu_in; var_k] (2, K, N, C) and the importance probabilities (2, K)
+    (the ATen backward derives the last three again from the first: see
+    ``_mixing._candidate_terms``).
     """
     spec = _options(candidates, eps, official, official_2d, group)
     use_batch = training or running_mean is None
     bn_mean = None if use_batch else running_mean
     bn_var = None if use_batch else running_var
-    y, batch, count, (mu, mixed, cands, probs) = _passes_for(x).forward(
+    y, batch, count, (st, mixed, cands, probs) = _passes_for(x).forward(
         x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec=spec, logits=logits)
     m = math.prod(x.shape[2:])
     if isinstance(count, Tensor):  # SyncSwitchNorm: all ranks' samples, kept on the device
-        n_bn = (count / m).to(mu.dtype).reshape(())
+        n_bn = (count / m).to(st.dtype).reshape(())
     else:  # torch.full: a symbolic batch size under torch.compile(dynamic=True) stays symbolic
-        n_bn = torch.full((), count // m if batch is not None else 0, dtype=mu.dtype,
+        n_bn = torch.full((), count // m if batch is not None else 0, dtype=st.dtype,
                           device=x.device)
     if batch is None:
-        batch = mu.new_empty((2, 0))
-    return y.to(x.dtype), batch, n_bn, mu, mixed, cands, probs
+        batch = st.new_empty((2, 0))
+    return y.to(x.dtype), batch, n_bn, st, mixed, cands, probs
 
 
 @switch_norm_op.register_fake
@@ -205,7 +207,7 @@ def _(x, weight, bias, mean_w, var_w, running_mean, running_var, candidates, eps
     new = x.new_empty
     bn_batch = "bn" in names and (training or running_mean is None)
     return (torch.empty_like(x), new((2, c if bn_batch else 0), dtype=dt), new((), dtype=dt),
-            new((n, c), dtype=dt), new((2, n, c), dtype=dt), new((2, k, n, c), dtype=dt),
+            new((2, n, c), dtype=dt), new((2, n, c), dtype=dt), new((2, k, n, c), dtype=dt),
             new((2, k), dtype=dt))
 
 
@@ -214,7 +216,7 @@ def switch_norm_backward_op(
     dy: Tensor,
     x: Tensor,
     weight: Tensor | None,
-    mu: Tensor,
+    st: Tensor,
     mixed: Tensor,
     cands: Tensor,
     probs: Tensor,
@@ -235,7 +237,7 @@ def switch_norm_backward_op(
     """
     spec = _options(candidates, eps, official, official_2d, group)
     n_total = (n_bn if spec.sync else int(x.shape[0])) if bn_batch else None
-    dx, *grads = _passes_for(x).backward((mu, mixed, cands, probs), x, dy.contiguous(), weight,
+    dx, *grads = _passes_for(x).backward((st, mixed, cands, probs), x, dy.contiguous(), weight,
                                          spec=spec, logits=logits, n_total=n_total,
                                          need=(need[0], need[1], need[2], need[3], need[4]))
     return (x.new_empty(0) if dx is None else dx.to(x.dtype),
@@ -243,11 +245,11 @@ def switch_norm_backward_op(
 
 
 @switch_norm_backward_op.register_fake
-def _(dy, x, weight, mu, mixed, cands, probs, n_bn, candidates, eps, logits, official,
+def _(dy, x, weight, st, mixed, cands, probs, n_bn, candidates, eps, logits, official,
       official_2d, group, bn_batch, need):
     c = x.shape[1]
     k = probs.shape[1]
-    dt = mu.dtype
+    dt = st.dtype
     new = x.new_empty
     return (torch.empty_like(x) if need[0] else new(0),
             new((c,), dtype=dt) if need[1] else new(0),
@@ -259,22 +261,22 @@ def _(dy, x, weight, mu, mixed, cands, probs, n_bn, candidates, eps, logits, off
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, mean_w, var_w, running_mean, _running_var, candidates, eps, training,
      logits, official, official_2d, group, _source) = inputs
-    _y, batch, n_bn, mu, mixed, cands, probs = output
-    ctx.save_for_backward(x, weight, mu, mixed, cands, probs, n_bn)
+    _y, batch, n_bn, st, mixed, cands, probs = output
+    ctx.save_for_backward(x, weight, st, mixed, cands, probs, n_bn)
     ctx.options = (candidates, eps, logits, official, official_2d, group,
                    training or running_mean is None)
     ctx.dtypes = tuple(None if t is None else t.dtype for t in (weight, bias, mean_w, var_w))
-    ctx.mark_non_differentiable(batch, n_bn, mu, mixed, cands, probs)
+    ctx.mark_non_differentiable(batch, n_bn, st, mixed, cands, probs)
     ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, *_unused):
     if dy is None:
         return (None,) * 15
-    x, weight, mu, mixed, cands, probs, n_bn = ctx.saved_tensors
+    x, weight, st, mixed, cands, probs, n_bn = ctx.saved_tensors
     candidates, eps, logits, official, official_2d, group, bn_batch = ctx.options
     need = [bool(b) for b in ctx.needs_input_grad[:5]]
-    grads = switch_norm_backward_op(dy, x, weight, mu, mixed, cands, probs, n_bn, candidates,
+    grads = switch_norm_backward_op(dy, x, weight, st, mixed, cands, probs, n_bn, candidates,
                                     eps, logits, official, official_2d, group, bn_batch, need)
     out = [g if n else None for g, n in zip(grads, need)]
     for i, dtype in enumerate(ctx.dtypes, start=1):

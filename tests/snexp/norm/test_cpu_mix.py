@@ -78,7 +78,7 @@ def test_cpp_middle_matches_the_python_pieces(candidates, n, affine, logits, run
     _same(*fwd)
     _, _, batch, count, mixed, cands, probs = fwd[1]
     assert (batch is None) == (running or "bn" not in candidates)
-    saved = (st[0], mixed, cands, probs)
+    saved = (st, mixed, cands, probs)
     n_total = None if batch is None else n
     for need in NEEDS:
         bwd = _both(monkeypatch, lambda: _mixing.mix_backward(
@@ -93,7 +93,7 @@ def test_cpp_middle_in_float32(monkeypatch):
                                         dtype=torch.float32)
     fwd = _both(monkeypatch, lambda: _mixing.mix(st, *args, m, spec=spec, logits=True))
     _same(*fwd, tol=1e-5)
-    saved = (st[0], *fwd[1][4:])
+    saved = (st, *fwd[1][4:])
     bwd = _both(monkeypatch, lambda: _mixing.mix_backward(
         s1, s2, saved, args[0], m, spec=spec, logits=True, n_total=4, need=(True,) * 5))
     _same(*bwd, tol=1e-5)
@@ -106,7 +106,7 @@ def test_saved_tensors_interchange(monkeypatch):
     fwd = _both(monkeypatch, lambda: _mixing.mix(st, *args, m, spec=spec, logits=True))
     grads = []
     for out in fwd:
-        saved = (st[0], *out[4:])
+        saved = (st, *out[4:])
         grads.append(_mixing.mix_backward(s1, s2, saved, args[0], m, spec=spec, logits=True,
                                           n_total=3, need=(True,) * 5))
     _same(*grads)

@@ -42,11 +42,11 @@ def test_opcheck_backward_and_running_update():
     torch.manual_seed(0)
     x = torch.randn(3, 4, 5, dtype=torch.float64)
     args = _op_args(x)
-    y, batch, n_bn, mu, mixed, cands, probs = op.switch_norm_op(*args)
+    y, batch, n_bn, st, mixed, cands, probs = op.switch_norm_op(*args)
     dy = torch.randn_like(y)
     # (no input requires grad: the backward op itself has no derivative, by design)
     torch.library.opcheck(op.switch_norm_backward_op, (
-        dy, x, args[1].detach(), mu, mixed, cands, probs, n_bn, "in,ln,bn", 1e-5, True, False,
+        dy, x, args[1].detach(), st, mixed, cands, probs, n_bn, "in,ln,bn", 1e-5, True, False,
         False, "",
         True, [True, True, True, True, True]))
     rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
@@ -143,6 +143,38 @@ def test_compile_decomposes_the_op_with_dynamic_shapes(fresh_dynamo):
     assert any("lerp" in t for t in targets)  # the running statistics, inside the graph
 
 
+def test_compiled_backward_keeps_the_in_statistics_not_every_candidates(fresh_dynamo):
+    # Under torch.compile a training step's backward derives the candidates' statistics again
+    # from the IN statistics: the forward graph hands it no (2, K, N, C) tensor (each
+    # intermediate is a buffer and an OpenMP barrier in inductor's CPU code). (In eval, BN's
+    # running statistics are read from the saved candidates: the backward has no buffers.)
+    from functorch.compile import make_boxed_func
+    from torch._functorch.aot_autograd import aot_module_simplified
+
+    shapes = []
+
+    def forward_graph(gm, _inputs):
+        out = next(node for node in gm.graph.nodes if node.op == "output")
+        shapes.extend(tuple(arg.meta["val"].shape) for arg in out.args[0]
+                      if arg is not None and "val" in arg.meta)
+        return make_boxed_func(gm)
+
+    def backend(gm, inputs):
+        return aot_module_simplified(gm, inputs, fw_compiler=forward_graph,
+                                     bw_compiler=lambda g, _inputs: make_boxed_func(g))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(snexp.norm_layer("sn")(8))
+    x1 = torch.randn(4, 8, 6, 6, requires_grad=True)
+    x2 = x1.detach().clone().requires_grad_()
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    torch.testing.assert_close(_step(compiled, x2), _step(eager, x1))
+    torch.testing.assert_close(x2.grad, x1.grad)
+    assert (2, 4, 8) in shapes  # [mu_in; var_in]
+    assert not [s for s in shapes if len(s) == 4 and s[:2] == (2, 3)]  # (2, K, N, C)
+
+
 def test_compiled_graph_carries_the_digest_of_the_decomposed_code(fresh_dynamo):
     # torch.compile's on-disk caches key on dynamo's graph, where SN is one opaque op call: the
     # digest of the code it decomposes into is an argument there, so changed code recompiles
@@ -228,7 +260,7 @@ def test_pieces_compose_to_the_reference_in_float64(monkeypatch):
     dy = torch.randn_like(y)
     want.backward(dy)
     s1, s2 = _mixing.grad_sums(dy, x.detach(), st[0])
-    a2, p, q, *grads = _mixing.mix_backward(s1, s2, (st[0], mixed, cands, probs), w.detach(),
+    a2, p, q, *grads = _mixing.mix_backward(s1, s2, (st, mixed, cands, probs), w.detach(),
                                            20, spec=spec, logits=True, n_total=3,
                                            need=(True,) * 5)
     dx = _mixing.input_grad(x.detach(), dy, a2, p, q)

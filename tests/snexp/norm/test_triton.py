@@ -204,7 +204,7 @@ def test_interp_variance_is_exact_when_the_mean_dwarfs_the_spread(interp):
     g = torch.Generator().manual_seed(0)
     x = (1e3 + 0.1 * torch.randn(2, 3, 8, 8, generator=g, dtype=torch.float64)).float()
     spec = _mixing.Options(("in",), 1e-5)
-    *_, (mu, mixed, _cands, _probs) = interp.forward(
+    *_, (_st, mixed, _cands, _probs) = interp.forward(
         x, None, None, torch.ones(1), torch.ones(1), None, None, spec=spec, logits=False)
     var = x.double().var((2, 3), correction=0)
     torch.testing.assert_close(mixed[1].double(), var, rtol=1e-4, atol=0)
