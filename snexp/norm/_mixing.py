@@ -347,7 +347,7 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
         probs = probs.sub(probs.amax(1, keepdim=True)).exp_()
         probs = probs.div_(probs.sum(1, keepdim=True))
     mean, var = _mixed(terms, probs)
-    a, b, _ = _affine(mean, var, weight, bias, spec.eps, n, c)
+    a, b = _affine(mean, var, weight, bias, spec.eps, n, c)
     # What the other backends' backward reads. Under torch.compile these are dead code: the
     # ATen backward derives everything from ``st`` (and reads ``cands`` only where BN's
     # statistics are not a function of it), so inductor keeps no (2, K, N, C) buffer.
@@ -385,16 +385,22 @@ def _stacked(terms, n: int, c: int) -> Tensor:
                         torch.stack([v.expand(n, c) for _, v in terms])])
 
 
-def _affine(mean: Tensor, var: Tensor, weight, bias, eps: float, n: int, c: int
-            ) -> tuple[Tensor, Tensor, Tensor]:
-    """``a = weight rstd`` and ``b = bias - (mu - mu_in) a`` (N, C), and ``rstd``, from the
-    mixed ``mean`` (mu - mu_in) and ``var`` (broadcastable to (N, C))."""
+def _scale(var: Tensor, weight, eps: float) -> tuple[Tensor, Tensor]:
+    """``a = weight rstd`` and ``rstd = 1 / sqrt(var + eps)`` from the mixed variance (in its
+    broadcast shape)."""
     rstd = torch.rsqrt(var + eps)
-    a = rstd if weight is None else rstd * weight.to(rstd.dtype)
+    return (rstd if weight is None else rstd * weight.to(rstd.dtype)), rstd
+
+
+def _affine(mean: Tensor, var: Tensor, weight, bias, eps: float, n: int, c: int
+            ) -> tuple[Tensor, Tensor]:
+    """``a = weight rstd`` and ``b = bias - (mu - mu_in) a`` (N, C) from the mixed ``mean``
+    (mu - mu_in) and ``var`` (broadcastable to (N, C))."""
+    a, _ = _scale(var, weight, eps)
     b = torch.mul(mean, a).neg_()
     if bias is not None:
         b = b + bias.to(b.dtype)
-    return a.expand(n, c), b.expand(n, c), rstd
+    return a.expand(n, c), b.expand(n, c)
 
 
 def normalize(x: Tensor, xc: Tensor | None, mu: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -436,7 +442,8 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     else:  # reading the (2, K, N, C) candidates would keep them materialized
         terms, _, _ = _candidate_terms(st, None, None, m, spec, cands=cands, n_total=n_total)
         mean, var = _mixed(terms, probs)
-    a, _, rstd = _affine(mean, var, weight, None, spec.eps, n, c)
+    a, rstd = _scale(var, weight, spec.eps)
+    a = a.expand(n, c)
     h = torch.mul(mean, s1).neg_().add_(s2).mul_(rstd)  # g rstd
     if eager:
         dweight = h.sum(0) if need[1] else None
