@@ -3,6 +3,7 @@ parameters under DDP, broadcast_buffers (2 gloo ranks spawned from pytest)."""
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -96,8 +97,12 @@ def _worker(rank: int, init: str, tmp: str) -> None:
     # Free the DDP wrapper (its reducer holds the process group and may still own gloo work)
     # while every rank is alive; then leave together. Leaving with the wrapper still alive made
     # a rank abort on exit (SIGABRT, "terminate called without an active exception") once in
-    # CI, after its report was written.
-    del net, opt
+    # CI, after its report was written. Deleting only the wrapper was not enough (the same
+    # abort once more, 2026-12-05): the reducer's hooks on the model's parameters keep it, and
+    # with it the process group, alive until the interpreter's teardown; the model goes too,
+    # and a collection makes sure nothing holds the group before it is destroyed.
+    del net, opt, model, start
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
