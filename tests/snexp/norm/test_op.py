@@ -270,6 +270,55 @@ def test_pieces_compose_to_the_reference_in_float64(monkeypatch):
         torch.testing.assert_close(got, t.grad, rtol=1e-10, atol=1e-10)
 
 
+class _Traced(torch.Tensor):
+    """A plain subclass: ``_mixing`` takes the branches it takes for traced (torch.compile)
+    tensors, but on real values."""
+
+
+@pytest.mark.parametrize("candidates,shape,official,running", [
+    (("in", "ln", "bn"), (3, 8, 5, 4), False, False),
+    (("in", "ln", "gn2", "bn"), (3, 8, 5, 4), True, False),
+    (("in", "ln", "bn"), (3, 8, 5, 4), False, True),  # BN on running statistics
+    # official (N, C) input, as the layer hands it to the op (N, C, 1): Bessel-corrected pools
+    (("ln", "bn"), (6, 8, 1), True, False),
+])
+def test_traced_branches_equal_the_eager_ones_in_float64(candidates, shape, official,
+                                                          running):
+    # the traced forms of stats and mix_backward (candidates derived again from the IN
+    # statistics, the grouped reductions) give the eager forms' values; outputs a traced
+    # graph does not read (mixed, cands) are still what the other backends' backward needs
+    torch.manual_seed(0)
+    dt = torch.float64
+    x = torch.randn(shape, dtype=dt) * 2 + 3
+    n, c = shape[:2]
+    m = x[0, 0].numel()
+    spec = _mixing.Options(candidates, unbiased_in=official, official_2d=shape[2:] == (1,))
+    k = len(candidates)
+    w, b = torch.randn(c, dtype=dt), torch.randn(c, dtype=dt)
+    mw, vw = torch.randn(k, dtype=dt), torch.randn(k, dtype=dt)
+    bn = (torch.randn(c, dtype=dt), torch.rand(c, dtype=dt) + 0.5) if running else (None, None)
+    dy = torch.randn(shape, dtype=dt)
+
+    def run(wrap):
+        xs, dys = wrap(x), wrap(dy)
+        st, xc = _mixing.stats(xs, spec)
+        a, bb, batch, count, mixed, cands, probs = _mixing.mix(
+            st, *map(wrap, (w, b, mw, vw)), *(None if t is None else wrap(t) for t in bn), m,
+            spec=spec, logits=True)
+        y = _mixing.normalize(xs, xc, st[0], a, bb)
+        s1, s2 = _mixing.grad_sums(dys, xs, st[0])
+        back = _mixing.mix_backward(s1, s2, (st, mixed, cands, probs), wrap(w), m, spec=spec,
+                                    logits=True, n_total=None if running else n,
+                                    need=(True,) * 5)
+        dx = _mixing.input_grad(xs, dys, *back[:3])
+        return [t.as_subclass(torch.Tensor) for t in (st, y, mixed, cands, dx, *back[3:])]
+
+    traced = run(lambda t: t.as_subclass(_Traced))
+    assert type(_mixing.stats(x.as_subclass(_Traced), spec)[0]) is _Traced  # the traced path
+    for got, want in zip(traced, run(lambda t: t)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
 def test_backend_setting_is_checked(monkeypatch):
     # a misspelt SNEXP_BACKEND names the valid ones instead of silently running something
     from snexp.norm import _backend
