@@ -129,11 +129,12 @@ def _timed(fn: Callable[[], None], device: torch.device) -> float:
 
 def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.float32,
                   repeats: int = 25, layers=LAYERS, channels_last: bool = False,
-                  dynamic: bool = False) -> list[dict]:
+                  dynamic: bool = False, min_time: float = 0.0) -> list[dict]:
     """Time every layer on every shape; returns one row per (shape, layer).
 
-    Each row: shape, layer, train_ms and eval_ms (medians), train_ratio and eval_ratio (to
-    BatchNorm2d on the same shape).
+    Each shape gets ``repeats`` rounds, and more while its rounds have taken less than
+    ``min_time`` seconds in all. Each row: shape, layer, train_ms and eval_ms (medians),
+    train_ratio and eval_ratio (to BatchNorm2d on the same shape), rounds.
     """
     dev = torch.device(device)
     gen = torch.Generator().manual_seed(0)
@@ -172,7 +173,12 @@ def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.flo
                 eval_step(m)
         order = list(mods)
         shuffle = random.Random(0).shuffle
-        for _ in range(repeats):
+        # NOTE: a time floor, not only a count: at small shapes a round takes ~10 ms, and
+        # 25-30 samples of a step that a neighbour's aftermath slows by up to 2x gave compiled
+        # SN / compiled BN anywhere in 1.08-1.32 between runs; 200 rounds, 1.12-1.16.
+        rounds, start = 0, time.perf_counter()
+        while rounds < repeats or time.perf_counter() - start < min_time:
+            rounds += 1
             # NOTE: a fresh order every round. A layer timed right after a slow eager one (the
             # reference, SSN) pays ~0.1-0.5 ms more at the small shape; in a fixed order the
             # same layer always paid it (compiled SN, listed after the reference, measured
@@ -184,7 +190,7 @@ def run_benchmark(shapes=DEFAULT_SHAPES, *, device: str = "cpu", dtype=torch.flo
                 times[(n, "eval")].append(_timed(lambda: eval_step(m), dev))
         med = {key: statistics.median(v) * 1e3 for key, v in times.items()}
         for n in layers:
-            rows.append({"shape": shape, "layer": n,
+            rows.append({"shape": shape, "layer": n, "rounds": rounds,
                          "train_ms": med[(n, "train")], "eval_ms": med[(n, "eval")],
                          "train_ratio": med[(n, "train")] / med[("BN", "train")],
                          "eval_ratio": med[(n, "eval")] / med[("BN", "eval")]})
@@ -196,13 +202,15 @@ def format_table(rows: list[dict]) -> str:
     layers = list(dict.fromkeys(r["layer"] for r in rows))
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     by = {(r["shape"], r["layer"]): r for r in rows}
-    head = "| shape | BN fwd+bwd ms | " + " | ".join(f"{n} fwd+bwd" for n in layers if n != "BN")
+    head = "| shape | rounds | BN fwd+bwd ms | "
+    head += " | ".join(f"{n} fwd+bwd" for n in layers if n != "BN")
     head += " | " + " | ".join(f"{n} eval" for n in layers if n != "BN") + " |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in shapes:
         cells = [f"{by[(s, n)]['train_ratio']:.2f}" for n in layers if n != "BN"]
         cells += [f"{by[(s, n)]['eval_ratio']:.2f}" for n in layers if n != "BN"]
-        lines.append(f"| {tuple(s)} | {by[(s, 'BN')]['train_ms']:.2f} | " + " | ".join(cells)
+        lines.append(f"| {tuple(s)} | {by[(s, 'BN')]['rounds']} | "
+                     f"{by[(s, 'BN')]['train_ms']:.2f} | " + " | ".join(cells)
                      + " |")
     summary = []
     for n in layers:
@@ -256,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--shape", action="append", type=_parse_shape, metavar="N,C,H,W",
                         help="benchmark this shape (repeatable; default: the standard suite)")
-    parser.add_argument("--repeats", type=int, default=25, help="timed repetitions (default 25)")
+    parser.add_argument("--repeats", type=int, default=25,
+                        help="timed rounds per shape, at least (default 25)")
+    parser.add_argument("--min-time", type=float, default=2.0, metavar="SECONDS",
+                        help="keep adding rounds until a shape's rounds took this long "
+                             "(default 2; 0: exactly --repeats rounds)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-malloc-tune", action="store_true",
@@ -268,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if not args.min_time >= 0:
+        parser.error(f"--min-time must be 0 or more seconds, got {args.min_time}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
               file=sys.stderr)
@@ -279,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = LAYERS if args.no_compile else LAYERS + COMPILED
     rows = run_benchmark(args.shape or DEFAULT_SHAPES, device=args.device, dtype=dtype,
                          repeats=args.repeats, channels_last=args.channels_last, layers=layers,
-                         dynamic=args.dynamic)
+                         dynamic=args.dynamic, min_time=args.min_time)
     name = (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
             else f"{cpu_description()}, {torch.get_num_threads()} torch threads")
     print(f"# snexp.bench: torch {torch.__version__}, {name}, {args.dtype}"

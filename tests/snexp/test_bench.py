@@ -13,13 +13,21 @@ def test_run_benchmark_rows_and_table(capsys):
     bn = next(r for r in rows if r["layer"] == "BN")
     assert bn["train_ratio"] == 1.0 and bn["eval_ratio"] == 1.0
     assert all(r["train_ms"] > 0 and r["eval_ms"] > 0 for r in rows)
+    assert all(r["rounds"] == 2 for r in rows)  # no time floor: exactly the rounds asked for
     table = bench.format_table(rows)
-    assert "| (2, 8, 4, 4) |" in table and "SN: median fwd+bwd ratio" in table
+    assert "| (2, 8, 4, 4) | 2 |" in table and "SN: median fwd+bwd ratio" in table
+
+
+def test_a_time_floor_adds_rounds():
+    # --min-time: rounds go on past --repeats until the shape's rounds took that long
+    rows = bench.run_benchmark([(2, 8, 4, 4)], repeats=1, layers=("BN", "GN32"), min_time=0.2)
+    rounds = {r["rounds"] for r in rows}
+    assert len(rounds) == 1 and rounds.pop() > 10
 
 
 def test_cli(capsys):
-    assert bench.main(["--shape", "2,8,4,4", "--repeats", "1", "--channels-last",
-                       "--no-compile"]) == 0
+    assert bench.main(["--shape", "2,8,4,4", "--repeats", "1", "--min-time", "0",
+                       "--channels-last", "--no-compile"]) == 0
     out = capsys.readouterr().out
     assert "ratios to BatchNorm2d" in out and "(2, 8, 4, 4)" in out
     # channels_last input is not what the C++ passes take: the line says ATen ops
@@ -54,3 +62,14 @@ def test_threads_below_one_is_refused(capsys):
     with pytest.raises(SystemExit):
         bench.main(["--threads", "0", "--no-compile", "--shape", "2,8,4,4"])
     assert "--threads must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--repeats", "0", "--repeats must be at least 1"),
+    ("--min-time", "-1", "--min-time must be 0 or more seconds"),
+    ("--min-time", "nan", "--min-time must be 0 or more seconds"),
+])
+def test_rounds_below_one_and_negative_time_floors_are_refused(capsys, flag, value, message):
+    with pytest.raises(SystemExit):
+        bench.main([flag, value, "--no-compile", "--shape", "2,8,4,4"])
+    assert message in capsys.readouterr().err
