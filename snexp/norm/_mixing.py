@@ -89,8 +89,17 @@ def _sync_sums(t: Tensor, spec) -> Tensor:
     return t
 
 
-def _pooled(stats: Tensor, dim: int) -> Tensor:
-    """[mean of mu_in; mean of var_in + var of mu_in] over ``dim`` of stacked IN statistics."""
+def _pooled(stats: Tensor, dim: int) -> Tensor | list[Tensor]:
+    """[mean of mu_in; mean of var_in + var of mu_in] over ``dim`` of stacked IN statistics:
+    one (2, ...) tensor, or where a graph is traced its two rows as a list."""
+    if type(stats) is not Tensor and dim != 1:
+        # NOTE: LN and GN row by row where a graph is traced, one reduction each: (N,)-sized
+        # like the other per-sample steps, which inductor then fuses into the same loop nest
+        # (pooled as a (2, N) pair they took a nest, and an OpenMP barrier, of their own). BN's
+        # pair stays one (2, 1, C) tensor: as two rows it becomes a stack (a buffer and a view
+        # per row in the generated Python: docs/layers.md, "Compiled SN at small shapes").
+        mean = stats[0].mean(dim - 1, keepdim=True)
+        return [mean, (stats[1] + (stats[0] - mean).square()).mean(dim - 1, keepdim=True)]
     mean = stats.mean(dim, keepdim=True)  # [mu_k; mean of var_in]
     # NOTE: mean of squared deviations, not torch.var_mean: on CPU its Welford kernel is several
     # times slower for these small reductions over dim 0.
@@ -106,6 +115,8 @@ def _batch_stats(stats: Tensor, m: int, spec) -> tuple[Tensor, int | Tensor]:
     local = _pooled(stats, 1)  # (2, 1, C): this rank's mean and biased variance
     if not spec.sync:
         return local, n * m
+    if isinstance(local, list):
+        local = torch.stack(local)
     # Chan et al.'s pairwise combination, all ranks at once: M2 = sum_r M2_r + sum_r n_r
     # (mean_r - mean)^2. Each rank sends (count, mean, var) per channel (3 x C numbers); the
     # one-pass form (pooled sums of x^2 minus the squared mean) loses every digit when
@@ -157,12 +168,15 @@ def _candidate_terms(stats: Tensor, bn_mean: Tensor | None, bn_var: Tensor | Non
                 t = _pooled(stats, 2)  # (2, N, 1)
             else:
                 g = int(cand[2:])
-                t = _pooled(stats.view(2, n, g, c // g), 3).expand(2, n, g, c // g)
-                t = t.reshape(2, n, c)
+                t = _pooled(stats.view(2, n, g, c // g), 3)
+                if isinstance(t, list):
+                    t = [r.expand(n, g, c // g).reshape(n, c) for r in t]
+                else:
+                    t = t.expand(2, n, g, c // g).reshape(2, n, c)
             if spec.official_2d:
-                t[1].mul_(bessel(cand, n, c))
+                t[1] = t[1] * bessel(cand, n, c)
             if cand == "bn":
-                batch = t.view(2, c)
+                batch = (torch.stack(t) if isinstance(t, list) else t).view(2, c)
         terms.append((t[0] - mu_in, t[1]))
     return terms, batch, count
 
@@ -355,26 +369,30 @@ def mix(st: Tensor, weight, bias, mean_w, var_w, bn_mean, bn_var, m: int, *, spe
     return a, b, batch, count, mixed, _stacked(terms, n, c), probs
 
 
-def _weight_grads(terms, d: Tensor) -> Tensor:
-    """dp (2, K): each candidate's [mu_k - mu_in; var_k] times ``d`` (2, N, C), summed over
-    (n, c), row by row (not bmm: see :func:`mix`).
+def _weight_grads(terms, r: int, d: Tensor, mixed: Tensor | None, scale: Tensor) -> Tensor:
+    """The importance gradients (K,) of row ``r`` (0: means, 1: variances), each candidate's
+    term ``T_k`` (``mu_k - mu_in`` or ``var_k``) against ``d`` (N, C) summed over (n, c):
+    ``scale_k sum (T_k - mixed) d``, with ``mixed = sum_k p_k T_k`` for importance logits (the
+    softmax Jacobian, ``p_j (T_j - mixed)``, folded into the sum) or None for weights taken
+    as they are.
 
-    Each row is one reduction over (K, N, C) of a one-hot sum of the terms, a pointwise
-    expression: under torch.compile one loop nest and one (K,) buffer per row, where a stack of
-    the terms is materialized and K separate sums are K buffers.
+    One reduction over (K, N, C) of a one-hot sum of the terms, a pointwise expression: under
+    torch.compile one loop nest writing the final (K,) gradient, where a stack of the terms is
+    materialized, K separate sums are K buffers and a separate Jacobian is two more.
     """
     k = len(terms)
     eye = torch.eye(k, dtype=d.dtype, device=d.device)
-    rows = []
-    for r in (0, 1):
-        e = None
-        for i, term in enumerate(terms):
-            if term[r] is None:  # IN's mean offset: exactly 0
-                continue
-            t = eye[i].view(k, 1, 1) * term[r]
-            e = t if e is None else e + t
-        rows.append(d.new_zeros(k) if e is None else (e * d[r]).sum((1, 2)))
-    return torch.stack(rows)
+    e = None
+    for i, term in enumerate(terms):
+        if term[r] is None:  # IN's mean offset: exactly 0
+            continue
+        t = eye[i].view(k, 1, 1) * term[r]
+        e = t if e is None else e + t
+    if mixed is not None:
+        e = -mixed if e is None else e - mixed
+    if e is None:
+        return d.new_zeros(k)
+    return (e * (d * scale.view(k, 1, 1))).sum((1, 2))
 
 
 def _stacked(terms, n: int, c: int) -> Tensor:
@@ -432,40 +450,27 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
         return torch.ops.snexp_cpu.mix_backward(
             s1, s2, mu, mixed, cands, probs, weight, _codes(spec.candidates), spec.eps, logits,
             m, denom, n_total is not None, need)
+    if type(st) is not Tensor:
+        return _mix_backward_rows(s1, s2, st, cands, probs, weight, m, spec=spec,
+                                  logits=logits, n_total=n_total, need=need)
     n, c = mu.shape
     k = probs.shape[1]
-    eager = type(st) is Tensor
-    if eager:  # what the forward saved
-        terms = [(None if cand == "in" else cands[0, i], cands[1, i])
-                 for i, cand in enumerate(spec.candidates)]
-        mean, var = mixed[0], mixed[1]
-    else:  # reading the (2, K, N, C) candidates would keep them materialized
-        terms, _, _ = _candidate_terms(st, None, None, m, spec, cands=cands, n_total=n_total)
-        mean, var = _mixed(terms, probs)
+    terms = [(None if cand == "in" else cands[0, i], cands[1, i])
+             for i, cand in enumerate(spec.candidates)]
+    mean, var = mixed[0], mixed[1]
     a, rstd = _scale(var, weight, spec.eps)
     a = a.expand(n, c)
     h = torch.mul(mean, s1).neg_().add_(s2).mul_(rstd)  # g rstd
-    if eager:
-        dweight = h.sum(0) if need[1] else None
-        dbias = s1.sum(0) if need[2] else None
-    else:  # one reduction over N for both: one loop nest
-        dweight, dbias = torch.stack([h, s1]).sum(1).unbind(0)
-        dweight, dbias = (dweight if need[1] else None), (dbias if need[2] else None)
+    dweight = h.sum(0) if need[1] else None
+    dbias = s1.sum(0) if need[2] else None
     # d = -[dmu; 2 dvar] = [a s1; a rstd h]: the signs and the 2 go into the scalars below
     d = torch.stack([s1, h * rstd]).mul_(a)  # (2, N, C)
     dmean_w = dvar_w = None
     if need[3] or need[4]:
-        if eager:  # not bmm: see mix
-            dp = torch.mul(cands, d.view(2, 1, n, c)).sum((2, 3))  # (2, K)
-        else:
-            dp = _weight_grads(terms, d)
+        dp = torch.mul(cands, d.view(2, 1, n, c)).sum((2, 3))  # (2, K); not bmm: see mix
         if logits:  # softmax Jacobian, row by row
             dp = probs * (dp - (probs * dp).sum(1, keepdim=True))
-        if eager:
-            dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
-        else:  # as views of one tensor: one loop nest
-            dmean_w, dvar_w = dp.mul(torch.tensor([[-1.0], [-0.5]], dtype=dp.dtype,
-                                                  device=dp.device)).unbind(0)
+        dmean_w, dvar_w = dp[0].neg(), dp[1].mul(-0.5)
     grads = (dweight, dbias, dmean_w, dvar_w)
     if not need[0]:
         return (a, None, None, *grads)
@@ -482,6 +487,84 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     q = e[0].neg() if corr is None else torch.sub(corr, e[0])
     q = q.mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
     return (a, p, q, *grads)
+
+
+def _pooled_row(d: Tensor, cand: str, spec, n_total) -> Tensor | None:
+    """P_k(d) of one (N, C) row in the candidate's broadcast shape (None: BN on running
+    statistics, a constant of the backward)."""
+    n, c = d.shape
+    if cand == "in":
+        return d
+    if cand == "ln":
+        return d.mean(1, keepdim=True)  # (N, 1)
+    if cand == "bn":
+        if n_total is None:
+            return None
+        if spec.sync:
+            return _sync_sums(d.sum(0, keepdim=True), spec) / n_total
+        return d.mean(0, keepdim=True)  # (1, C)
+    g = int(cand[2:])
+    return d.view(n, g, c // g).mean(2, keepdim=True).expand(n, g, c // g).reshape(n, c)
+
+
+def _mix_backward_rows(s1, s2, st, cands, probs, weight, m: int, *, spec, logits, n_total,
+                       need):
+    """:func:`mix_backward` where a graph is traced (torch.compile): the same equations with
+    the candidates and the mixing derived again from the IN statistics ``st``, and every
+    (2, ...) pair (the adjoints [dmu; dvar], the importance gradients) kept as two tensors.
+
+    Under inductor each tensor here is either fused away or one buffer that the generated
+    Python allocates per step, and a stack of two is one buffer plus a view per row (~0.8 us
+    each on CPU at small shapes, more than the loop nest a stack can save: docs/layers.md,
+    "Compiled SN at small shapes").
+    """
+    mu = st[0]
+    n, c = mu.shape
+    k = probs.shape[1]
+    # reading the (2, K, N, C) candidates would keep them materialized
+    terms, _, _ = _candidate_terms(st, None, None, m, spec, cands=cands, n_total=n_total)
+    pm, pv = probs[0], probs[1]
+    mean, var = _mixed(terms, probs)
+    a, rstd = _scale(var, weight, spec.eps)
+    a = a.expand(n, c)
+    h = (s2 - mean * s1) * rstd  # g rstd
+    dweight = h.sum(0) if need[1] else None
+    dbias = s1.sum(0) if need[2] else None
+    # -[dmu; 2 dvar] = [a s1; a rstd h]: the signs and the 2 go into the scalars below
+    d0, d1 = s1 * a, h * rstd * a
+    dmean_w = dvar_w = None
+    if need[3] or need[4]:
+        ones = probs.new_ones(k)
+        dmean_w = _weight_grads(terms, 0, d0, mean if logits else None,
+                                pm * -1.0 if logits else -ones)
+        dvar_w = _weight_grads(terms, 1, d1, var if logits else None,
+                               pv * -0.5 if logits else ones * -0.5)
+    grads = (dweight, dbias, dmean_w, dvar_w)
+    if not need[0]:
+        return (a, None, None, *grads)
+    wv = pv
+    if spec.official_2d:
+        wv = pv * torch.tensor([bessel(cand, n, c) for cand in spec.candidates],
+                               dtype=pv.dtype, device=pv.device)
+    e0 = e1 = corr = None
+    for i, cand in enumerate(spec.candidates):
+        t0, t1 = _pooled_row(d0, cand, spec, n_total), _pooled_row(d1, cand, spec, n_total)
+        if t0 is None:
+            continue
+        t0, t1 = t0 * pm[i], t1 * wv[i]  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
+        e0 = t0 if e0 is None else e0 + t0
+        e1 = t1 if e1 is None else e1 + t1
+        off = terms[i][0]
+        if off is not None:  # (IN's offset is exactly 0)
+            corr = off * t1 if corr is None else corr + off * t1
+    if e0 is None:  # only BN on running statistics: dx = a dy
+        return (a, None, None, *grads)
+    denom = m - 1 if (spec.unbiased_in and m > 1) else m
+    p = (e1 * (-1.0 / denom)).expand(n, c)
+    q = (e1 * mu) * (1.0 / denom) - e0 * (1.0 / m)
+    if corr is not None:
+        q = q + corr * (1.0 / m)
+    return (a, p, q.expand(n, c), *grads)
 
 
 def input_grad(x: Tensor, dy: Tensor, a: Tensor, p: Tensor | None, q: Tensor | None) -> Tensor:

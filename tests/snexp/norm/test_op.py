@@ -282,8 +282,9 @@ class _Traced(torch.Tensor):
     # official (N, C) input, as the layer hands it to the op (N, C, 1): Bessel-corrected pools
     (("ln", "bn"), (6, 8, 1), True, False),
 ])
+@pytest.mark.parametrize("logits", [True, False])  # softmax importance weights, or as given
 def test_traced_branches_equal_the_eager_ones_in_float64(candidates, shape, official,
-                                                          running):
+                                                          running, logits):
     # the traced forms of stats and mix_backward (candidates derived again from the IN
     # statistics, the grouped reductions) give the eager forms' values; outputs a traced
     # graph does not read (mixed, cands) are still what the other backends' backward needs
@@ -296,6 +297,8 @@ def test_traced_branches_equal_the_eager_ones_in_float64(candidates, shape, offi
     k = len(candidates)
     w, b = torch.randn(c, dtype=dt), torch.randn(c, dtype=dt)
     mw, vw = torch.randn(k, dtype=dt), torch.randn(k, dtype=dt)
+    if not logits:  # weights as given (sparse SN's): a distribution, as its sparsestmax gives
+        mw, vw = mw.softmax(0), vw.softmax(0)
     bn = (torch.randn(c, dtype=dt), torch.rand(c, dtype=dt) + 0.5) if running else (None, None)
     dy = torch.randn(shape, dtype=dt)
 
@@ -304,11 +307,11 @@ def test_traced_branches_equal_the_eager_ones_in_float64(candidates, shape, offi
         st, xc = _mixing.stats(xs, spec)
         a, bb, batch, count, mixed, cands, probs = _mixing.mix(
             st, *map(wrap, (w, b, mw, vw)), *(None if t is None else wrap(t) for t in bn), m,
-            spec=spec, logits=True)
+            spec=spec, logits=logits)
         y = _mixing.normalize(xs, xc, st[0], a, bb)
         s1, s2 = _mixing.grad_sums(dys, xs, st[0])
         back = _mixing.mix_backward(s1, s2, (st, mixed, cands, probs), wrap(w), m, spec=spec,
-                                    logits=True, n_total=None if running else n,
+                                    logits=logits, n_total=None if running else n,
                                     need=(True,) * 5)
         dx = _mixing.input_grad(xs, dys, *back[:3])
         return [t.as_subclass(torch.Tensor) for t in (st, y, mixed, cands, dx, *back[3:])]
