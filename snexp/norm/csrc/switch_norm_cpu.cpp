@@ -1,6 +1,6 @@
 // The full-size passes of Switchable Normalization on CPU, one row (n, c) at a time.
 //
-// Registered as torch.ops.snexp_cpu.{in_stats, normalize, input_grad, mix, mix_backward};
+// Registered as torch.ops.snexp_cpu.{in_stats, normalize, input_grad, mix, mix_backward, blend};
 // used by snexp/norm/_mixing.py for contiguous float32/float64 input on CPU.
 //
 //   in_stats(x, denom)           -> st         [mu; ss / denom] as one (2, N, C) tensor, with
@@ -13,6 +13,7 @@
 //
 //   mix(...)                     the (N, C)-sized middle of the forward
 //   mix_backward(...)            the (N, C)-sized middle of the backward
+//   blend(...)                   the running statistics' update (in place)
 //
 // SN's equations are stated once, in the docstring of snexp/norm/_mixing.py; its Python
 // `mix` and `mix_backward` are the reference that these two are tested against
@@ -367,6 +368,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {a, b, batch, mixed, cands, probs};
 }
 
+// Running statistics blended with the BN candidate's batch [mean; var] (2, C), in place:
+// running += momentum (batch - running), the variance scaled by var_factor first (Bessel's
+// correction), with torch.lerp's two-sided formula (equal to its result up to rounding: ATen's
+// vectorized lerp fuses the multiply-add). One call for
+// what took ~25 us of small ATen calls per SN layer and step at small shapes.
+void blend(const at::Tensor& running_mean, const at::Tensor& running_var,
+           const at::Tensor& batch, double momentum, double var_factor) {
+  TORCH_CHECK(batch.dim() == 2 && batch.size(0) == 2, "snexp_cpu: batch must be (2, C), got ",
+              batch.sizes());
+  const int64_t c = batch.size(1);
+  const auto dt = batch.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble,
+              "snexp_cpu: batch must be float32 or float64, got ", dt);
+  check_stats(running_mean, {c}, dt, "running_mean");
+  check_stats(running_var, {c}, dt, "running_var");
+  TORCH_CHECK(running_mean.is_contiguous() && running_var.is_contiguous(),
+              "snexp_cpu: running statistics must be contiguous");
+  const at::Tensor bt = batch.contiguous();
+  dispatch(bt, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T w = static_cast<T>(momentum), f = static_cast<T>(var_factor);
+    const auto lerp = [w](T start, T end) {  // at::lerp's two-sided form
+      const T diff = end - start;
+      return std::abs(w) < T(0.5) ? start + w * diff : end - diff * (T(1) - w);
+    };
+    const T* bm = bt.const_data_ptr<T>();
+    T* rm = running_mean.data_ptr<T>();
+    T* rv = running_var.data_ptr<T>();
+    for (int64_t j = 0; j < c; ++j) {
+      rm[j] = lerp(rm[j], bm[j]);
+      rv[j] = lerp(rv[j], bm[c + j] * f);
+    }
+  });
+}
+
 // -> (a, p, q, dweight, dbias, dmean_w, dvar_w) as _mixing.mix_backward returns them
 // (undefined, i.e. None, where `need` says so, and p, q where dx = a dy).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
@@ -546,6 +582,8 @@ TORCH_LIBRARY(snexp_cpu, m) {
   m.def("mix(Tensor st, Tensor? weight, Tensor? bias, Tensor mean_w, Tensor var_w, "
         "Tensor? bn_mean, Tensor? bn_var, int[] codes, float eps, bool logits) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("blend(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor batch, float momentum, "
+        "float var_factor) -> ()");
   m.def("mix_backward(Tensor s1, Tensor s2, Tensor mu, Tensor mixed, Tensor cands, "
         "Tensor probs, Tensor? weight, int[] codes, float eps, bool logits, int m, int denom, "
         "bool bn_batch, bool[5] need) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, "
@@ -558,4 +596,5 @@ TORCH_LIBRARY_IMPL(snexp_cpu, CPU, m) {
   m.impl("in_stats", &in_stats);
   m.impl("mix", &mix);
   m.impl("mix_backward", &mix_backward);
+  m.impl("blend", &blend);
 }

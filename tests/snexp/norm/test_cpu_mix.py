@@ -178,3 +178,28 @@ def test_layer_unchanged_by_the_cpp_middle(kind, options, training, monkeypatch)
         results.append([y, x.grad, *params, layer.running_mean, layer.running_var])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("momentum,count,bessel", [(0.1, 784, True), (0.1, 1, True),
+                                                   (0.7, 50, True), (0.0, 9, False),
+                                                   (1.0, 9, True)])
+def test_cpu_blend_equals_the_aten_blend(monkeypatch, dtype, momentum, count, bessel):
+    # the running statistics' update in one C++ call (snexp_cpu.blend) gives what op._blend's
+    # ATen calls give, to rounding (Bessel factor, torch.lerp's two-sided formula: momentum
+    # below and above 0.5), float32 and float64
+    from snexp.norm import op
+
+    torch.manual_seed(0)
+    start = torch.randn(2, 12, dtype=dtype) + torch.tensor([[0.0], [3.0]], dtype=dtype)
+    batch = torch.randn(2, 12, dtype=dtype).abs() * 5
+
+    def run():
+        rm, rv = start[0].clone(), start[1].clone()
+        op._blend(rm, rv, batch, count, None, momentum, bessel)
+        return rm, rv
+
+    native, python = _both(monkeypatch, run)
+    for got, want in zip(native, python):
+        torch.testing.assert_close(got, want, rtol=4 * torch.finfo(dtype).eps, atol=0)
+    assert not torch.equal(native[0], start[0]) or momentum == 0.0  # it did update
