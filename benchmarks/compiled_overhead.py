@@ -7,7 +7,8 @@ static shapes, inductor, as ``python -m snexp.bench`` compiles them) it times on
 fwd+bwd step in a loop and, by wrapping the kernels inductor generated for it, the part of the
 step spent inside those kernels; the rest is per-call overhead (dynamo's guards, AOTAutograd's
 wrappers, autograd, and the generated Python that allocates the graphs' buffers and calls the
-kernels). It also counts the buffers the generated code allocates per step. This is the
+kernels). It also counts the buffers the generated code allocates per step and the views it
+makes of them (each ~0.5-1 us of Python per step at small shapes). This is the
 diagnosis behind docs/layers.md's note on compiled SN at small shapes; ``python -m
 snexp.bench`` is the benchmark itself.
 """
@@ -35,8 +36,10 @@ def generated_modules() -> dict[str, object]:
 
 
 def instrument(modules, tally: dict[str, float]) -> None:
-    """Wrap the kernels and the buffer allocator of generated modules, adding to ``tally``
-    the seconds spent in kernels (``"kernel_s"``) and the buffers allocated (``"buffers"``)."""
+    """Wrap the kernels, the buffer allocator and the view maker of generated modules, adding
+    to ``tally`` the seconds spent in kernels (``"kernel_s"``), the buffers allocated
+    (``"buffers"``) and the views made of them (``"views"``: an output written into a slice of
+    a stack, a returned row)."""
     def timed(fn):
         def call(*args):
             start = time.perf_counter()
@@ -45,9 +48,9 @@ def instrument(modules, tally: dict[str, float]) -> None:
             return out
         return call
 
-    def counted(fn):
+    def counted(fn, key):
         def call(*args):
-            tally["buffers"] += 1
+            tally[key] += 1
             return fn(*args)
         return call
 
@@ -57,11 +60,14 @@ def instrument(modules, tally: dict[str, float]) -> None:
             if key.startswith("cpp_fused") and callable(value):
                 names[key] = timed(value)
             elif key == "empty_strided_cpu":
-                names[key] = counted(value)
+                names[key] = counted(value, "buffers")
+            elif key == "reinterpret_tensor":
+                names[key] = counted(value, "views")
 
 
 def measure(kind: str, shape: tuple[int, ...], steps: int) -> dict[str, float]:
-    """Median step time, kernel time and buffers per fwd+bwd step of compiled ``kind``."""
+    """Median step time, kernel time, buffers and views per fwd+bwd step of compiled
+    ``kind``."""
     before = set(generated_modules())
     # a one-layer model, as snexp.bench compiles it (the same traced harness for both layers)
     layer = torch.compile(torch.nn.Sequential(make_norm(kind, shape[1])), fullgraph=True)
@@ -75,34 +81,35 @@ def measure(kind: str, shape: tuple[int, ...], steps: int) -> dict[str, float]:
 
     for _ in range(3):  # compile and warm up
         step()
-    tally = {"kernel_s": 0.0, "buffers": 0}
+    tally = {"kernel_s": 0.0, "buffers": 0, "views": 0}
     mods = [m for name, m in generated_modules().items() if name not in before]
     if not mods:  # e.g. TORCHINDUCTOR_CPP_WRAPPER=1: no Python wrapper whose kernels to time
         raise SystemExit(f"error: found no inductor-generated Python module with CPU kernels "
                          f"for compiled {kind}; run without TORCHINDUCTOR_CPP_WRAPPER and on "
                          f"CPU, where inductor emits them")
     instrument(mods, tally)
-    times, kernels, buffers = [], [], []
+    times, kernels, buffers, views = [], [], [], []
     for _ in range(steps):
-        tally["kernel_s"], tally["buffers"] = 0.0, 0
+        tally["kernel_s"], tally["buffers"], tally["views"] = 0.0, 0, 0
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
         kernels.append(tally["kernel_s"])
         buffers.append(tally["buffers"])
+        views.append(tally["views"])
     step_us = statistics.median(times) * 1e6
     kernel_us = statistics.median(kernels) * 1e6
     return {"step_us": step_us, "kernel_us": kernel_us, "rest_us": step_us - kernel_us,
-            "buffers": statistics.median(buffers)}
+            "buffers": statistics.median(buffers), "views": statistics.median(views)}
 
 
 def format_rows(rows: dict[str, dict[str, float]]) -> str:
     """A Markdown table, one row per layer, plus SN's ratios to BN."""
-    lines = ["| compiled layer | fwd+bwd us | in kernels us | rest us | buffers per step |",
-             "|---|---|---|---|---|"]
+    lines = ["| compiled layer | fwd+bwd us | in kernels us | rest us | buffers per step | "
+             "views per step |", "|---|---|---|---|---|---|"]
     for kind, r in rows.items():
         lines.append(f"| {kind.upper()} | {r['step_us']:.0f} | {r['kernel_us']:.0f} | "
-                     f"{r['rest_us']:.0f} | {r['buffers']:.0f} |")
+                     f"{r['rest_us']:.0f} | {r['buffers']:.0f} | {r['views']:.0f} |")
     if set(rows) >= {"sn", "bn"}:
         sn, bn = rows["sn"], rows["bn"]
         lines.append("")
