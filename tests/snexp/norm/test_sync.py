@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import snexp
+from snexp.norm import _mixing
 
 SIZES = (3, 5)  # unequal per-rank batches
 
@@ -37,6 +38,30 @@ def _layer():
     return m
 
 
+class _Traced(torch.Tensor):
+    """A plain subclass: ``_mixing`` takes the branches it takes for traced (torch.compile)
+    tensors, but on real values."""
+
+
+def _traced_pieces(layer, xs, dys):
+    """y, dx and the parameter gradients from ``_mixing``'s traced branches (what a compiled
+    SyncSwitchNorm runs: the BN statistics and adjoints pooled across the ranks)."""
+    spec = _mixing.Options(layer.candidates, eps=layer.eps, sync=True)
+    mean_w, var_w = layer.importance_logits()
+    x, dy, w, b, mw, vw = (t.detach().as_subclass(_Traced)
+                           for t in (xs, dys, layer.weight, layer.bias, mean_w, var_w))
+    m = x[0, 0].numel()
+    st, xc = _mixing.stats(x, spec)
+    a, bb, _batch, count, mixed, cands, probs = _mixing.mix(st, w, b, mw, vw, None, None, m,
+                                                            spec=spec, logits=True)
+    y = _mixing.normalize(x, xc, st[0], a, bb)
+    s1, s2 = _mixing.grad_sums(dy, x, st[0])
+    back = _mixing.mix_backward(s1, s2, (st, mixed, cands, probs), w, m, spec=spec,
+                                logits=True, n_total=count / m, need=(True,) * 5)
+    dx = _mixing.input_grad(x, dy, *back[:3])
+    return [t.as_subclass(torch.Tensor) for t in (y, dx, *back[3:])]
+
+
 def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
@@ -49,9 +74,12 @@ def _worker(rank: int, world: int, init: str, out_dir: str) -> None:
         grads = [p.grad.clone() for p in (m.weight, m.bias, m.mean_weight, m.var_weight)]
         for g in grads:  # what DDP does to parameter gradients (sum; DDP divides by world)
             dist.all_reduce(g)
+        traced = _traced_pieces(_layer(), xs, dy[start:start + SIZES[rank]])
+        for g in traced[2:]:
+            dist.all_reduce(g)
         far = snexp.SyncSwitchNorm.convert_sync_switchnorm(_layer().float())
         xf = _far_data()[start:start + SIZES[rank]]
-        torch.save({"y": y.detach(), "dx": xs.grad, "grads": grads,
+        torch.save({"y": y.detach(), "dx": xs.grad, "grads": grads, "traced": traced,
                     "running_mean": m.running_mean, "running_var": m.running_var,
                     "far_y": far(xf).detach(), "far_running_var": far.running_var},
                    os.path.join(out_dir, f"rank{rank}.pt"))
@@ -74,6 +102,11 @@ def test_sync_switchnorm_two_processes_equal_one_process(tmp_path):
     for g in got:
         for a, b in zip(g["grads"], (ref.weight, ref.bias, ref.mean_weight, ref.var_weight)):
             torch.testing.assert_close(a, b.grad, atol=1e-10, rtol=0)
+        # the traced branches (a compiled SyncSwitchNorm) give what the eager layer gives
+        want = [g["y"], g["dx"], *g["grads"]]
+        for name, a, b in zip(("y", "dx", "dweight", "dbias", "dmean_w", "dvar_w"),
+                              g["traced"], want):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=0, msg=name)
         torch.testing.assert_close(g["running_mean"], ref.running_mean, atol=1e-12, rtol=0)
         torch.testing.assert_close(g["running_var"], ref.running_var, atol=1e-12, rtol=0)
     # far from zero, in float32: both ranks agree with SwitchNorm on the whole batch in float64
