@@ -439,9 +439,10 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
 
     ``saved`` is the forward's (IN statistics, mixed, candidates, probabilities). Eager, the
     ATen code reads the mixing and the candidates from there, in the fewest calls. Traced
-    (torch.compile), it derives them again from the IN statistics and groups its reductions,
-    so that inductor emits fewer buffers and loop nests, each nest ending in an OpenMP barrier
-    on CPU (the same equations; the compile-vs-eager tests hold them equal).
+    (torch.compile), :func:`_mix_backward_rows` derives them again from the IN statistics and
+    keeps every pair as two tensors, shaped for what inductor makes of it (the same
+    equations; the float64 test of the traced branches and the compile-vs-eager tests hold
+    them equal).
     """
     st, mixed, cands, probs = saved
     mu = st[0]
