@@ -196,6 +196,27 @@ def _mixed(terms, probs: Tensor) -> tuple[Tensor, Tensor]:
     return mean, var
 
 
+def _pooled_adjoint(d: Tensor, cand: str, spec, n_total) -> Tensor | None:
+    """P_k(d) over the last two dims (N, C) of ``d`` (one (N, C) row or a (2, N, C) pair), in
+    the candidate's broadcast shape (None: BN on running statistics, a constant of the
+    backward; pooling is self-adjoint)."""
+    n, c = d.shape[-2:]
+    if cand == "in":
+        return d
+    if cand == "ln":
+        return d.mean(-1, keepdim=True)  # (..., N, 1)
+    if cand == "bn":
+        if n_total is None:
+            return None
+        if spec.sync:
+            return _sync_sums(d.sum(-2, keepdim=True), spec) / n_total
+        return d.mean(-2, keepdim=True)  # (..., 1, C)
+    g = int(cand[2:])
+    lead = d.shape[:-2]
+    t = d.view(*lead, n, g, c // g).mean(-1, keepdim=True).expand(*lead, n, g, c // g)
+    return t.reshape(d.shape)
+
+
 def _adjoint_sums(d: Tensor, w: Tensor, terms, spec, n_total: int | None
                   ) -> tuple[Tensor, Tensor | None] | None:
     """The pooled adjoints of ``d`` (2, N, C), summed over the candidates with weights ``w``
@@ -210,21 +231,9 @@ def _adjoint_sums(d: Tensor, w: Tensor, terms, spec, n_total: int | None
     _, n, c = d.shape
     e = corr = None
     for i, cand in enumerate(spec.candidates):
-        if cand == "in":
-            t = d
-        elif cand == "ln":
-            t = d.mean(2, keepdim=True)  # (2, N, 1)
-        elif cand == "bn":
-            if n_total is None:
-                continue
-            if spec.sync:
-                t = _sync_sums(d.sum(1, keepdim=True), spec) / n_total
-            else:
-                t = d.mean(1, keepdim=True)  # (2, 1, C)
-        else:
-            g = int(cand[2:])
-            t = d.view(2, n, g, c // g).mean(3, keepdim=True).expand(2, n, g, c // g)
-            t = t.reshape(2, n, c)
+        t = _pooled_adjoint(d, cand, spec, n_total)  # (2, N, 1) for LN, (2, 1, C) for BN
+        if t is None:
+            continue
         t = t * w[:, i].view(2, 1, 1)  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
         e = t if e is None else e + t
         off = terms[i][0]
@@ -490,24 +499,6 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     return (a, p, q, *grads)
 
 
-def _pooled_row(d: Tensor, cand: str, spec, n_total) -> Tensor | None:
-    """P_k(d) of one (N, C) row in the candidate's broadcast shape (None: BN on running
-    statistics, a constant of the backward)."""
-    n, c = d.shape
-    if cand == "in":
-        return d
-    if cand == "ln":
-        return d.mean(1, keepdim=True)  # (N, 1)
-    if cand == "bn":
-        if n_total is None:
-            return None
-        if spec.sync:
-            return _sync_sums(d.sum(0, keepdim=True), spec) / n_total
-        return d.mean(0, keepdim=True)  # (1, C)
-    g = int(cand[2:])
-    return d.view(n, g, c // g).mean(2, keepdim=True).expand(n, g, c // g).reshape(n, c)
-
-
 def _mix_backward_rows(s1, s2, st, cands, probs, weight, m: int, *, spec, logits, n_total,
                        need):
     """:func:`mix_backward` where a graph is traced (torch.compile): the same equations with
@@ -549,7 +540,8 @@ def _mix_backward_rows(s1, s2, st, cands, probs, weight, m: int, *, spec, logits
                                dtype=pv.dtype, device=pv.device)
     e0 = e1 = corr = None
     for i, cand in enumerate(spec.candidates):
-        t0, t1 = _pooled_row(d0, cand, spec, n_total), _pooled_row(d1, cand, spec, n_total)
+        t0 = _pooled_adjoint(d0, cand, spec, n_total)
+        t1 = _pooled_adjoint(d1, cand, spec, n_total)
         if t0 is None:
             continue
         t0, t1 = t0 * pm[i], t1 * wv[i]  # -[p_k P_k(dmu); 2 q_k P_k(dvar)]
