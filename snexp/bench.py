@@ -282,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1, got {args.repeats}")
-    if not args.min_time >= 0:
-        parser.error(f"--min-time must be 0 or more seconds, got {args.min_time}")
+    if not 0 <= args.min_time < float("inf"):
+        parser.error(f"--min-time must be 0 or more seconds (finite), got {args.min_time}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("error: --device cuda asked for, but torch sees no CUDA device; use --device cpu",
               file=sys.stderr)

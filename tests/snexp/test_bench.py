@@ -68,6 +68,7 @@ def test_threads_below_one_is_refused(capsys):
     ("--repeats", "0", "--repeats must be at least 1"),
     ("--min-time", "-1", "--min-time must be 0 or more seconds"),
     ("--min-time", "nan", "--min-time must be 0 or more seconds"),
+    ("--min-time", "inf", "--min-time must be 0 or more seconds (finite)"),  # never ends
 ])
 def test_rounds_below_one_and_negative_time_floors_are_refused(capsys, flag, value, message):
     with pytest.raises(SystemExit):
