@@ -68,6 +68,12 @@ def bessel(cand: str, n: int, c: int) -> float:
     return k / (k - 1) if k > 1 else 1.0
 
 
+def variance_denominator(spec, m: int) -> int:
+    """What the per-(n, c) sum of squared deviations over ``m`` values is divided by: ``m``,
+    or ``m - 1`` (unbiased) in official mode."""
+    return m - 1 if (spec.unbiased_in and m > 1) else m
+
+
 def _native(spec, t: Tensor) -> bool:
     """Whether the C++ (N, C) middle (``snexp_cpu.mix``/``mix_backward``) replaces the ATen
     one: the C++ passes apply to ``t`` (plain CPU tensors: traced ones keep the ATen ops) and
@@ -327,7 +333,7 @@ def stats(x: Tensor, spec) -> tuple[Tensor, Tensor | None]:
     """[mu_in; var_in] (2, N, C) per (n, c), and the centered input for :func:`normalize`
     (None where the C++ pass reads x again instead)."""
     m = math.prod(x.shape[2:])
-    denom = m - 1 if (spec.unbiased_in and m > 1) else m
+    denom = variance_denominator(spec, m)
     if _cpu.usable(x):  # one C++ pass per row: mean, then the centered sum of squares
         return torch.ops.snexp_cpu.in_stats(x, denom), None
     if type(x) is not Tensor and x.device.type == "cpu":
@@ -456,7 +462,7 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     st, mixed, cands, probs = saved
     mu = st[0]
     if _native(spec, mu):
-        denom = m - 1 if (spec.unbiased_in and m > 1) else m
+        denom = variance_denominator(spec, m)
         return torch.ops.snexp_cpu.mix_backward(
             s1, s2, mu, mixed, cands, probs, weight, _codes(spec.candidates), spec.eps, logits,
             m, denom, n_total is not None, need)
@@ -492,7 +498,7 @@ def mix_backward(s1: Tensor, s2: Tensor, saved, weight, m: int, *, spec, logits,
     if sums is None:  # only BN on running statistics: dx = a dy
         return (a, None, None, *grads)
     e, corr = sums  # -[mixed adjoint of dmu; 2 dvar_in], sum_k 2 (mu_in - mu_k) q_k P_k(dvar)
-    denom = m - 1 if (spec.unbiased_in and m > 1) else m
+    denom = variance_denominator(spec, m)
     p = e[1] * (-1.0 / denom)
     q = e[0].neg() if corr is None else torch.sub(corr, e[0])
     q = q.mul_(1.0 / m).add_(e[1] * mu, alpha=1.0 / denom)
@@ -526,11 +532,10 @@ def _mix_backward_rows(s1, s2, st, cands, probs, weight, m: int, *, spec, logits
     d0, d1 = s1 * a, h * rstd * a
     dmean_w = dvar_w = None
     if need[3] or need[4]:
-        ones = probs.new_ones(k)
         dmean_w = _weight_grads(terms, 0, d0, mean if logits else None,
-                                pm * -1.0 if logits else -ones)
+                                -pm if logits else probs.new_full((k,), -1.0))
         dvar_w = _weight_grads(terms, 1, d1, var if logits else None,
-                               pv * -0.5 if logits else ones * -0.5)
+                               -0.5 * pv if logits else probs.new_full((k,), -0.5))
     grads = (dweight, dbias, dmean_w, dvar_w)
     if not need[0]:
         return (a, None, None, *grads)
@@ -552,7 +557,7 @@ def _mix_backward_rows(s1, s2, st, cands, probs, weight, m: int, *, spec, logits
             corr = off * t1 if corr is None else corr + off * t1
     if e0 is None:  # only BN on running statistics: dx = a dy
         return (a, None, None, *grads)
-    denom = m - 1 if (spec.unbiased_in and m > 1) else m
+    denom = variance_denominator(spec, m)
     p = (e1 * (-1.0 / denom)).expand(n, c)
     q = (e1 * mu) * (1.0 / denom) - e0 * (1.0 / m)
     if corr is not None:

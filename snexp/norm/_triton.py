@@ -191,7 +191,7 @@ def _forward(x, weight, bias, mean_w, var_w, bn_mean, bn_var, spec, logits):
     lay = _Layout(x)
     n, c, m = lay.n, lay.c, lay.m
     dt = _stats_dtype(x.dtype)
-    denom = m - 1 if (spec.unbiased_in and m > 1) else m
+    denom = _mixing.variance_denominator(spec, m)
     stats = _row_stats(lay, dt, denom)
     if _fused(spec):
         k = len(spec.candidates)
@@ -269,7 +269,7 @@ def _backward(saved, x, dy, weight, spec, logits, n_total, need):
         if not need[0]:
             _dp_kernel[(1,)](dpart, probs, dmw, dvw, k, ncb, LOGITS=bool(logits), KP=4)
             return (None, *grads)
-        denom = m - 1 if (spec.unbiased_in and m > 1) else m
+        denom = _mixing.variance_denominator(spec, m)
         dx = lay.new_like()
         _mix_input_grad_kernel[lay.grid](
             lay.v, dyv, dx, sums[0], sums[1], mixed, w, mu, cands, probs, bnd, lnd, dpart, dmw,
