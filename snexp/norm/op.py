@@ -109,19 +109,19 @@ def _options(candidates: str, eps: float, official: bool, official_2d: bool, gro
 def _blend(running_mean: Tensor, running_var: Tensor, batch: Tensor, count: Tensor | float,
            num_batches_tracked: Tensor | None, momentum: float, bessel: bool) -> None:
     """The running-statistics blend (see :func:`update_running_stats`), in place."""
-    if momentum >= 0 and not isinstance(count, Tensor) and _cpu.usable(running_mean,
+    scale = 1.0  # Bessel's correction of the batch variance
+    if bessel:
+        scale = (count / (count - 1).clamp_min(1) if isinstance(count, Tensor)
+                 else count / max(count - 1, 1))
+    if momentum >= 0 and not isinstance(scale, Tensor) and _cpu.usable(running_mean,
                                                                          running_var, batch):
         # one C++ call: as ATen calls (select, mul, to, _foreach_lerp_) this took ~25 us per
         # layer and step at (4, 256, 14, 14), ~7% of SN's fwd+bwd there
-        torch.ops.snexp_cpu.blend(running_mean, running_var, batch, momentum,
-                                  count / max(count - 1, 1) if bessel else 1.0)
+        torch.ops.snexp_cpu.blend(running_mean, running_var, batch, momentum, scale)
         return
     mean, var = batch[0], batch[1]
     if bessel:
-        if isinstance(count, Tensor):
-            var = var * (count / (count - 1).clamp_min(1)).to(var.dtype)
-        else:
-            var = var * (count / max(count - 1, 1))
+        var = var * (scale.to(var.dtype) if isinstance(scale, Tensor) else scale)
     mean, var = mean.to(running_mean.dtype), var.to(running_var.dtype)
     if momentum < 0:  # cumulative average: factor 1 / num_batches_tracked, kept on the device
         if num_batches_tracked is None:
